@@ -1,0 +1,50 @@
+"""uffd_aio: an asyncio-native userfaultfd pager over io_uring.
+
+GIL rule: a Python thread that touches registered memory while holding the
+GIL deadlocks an in-process pager (the loop needs the GIL to serve it).
+Touch memory from native code that releases the GIL (``uffd_aio.testing``,
+C extensions) or from another process.  See docs/gil.md.
+"""
+
+from uffd_aio.errors import (
+    BadHandlerResult,
+    FeatureUnavailable,
+    HandlerError,
+    PagerClosed,
+    ResolveError,
+    UffdError,
+)
+from uffd_aio.events import Fork, Remap, Remove, Unmap
+from uffd_aio.fault import PageFault
+from uffd_aio.modes import Feature, Mode
+from uffd_aio.pager import HandlerTimeout, Pager, PagerFailed
+from uffd_aio.region import Region
+from uffd_aio.ring import Ring
+from uffd_aio.stats import PagerStats
+from uffd_aio.uffd import Userfaultfd, available_features
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadHandlerResult",
+    "FeatureUnavailable",
+    "Fork",
+    "HandlerError",
+    "HandlerTimeout",
+    "Mode",
+    "Feature",
+    "PageFault",
+    "Pager",
+    "PagerClosed",
+    "PagerFailed",
+    "PagerStats",
+    "Region",
+    "Remap",
+    "Remove",
+    "ResolveError",
+    "Ring",
+    "UffdError",
+    "Unmap",
+    "Userfaultfd",
+    "available_features",
+]

@@ -1,0 +1,85 @@
+"""PageFault: the event a fault handler receives, with explicit resolution methods."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from uffd_aio.resolve import Kind, Op
+
+if TYPE_CHECKING:
+    from uffd_aio.pager import _Inflight
+    from uffd_aio.region import Region
+
+
+@attrs.frozen(slots=True, repr=False)
+class PageFault:
+    """A page fault in a registered region.
+
+    Return ``bytes`` (copied in at :attr:`page`; may span several pages for
+    read-ahead) or ``None`` (zero page for MISSING faults, unprotect for WP
+    faults, CONTINUE for MINOR faults) from the handler, or resolve
+    explicitly with the methods below (then the return value is ignored).
+    """
+
+    address: int
+    page: int
+    offset: int
+    page_size: int
+    region: Region
+    is_write: bool
+    is_wp: bool
+    is_minor: bool
+    thread_id: int | None
+    _inf: _Inflight = attrs.field(eq=False)
+
+    @property
+    def is_missing(self) -> bool:
+        return not (self.is_wp or self.is_minor)
+
+    def __repr__(self) -> str:
+        kind = "wp" if self.is_wp else "minor" if self.is_minor else "missing"
+        rw = "write" if self.is_write else "read"
+        return (f"PageFault({kind} {rw} at {self.address:#x}, region={self.region.name!r}, "
+                f"offset={self.offset:#x}, tid={self.thread_id})")
+
+    async def _run(self, op: Op) -> int:
+        res = self._inf.pager._resolve_explicit(self._inf, op)
+        if isinstance(res, int):
+            return res
+        return await res
+
+    async def copy(self, data: Any, *, offset: int | None = None, wp: bool = False) -> int:
+        """Copy ``data`` in at region ``offset`` (default: this fault's page); returns bytes.
+
+        ``len(data)`` must be a multiple of the page size and stay inside the
+        region; it may cover several pages (read-ahead).  ``wp=True`` maps
+        the pages write-protected (for dirty tracking).
+        """
+        start = self.page if offset is None else self.region.address_of(offset)
+        view = memoryview(data).cast("B")
+        self._inf.pager._check_range(self._inf, start, view.nbytes, what="copy")
+        return await self._run(Op(Kind.COPY, start, view.nbytes, view, wp))
+
+    async def zero(self, length: int | None = None) -> int:
+        """Map zero pages from this fault's page on (``length`` bytes, default one page)."""
+        n = self.page_size if length is None else length
+        self._inf.pager._check_range(self._inf, self.page, n, what="zero")
+        return await self._run(Op(Kind.ZERO, self.page, n))
+
+    async def continue_(self, length: int | None = None, *, wp: bool = False) -> int:
+        """UFFDIO_CONTINUE: map the page-cache pages that are already there (MINOR faults)."""
+        n = self.page_size if length is None else length
+        self._inf.pager._check_range(self._inf, self.page, n, what="continue")
+        return await self._run(Op(Kind.CONTINUE, self.page, n, None, wp))
+
+    async def unprotect(self, length: int | None = None) -> int:
+        """Remove write protection (WP faults) and wake the writer."""
+        n = self.page_size if length is None else length
+        self._inf.pager._check_range(self._inf, self.page, n, what="unprotect")
+        return await self._run(Op(Kind.UNPROTECT, self.page, n))
+
+    async def poison(self) -> int:
+        """Make this page raise SIGBUS in the faulting thread (and on later accesses)."""
+        return await self._run(Op(Kind.POISON, self.page, self.page_size))

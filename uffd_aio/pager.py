@@ -1,0 +1,1068 @@
+"""Pager: serves the faults of one or more uffds on the running event loop.
+
+Data flow of a fault: the outstanding io_uring read on the uffd completes ->
+the ring reaps the CQE batch (one C call) -> :mod:`uffd_aio.events` decodes
+it -> the fault is mapped to its region and deduplicated per page -> the
+handler runs (eagerly: no Task unless it really suspends) -> the resolution
+is queued, contiguous ones are merged at the end of the batch and executed by
+the backend (:mod:`uffd_aio.resolve`) -> the faulting thread resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno as E
+import inspect
+import os
+import time
+import types
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Literal
+
+import structlog
+
+from uffd_aio import events as ev_mod
+from uffd_aio.errors import BadHandlerResult, PagerClosed, ResolveError, UffdError
+from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, Unmap, UnknownMsg
+from uffd_aio.fault import PageFault
+from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode
+from uffd_aio.region import EventHandler, Region
+from uffd_aio.resolve import Backend, IoctlBackend, Kind, Op, covering, merge
+from uffd_aio.ring import Ring
+from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.stats import Counters, PagerStats
+from uffd_aio.uffd import PAGE_SIZE, MmChanging, RangeGone, Userfaultfd
+
+ErrorPolicy = Literal["poison", "zero", "raise"]
+BackendName = Literal["auto", "ioctl", "ring"]
+ReadMode = Literal["auto", "multishot", "read", "poll"]
+
+_READ_BATCH = 64  # uffd_msg per read
+_MAX_EAGAIN_RETRIES = 2000  # x 1 ms
+_CoroType = types.CoroutineType
+
+
+class PagerFailed(UffdError):
+    """A handler failed under ``on_error="raise"``; the pager stopped serving."""
+
+
+class HandlerTimeout(UffdError, TimeoutError):
+    """A fault handler ran longer than ``handler_timeout``."""
+
+
+class _Resume:
+    """Continue a coroutine that was started eagerly, inside a real Task.
+
+    The Task drives this generator; we forward sends and throws to the
+    original coroutine, so its awaits (and cancellation) behave as if it had
+    been a Task from the start.
+    """
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro, self.first = coro, first
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(None)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
+    return await _Resume(coro, first)
+
+
+class _Extent:
+    """[start, end) of a uffd context maps to ``region`` at ``offset``."""
+
+    __slots__ = ("end", "offset", "region", "start")
+
+    def __init__(self, start: int, end: int, region: Region, offset: int) -> None:
+        self.start, self.end, self.region, self.offset = start, end, region, offset
+
+
+class _Context:
+    """One uffd being served: the pager's own, a fork child's, or a handed-off one."""
+
+    def __init__(self, pager: Pager, uffd: Userfaultfd, label: str) -> None:
+        self.pager = pager
+        self.uffd = uffd
+        self.label = label
+        self.extents: list[_Extent] = []
+        self.starts: list[int] = []
+        self.inflight: dict[int, _Inflight] = {}
+        self.read_ud: int | None = None
+        self.read_mode: ReadMode = "read"
+        self.buf = bytearray(ev_mod.MSG_SIZE * _READ_BATCH)
+        self.buf_addr, self._buf_keep = ll.buffer_address(self.buf, writable=True)
+        self.bufring: ll.BufRing | None = None
+        self.reading = False
+        self.errors_in_row = 0
+        self.thread_ids = uffd.has(Feature.THREAD_ID)
+
+    def add_extent(self, start: int, end: int, region: Region, offset: int) -> None:
+        i = bisect.bisect_left(self.starts, start)
+        self.starts.insert(i, start)
+        self.extents.insert(i, _Extent(start, end, region, offset))
+
+    def remove_range(self, start: int, end: int) -> list[_Extent]:
+        """Cut [start, end) out of the extents; returns the removed pieces."""
+        kept: list[_Extent] = []
+        removed: list[_Extent] = []
+        for x in self.extents:
+            if x.end <= start or x.start >= end:
+                kept.append(x)
+                continue
+            if x.start < start:
+                kept.append(_Extent(x.start, start, x.region, x.offset))
+            if x.end > end:
+                kept.append(_Extent(end, x.end, x.region, x.offset + (end - x.start)))
+            lo, hi = max(x.start, start), min(x.end, end)
+            removed.append(_Extent(lo, hi, x.region, x.offset + (lo - x.start)))
+        kept.sort(key=lambda e: e.start)
+        self.extents = kept
+        self.starts = [x.start for x in kept]
+        return removed
+
+    def lookup(self, address: int) -> _Extent | None:
+        i = bisect.bisect_right(self.starts, address) - 1
+        if i >= 0:
+            x = self.extents[i]
+            if address < x.end:
+                return x
+        return None
+
+
+class _Inflight:
+    """A fault being handled (one per page per context; duplicates only count)."""
+
+    __slots__ = ("attempts", "ctx", "dups", "fault", "msg", "page", "pager", "page_size",
+                 "region", "resolved", "t0", "task", "timed_out", "timer")
+
+    def __init__(self, pager: Pager, ctx: _Context, msg: PageFaultMsg, region: Region,
+                 page: int) -> None:
+        self.pager = pager
+        self.ctx = ctx
+        self.msg = msg
+        self.region = region
+        self.page = page
+        self.page_size = region.page_size
+        self.t0 = time.perf_counter_ns()
+        self.dups = 0
+        self.resolved = False
+        self.task: asyncio.Task[Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+        self.attempts = 0
+        self.fault: PageFault | None = None
+
+
+def _default_op(inf: _Inflight) -> Op:
+    msg = inf.msg
+    if msg.is_wp:
+        return Op(Kind.UNPROTECT, inf.page, inf.page_size)
+    if msg.is_minor:
+        return Op(Kind.CONTINUE, inf.page, inf.page_size)
+    return Op(Kind.ZERO, inf.page, inf.page_size)
+
+
+class Pager:
+    """Serve page faults with asyncio handlers.
+
+    ``async with Pager() as pager`` opens a uffd and an io_uring on the
+    running loop.  Options:
+
+    * ``features`` / ``required``: uffd features to ask for when available /
+      to insist on (:class:`FeatureUnavailable` names what is missing).
+    * ``uffd``: serve a uffd made elsewhere (e.g. handed over by a VMM).
+    * ``ring``: share one :class:`Ring` between pagers (default: own one).
+    * ``max_inflight``: handlers running at once; further faults wait.
+    * ``handler_timeout``: seconds before a handler counts as failed.
+    * ``on_error``: ``"poison"`` (the faulting thread gets SIGBUS),
+      ``"zero"`` (a zero page) or ``"raise"`` (poison, then stop the pager and
+      raise :class:`PagerFailed` from ``async with``/``wait_closed``).
+    * ``backend``: ``"auto"``, ``"ioctl"``, or ``"ring"`` (patched kernels).
+    * ``poll``: ask the patched kernel's poll mode (faulting threads spin).
+    * ``eager``: run handlers inline until they first suspend (default).
+    * ``follow_forks``: serve children's uffds after fork (EVENT_FORK).
+    * ``close_timeout``: how long closing waits for running handlers.
+    """
+
+    def __init__(
+        self,
+        *,
+        features: Feature | int = DEFAULT_FEATURES,
+        required: Feature | int = Feature(0),
+        uffd: Userfaultfd | None = None,
+        ring: Ring | None = None,
+        max_inflight: int = 1024,
+        handler_timeout: float | None = None,
+        on_error: ErrorPolicy = "poison",
+        backend: BackendName = "auto",
+        poll: bool = False,
+        eager: bool = True,
+        follow_forks: bool = True,
+        read_mode: ReadMode = "auto",
+        close_timeout: float = 5.0,
+        name: str = "pager",
+    ) -> None:
+        if on_error not in ("poison", "zero", "raise"):
+            raise ValueError(f"on_error must be 'poison', 'zero' or 'raise', not {on_error!r}")
+        if backend not in ("auto", "ioctl", "ring"):
+            raise ValueError(f"backend must be 'auto', 'ioctl' or 'ring', not {backend!r}")
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+        self.name = name
+        self._features = Feature(features)
+        self._required = Feature(required)
+        if poll:
+            self._features |= Feature.POLL
+            self._required |= Feature.POLL
+        if backend == "ring":
+            self._features |= Feature.WRITE
+            self._required |= Feature.WRITE
+        self._given_uffd = uffd
+        self._given_ring = ring
+        self._max_inflight = max_inflight
+        self._handler_timeout = handler_timeout
+        self._on_error: ErrorPolicy = on_error
+        self._backend_choice: BackendName = backend
+        self._eager = eager
+        self._follow_forks = follow_forks
+        self._read_mode_choice: ReadMode = read_mode
+        self._close_timeout = close_timeout
+        self._log = structlog.get_logger("uffd_aio").bind(component="pager", pager=name)
+        self._counters = Counters()
+        self._contexts: list[_Context] = []
+        self._main: _Context | None = None
+        self._regions: list[Region] = []
+        self._event_handlers: list[EventHandler] = []
+        self._running = 0
+        self._backlog: deque[_Inflight] = deque()
+        self._pending: list[tuple[_Inflight | None, Op, _Context]] = []
+        self._in_batch = False
+        self._flush_scheduled = False
+        self._started = False
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ring: Ring | None = None
+        self._backend: Backend = IoctlBackend()
+        self._warned_default = False
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def __aenter__(self) -> Pager:
+        self.start()
+        return self
+
+    async def __aexit__(self, et: object, exc: BaseException | None, tb: object) -> None:
+        await self.aclose()
+        if self._failure is not None and exc is None:
+            raise PagerFailed(f"pager {self.name!r} stopped: {self._failure!r}") from self._failure
+
+    def start(self) -> None:
+        """Open the uffd and the ring on the running loop (``async with`` does this)."""
+        if self._started:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._ring = self._given_ring or Ring(loop=self._loop)
+        try:
+            uffd = self._given_uffd or Userfaultfd.open(self._features, required=self._required)
+            self._backend = self._make_backend(uffd)
+            self._main = self._add_context(uffd, "main")
+        except BaseException:
+            if self._given_ring is None:
+                self._ring.close()
+            raise
+        self._started = True
+        self._log.info("uffd_aio.pager_started", uffd=uffd.fd, ring_fd=self._ring.fd,
+                       backend=self._backend.name, read_mode=self._main.read_mode,
+                       loop=type(self._loop).__module__)
+
+    def _make_backend(self, uffd: Userfaultfd) -> Backend:
+        choice = self._backend_choice
+        if choice == "ioctl" or (choice == "auto" and not uffd.has(Feature.WRITE)):
+            return IoctlBackend()
+        from uffd_aio.resolve_ring import RingWriteBackend  # patched kernels only
+
+        assert self._ring is not None
+        return RingWriteBackend.create(self._ring, uffd)
+
+    @property
+    def ring(self) -> Ring:
+        if self._ring is None:
+            raise RuntimeError("pager not started: use 'async with Pager() as pager'")
+        return self._ring
+
+    @property
+    def uffd(self) -> Userfaultfd:
+        if self._main is None:
+            raise RuntimeError("pager not started: use 'async with Pager() as pager'")
+        return self._main.uffd
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def features(self) -> Feature:
+        return self.uffd.features
+
+    @property
+    def regions(self) -> list[Region]:
+        return list(self._regions)
+
+    @property
+    def stats(self) -> PagerStats:
+        c = self._counters
+        ioctls = getattr(self._backend, "ioctls", 0)
+        c.ioctls = ioctls
+        return c.snapshot(inflight=self._running, backlog=len(self._backlog),
+                          backend=self._backend.name)
+
+    async def wait_closed(self) -> None:
+        """Wait until the pager is closed; raises PagerFailed after an ``on_error="raise"``."""
+        await self._closed.wait()
+        if self._failure is not None:
+            raise PagerFailed(f"pager {self.name!r} stopped: {self._failure!r}") from self._failure
+
+    async def aclose(self) -> None:
+        """Drain running handlers (bounded by close_timeout), then release everything.
+
+        After close the kernel no longer routes faults to us: memory that was
+        registered behaves as plain memory again, and owned mappings are unmapped.
+        """
+        if not self._started or self._closed.is_set():
+            return
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), self._close_timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            self._log.warning("uffd_aio.close_timeout", inflight=self._running,
+                              backlog=len(self._backlog))
+            for ctx in self._contexts:
+                for inf in list(ctx.inflight.values()):
+                    if inf.task is not None and not inf.task.done():
+                        inf.task.cancel()
+            while self._backlog:
+                inf = self._backlog.popleft()
+                self._fail(inf, PagerClosed("pager closed before the handler ran"))
+            await asyncio.sleep(0)
+            self._flush_pending()
+        assert self._ring is not None
+        for ctx in self._contexts:
+            self._stop_reading(ctx)
+        for region in self._regions:
+            self._release_region(region)
+        for ctx in self._contexts:
+            ctx.uffd.close()
+            if ctx.bufring is not None:
+                ctx.bufring = None  # freed with the ring
+        if self._given_ring is None:
+            self._ring.close()
+        self._closed.set()
+        self._log.info("uffd_aio.pager_closed", faults=self._counters.faults,
+                       errors=self._counters.errors)
+
+    # ---- regions -----------------------------------------------------------
+
+    def _check_open(self) -> _Context:
+        if self._main is None:
+            raise RuntimeError("pager not started: use 'async with Pager() as pager'")
+        if self._closing:
+            raise PagerClosed("pager is closing")
+        return self._main
+
+    def map(self, length: int, *, mode: Mode | int = Mode.MISSING, shared: bool = False,
+            name: str | None = None) -> Region:
+        """mmap ``length`` bytes (anonymous private, or shmem with ``shared``) and register it.
+
+        MINOR mode needs shared memory: the region then has ``memfd`` and an
+        unregistered ``alias`` mapping through which the page cache is filled.
+        """
+        ctx = self._check_open()
+        mode = Mode(mode)
+        length = _round_up(length, PAGE_SIZE)
+        if mode & Mode.MINOR:
+            shared = True
+        memfd = alias = None
+        if shared:
+            memfd = os.memfd_create(f"uffd_aio:{name or 'region'}", os.MFD_CLOEXEC)
+            os.ftruncate(memfd, length)
+            addr = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
+            if mode & Mode.MINOR:
+                alias = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
+        else:
+            addr = ll.mmap(length)
+        region = Region(self, addr, length, mode, PAGE_SIZE,
+                        name or f"region{len(self._regions)}", owned=True, memfd=memfd,
+                        alias=alias)
+        try:
+            ctx.uffd.register(addr, length, mode)
+        except BaseException:
+            self._unmap(region)
+            raise
+        self._add_region(ctx, region)
+        return region
+
+    def register(self, address: int, length: int, *, mode: Mode | int = Mode.MISSING,
+                 page_size: int | None = None, name: str | None = None) -> Region:
+        """Register memory the caller mapped (it stays the caller's to unmap)."""
+        ctx = self._check_open()
+        ps = page_size or PAGE_SIZE
+        if address % ps or length % ps or length <= 0:
+            raise ValueError(f"address {address:#x} and length {length:#x} must be multiples "
+                             f"of the page size {ps:#x}")
+        ctx.uffd.register(address, length, Mode(mode))
+        region = Region(self, address, length, Mode(mode), ps,
+                        name or f"region{len(self._regions)}")
+        self._add_region(ctx, region)
+        return region
+
+    def adopt(self, address: int, length: int, *, store_offset: int = 0,
+              page_size: int | None = None, mode: Mode | int = Mode.MISSING,
+              name: str | None = None) -> Region:
+        """Describe a range that the uffd's owner (another process) already registered."""
+        ctx = self._check_open()
+        ps = page_size or PAGE_SIZE
+        if address % ps or length % ps or length <= 0:
+            raise ValueError(f"region {address:#x}+{length:#x} is not aligned to {ps:#x}")
+        region = Region(self, address, length, Mode(mode), ps,
+                        name or f"region{len(self._regions)}", store_offset=store_offset,
+                        remote=True)
+        self._add_region(ctx, region)
+        return region
+
+    def _add_region(self, ctx: _Context, region: Region) -> None:
+        for x in ctx.extents:
+            if x.start < region.end and region.address < x.end:
+                raise ValueError(f"{region!r} overlaps {x.region!r}")
+        ctx.add_extent(region.address, region.end, region, 0)
+        self._regions.append(region)
+        self._log.debug("uffd_aio.region_added", region=region.name,
+                        address=hex(region.address), length=region.length,
+                        mode=str(region.mode))
+
+    def _uffd_for(self, region: Region) -> Userfaultfd:
+        return self.uffd
+
+    async def unregister(self, region: Region) -> None:
+        """Stop serving ``region`` (waits for its running handlers)."""
+        while any(inf.region is region for c in self._contexts for inf in c.inflight.values()):
+            await asyncio.sleep(0.001)
+        self._release_region(region)
+        self._regions.remove(region)
+
+    def _release_region(self, region: Region) -> None:
+        if region.closed:
+            return
+        region.closed = True
+        for ctx in self._contexts:
+            ctx.remove_range(region.address, region.end)
+        if not region.remote and self._main is not None and not self._main.uffd.closed:
+            try:
+                self._main.uffd.unregister(region.address, region.length)
+            except OSError as exc:
+                self._log.debug("uffd_aio.unregister_failed", region=region.name, error=str(exc))
+        if region.owned:
+            self._unmap(region)
+
+    @staticmethod
+    def _unmap(region: Region) -> None:
+        for addr in (region.address, region.alias):
+            if addr is not None:
+                try:
+                    ll.munmap(addr, region.length)
+                except OSError:
+                    pass
+        if region.memfd is not None:
+            os.close(region.memfd)
+            region.memfd = None
+
+    def on_event(self, fn: EventHandler) -> EventHandler:
+        """Add a handler for Fork/Remap/Remove/Unmap events of any region (decorator)."""
+        self._event_handlers.append(fn)
+        return fn
+
+    # ---- reading -----------------------------------------------------------
+
+    def _add_context(self, uffd: Userfaultfd, label: str) -> _Context:
+        ctx = _Context(self, uffd, label)
+        self._contexts.append(ctx)
+        ring = self.ring
+        choice = self._read_mode_choice
+        if choice == "auto":
+            choice = "read"
+        ctx.read_mode = choice
+        if choice == "multishot":
+            if not ring.supports(ll.OP_READ_MULTISHOT):
+                raise UffdError("this kernel's io_uring has no READ_MULTISHOT (6.7+)")
+            ctx.bufring = ring.provide_buffers(len(self._contexts) & 0xFFFF, 64,
+                                               ev_mod.MSG_SIZE * _READ_BATCH)
+        ctx.reading = True
+        self._arm(ctx)
+        return ctx
+
+    def _arm(self, ctx: _Context) -> None:
+        if not ctx.reading or ctx.uffd.closed:
+            return
+        ring = self.ring
+        mode = ctx.read_mode
+        cb = lambda res, flags, ctx=ctx: self._on_read(ctx, res, flags)  # noqa: E731
+        if mode == "read":
+            ctx.read_ud = ring.submit_rw(ll.OP_READ, ctx.uffd.fd, ctx.buf_addr, len(ctx.buf),
+                                         -1, cb)
+        elif mode == "multishot":
+            assert ctx.bufring is not None
+            ctx.read_ud = ring.submit_read_multishot(ctx.uffd.fd, ctx.bufring.group, cb)
+        else:
+            ctx.read_ud = ring.submit_poll(ctx.uffd.fd, 1, cb)  # POLLIN
+
+    def _stop_reading(self, ctx: _Context) -> None:
+        ctx.reading = False
+        if ctx.read_ud is not None and self._ring is not None and not self._ring.closed:
+            self._ring.cancel(ctx.read_ud)
+            self._ring.flush()
+        ctx.read_ud = None
+
+    def _on_read(self, ctx: _Context, res: int, flags: int) -> None:
+        more = bool(flags & ll.CQE_F_MORE)
+        if res < 0:
+            if not more:
+                ctx.read_ud = None
+            if not ctx.reading:
+                return
+            err = -res
+            if err in (E.EAGAIN, E.EINTR, E.ENOBUFS, E.ECANCELED):
+                ctx.errors_in_row += 1
+                if ctx.errors_in_row > 100 and ctx.read_mode != "poll":
+                    self._log.warning("uffd_aio.read_fallback", uffd=ctx.uffd.fd,
+                                      from_mode=ctx.read_mode, error=os.strerror(err))
+                    ctx.read_mode = "poll"
+                if not more:
+                    self._arm(ctx)
+                return
+            if err in (E.EINVAL, E.EOPNOTSUPP) and ctx.read_mode != "poll":
+                self._log.warning("uffd_aio.read_fallback", uffd=ctx.uffd.fd,
+                                  from_mode=ctx.read_mode, error=os.strerror(err))
+                ctx.read_mode = "poll"
+                self._arm(ctx)
+                return
+            self._log.error("uffd_aio.read_failed", uffd=ctx.uffd.fd, error=os.strerror(err))
+            ctx.reading = False
+            return
+        ctx.errors_in_row = 0
+        self._counters.reads += 1
+        if ctx.read_mode == "read":
+            msgs = ev_mod.decode(ctx.buf, res)
+            self._arm(ctx)
+        elif ctx.read_mode == "multishot":
+            assert ctx.bufring is not None
+            bid = flags >> ll.CQE_BUFFER_SHIFT
+            msgs = ev_mod.decode(ctx.bufring.view(bid, res)) if res else []
+            ctx.bufring.recycle(bid)
+            if not more:
+                ctx.read_ud = None
+                self._arm(ctx)
+        else:
+            msgs = self._read_now(ctx)
+            self._arm(ctx)
+        if msgs:
+            self._dispatch(ctx, msgs)
+
+    def _read_now(self, ctx: _Context) -> list[ev_mod.Msg]:
+        out: list[ev_mod.Msg] = []
+        while True:
+            try:
+                data = os.read(ctx.uffd.fd, len(ctx.buf))
+            except BlockingIOError:
+                return out
+            except OSError as exc:
+                self._log.error("uffd_aio.read_failed", uffd=ctx.uffd.fd, error=str(exc))
+                return out
+            out.extend(ev_mod.decode(data))
+            if len(data) < len(ctx.buf):
+                return out
+
+    # ---- dispatch ---------------------------------------------------------
+
+    def _dispatch(self, ctx: _Context, msgs: list[ev_mod.Msg]) -> None:
+        self._in_batch = True
+        try:
+            for m in msgs:
+                if type(m) is PageFaultMsg:
+                    self._on_fault(ctx, m)
+                else:
+                    self._on_event(ctx, m)
+        finally:
+            self._in_batch = False
+        if self._pending:
+            self._flush_pending()
+
+    def _on_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
+        c = self._counters
+        c.faults += 1
+        x = ctx.lookup(msg.address)
+        if x is None:
+            self._stray_fault(ctx, msg)
+            return
+        region = x.region
+        page = msg.address & ~(region.page_size - 1)
+        inf = ctx.inflight.get(page)
+        if inf is not None:
+            inf.dups += 1
+            c.duplicate_faults += 1
+            return
+        inf = _Inflight(self, ctx, msg, region, page)
+        ctx.inflight[page] = inf
+        self._idle.clear()
+        if self._running >= self._max_inflight:
+            self._backlog.append(inf)
+            return
+        self._start(inf, x)
+
+    def _stray_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
+        self._log.error("uffd_aio.stray_fault", uffd=ctx.uffd.fd, address=hex(msg.address))
+        self._counters.errors += 1
+        page = msg.address & ~(PAGE_SIZE - 1)
+        self._apply_policy(ctx, msg, page, PAGE_SIZE)
+
+    def _start(self, inf: _Inflight, x: _Extent | None = None) -> None:
+        if x is None:
+            x = inf.ctx.lookup(inf.page)
+            if x is None:  # unmapped while it waited
+                self._finish(inf)
+                return
+        self._running += 1
+        region = inf.region
+        msg = inf.msg
+        fault = PageFault(msg.address, inf.page, x.offset + (inf.page - x.start),
+                          region.page_size, region, msg.is_write, msg.is_wp, msg.is_minor,
+                          msg.thread_id if inf.ctx.thread_ids else None, inf)
+        inf.fault = fault
+        handler = region.fault_handler
+        if handler is None:
+            if not self._warned_default:
+                self._warned_default = True
+                self._log.warning("uffd_aio.no_handler", region=region.name,
+                                  hint="faults get zero pages; set @region.on_fault")
+            self._complete(inf, None)
+            return
+        self._counters.handler_calls += 1
+        try:
+            res = handler(fault)
+        except Exception as exc:
+            self._fail(inf, exc)
+            return
+        if type(res) is _CoroType or inspect.isawaitable(res):
+            eager = self._eager if region.eager is None else region.eager
+            loop = self._loop
+            assert loop is not None
+            if eager and type(res) is _CoroType:
+                try:
+                    first = res.send(None)
+                except StopIteration as stop:
+                    self._complete(inf, stop.value)
+                    return
+                except Exception as exc:
+                    self._fail(inf, exc)
+                    return
+                task = loop.create_task(_resume(res, first))
+            else:
+                task = loop.create_task(_as_coro(res))
+            inf.task = task
+            task.add_done_callback(lambda t, inf=inf: self._task_done(inf, t))
+            if self._handler_timeout is not None:
+                inf.timer = loop.call_later(self._handler_timeout, self._timeout, inf)
+            return
+        self._complete(inf, res)
+
+    def _timeout(self, inf: _Inflight) -> None:
+        inf.timer = None
+        if inf.task is not None and not inf.task.done():
+            inf.timed_out = True
+            inf.task.cancel()
+
+    def _task_done(self, inf: _Inflight, task: asyncio.Task[Any]) -> None:
+        if inf.timer is not None:
+            inf.timer.cancel()
+            inf.timer = None
+        if task.cancelled():
+            if inf.timed_out:
+                self._counters.timeouts += 1
+                exc: BaseException = HandlerTimeout(
+                    f"handler for {inf.fault!r} exceeded {self._handler_timeout} s")
+            elif self._closing:
+                exc = PagerClosed("pager closed while the handler ran")
+            else:
+                exc = asyncio.CancelledError("handler task was cancelled")
+            self._fail(inf, exc)
+            return
+        err = task.exception()
+        if err is not None:
+            self._fail(inf, err)
+        else:
+            self._complete(inf, task.result())
+
+    def _complete(self, inf: _Inflight, result: Any) -> None:
+        """The handler returned ``result``: queue its resolution."""
+        if inf.resolved:
+            if result is not None:
+                self._log.warning("uffd_aio.result_ignored", fault=repr(inf.fault),
+                                  reason="the handler already resolved the fault explicitly")
+            self._finish(inf)
+            return
+        if result is None:
+            op = _default_op(inf)
+        else:
+            try:
+                op = self._copy_op(inf, result)
+            except BadHandlerResult as exc:
+                self._fail(inf, exc)
+                return
+        self._queue(inf, op)
+
+    def _copy_op(self, inf: _Inflight, result: Any) -> Op:
+        if inf.msg.is_wp or inf.msg.is_minor:
+            kind = "write-protect" if inf.msg.is_wp else "minor"
+            raise BadHandlerResult(
+                f"handler for a {kind} fault at {inf.page:#x} returned data; the page is "
+                f"already present: return None (or call ev.unprotect()/ev.continue_())")
+        try:
+            view = memoryview(result).cast("B")
+        except TypeError:
+            raise BadHandlerResult(
+                f"handler for {inf.fault!r} returned {type(result).__name__}; expected a "
+                f"bytes-like object or None") from None
+        n = view.nbytes
+        ps = inf.page_size
+        if n == 0 or n % ps:
+            raise BadHandlerResult(
+                f"handler for {inf.fault!r} returned {n} bytes; expected a non-zero multiple "
+                f"of the page size ({ps})")
+        x = inf.ctx.lookup(inf.page)
+        if x is not None and inf.page + n > x.end:
+            raise BadHandlerResult(
+                f"handler for {inf.fault!r} returned {n} bytes, which run "
+                f"{inf.page + n - x.end} bytes past the end of {inf.region!r}")
+        return Op(Kind.COPY, inf.page, n, view)
+
+    def _check_range(self, inf: _Inflight, start: int, length: int, *, what: str) -> None:
+        ps = inf.page_size
+        x = inf.ctx.lookup(start)
+        if length <= 0 or length % ps or start % ps:
+            raise BadHandlerResult(f"{what} of {length} bytes at {start:#x}: address and "
+                                   f"length must be non-zero multiples of the page size {ps}")
+        if x is None or start + length > x.end:
+            raise BadHandlerResult(f"{what} {start:#x}+{length:#x} is outside "
+                                   f"{inf.region!r}")
+
+    # ---- resolution -----------------------------------------------------------
+
+    def _queue(self, inf: _Inflight | None, op: Op, ctx: _Context | None = None) -> None:
+        self._pending.append((inf, op, ctx if ctx is not None else inf.ctx))  # type: ignore[union-attr]
+        if not self._in_batch and not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_pending)
+
+    def _flush_pending(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if len(pending) == 1:
+            inf, op, ctx = pending[0]
+            self._execute(ctx, op, [inf] if inf is not None else [])
+            return
+        by_ctx: dict[int, tuple[_Context, list[tuple[_Inflight | None, Op]]]] = {}
+        for inf, op, ctx in pending:
+            by_ctx.setdefault(id(ctx), (ctx, []))[1].append((inf, op))
+        for ctx, items in by_ctx.values():
+            merged = merge(op for _, op in items)
+            owners: dict[int, list[_Inflight]] = {id(m): [] for m in merged}
+            for inf, op in items:
+                m = covering(merged, op.address)
+                if m is not None and inf is not None:
+                    owners[id(m)].append(inf)
+            for m in merged:
+                self._execute(ctx, m, owners[id(m)])
+
+    def _execute(self, ctx: _Context, op: Op, infs: list[_Inflight]) -> None:
+        try:
+            res = self._backend.execute(ctx.uffd, op)
+        except MmChanging:
+            self._retry_later(ctx, op, infs)
+            return
+        except RangeGone:
+            for inf in infs:
+                self._finish(inf)
+            return
+        except ResolveError as exc:
+            self._resolve_failed(ctx, op, infs, exc)
+            return
+        if isinstance(res, int):
+            self._resolved(op, infs)
+        else:
+            res.add_done_callback(lambda f: self._execute_done(ctx, op, infs, f))
+
+    def _execute_done(self, ctx: _Context, op: Op, infs: list[_Inflight],
+                      fut: asyncio.Future[int]) -> None:
+        exc = fut.exception()
+        if exc is None:
+            self._resolved(op, infs)
+        elif isinstance(exc, MmChanging):
+            self._retry_later(ctx, op, infs)
+        elif isinstance(exc, RangeGone):
+            for inf in infs:
+                self._finish(inf)
+        elif isinstance(exc, ResolveError):
+            self._resolve_failed(ctx, op, infs, exc)
+        else:
+            self._resolve_failed(ctx, op, infs, ResolveError(
+                E.EIO, str(exc), op=op.kind.value, address=op.address, length=op.length))
+
+    def _resolved(self, op: Op, infs: list[_Inflight]) -> None:
+        c = self._counters
+        c.resolved_bytes += op.length
+        kind = op.kind
+        if kind is Kind.COPY:
+            c.copies += 1
+        elif kind is Kind.ZERO:
+            c.zeropages += 1
+        elif kind is Kind.CONTINUE:
+            c.continues += 1
+        elif kind is Kind.UNPROTECT:
+            c.unprotects += 1
+        elif kind is Kind.POISON:
+            c.poisons += 1
+        else:
+            c.wakes += 1
+        for inf in infs:
+            c.resolved_pages += 1
+            self._finish(inf)
+
+    def _retry_later(self, ctx: _Context, op: Op, infs: list[_Inflight]) -> None:
+        attempts = max((inf.attempts for inf in infs), default=0) + 1
+        for inf in infs:
+            inf.attempts = attempts
+        self._counters.eagain_retries += 1
+        if attempts > _MAX_EAGAIN_RETRIES:
+            self._resolve_failed(ctx, op, infs, ResolveError(
+                E.EAGAIN, "address space kept changing", op=op.kind.value, address=op.address,
+                length=op.length))
+            return
+        assert self._loop is not None
+        self._loop.call_later(0.001, self._execute, ctx, op, infs)
+
+    def _resolve_failed(self, ctx: _Context, op: Op, infs: list[_Inflight],
+                        exc: ResolveError) -> None:
+        self._log.error("uffd_aio.resolve_failed", op=op.kind.value, address=hex(op.address),
+                        length=op.length, error=str(exc))
+        if op.kind is Kind.POISON or not infs:
+            for inf in infs:
+                self._finish(inf)
+            if not infs:
+                self._counters.errors += 1
+            return
+        for inf in infs:
+            self._fail(inf, exc)
+
+    def _resolve_explicit(self, inf: _Inflight, op: Op) -> int | asyncio.Future[int]:
+        """ev.copy()/zero()/...: run now, outside batching; the fault counts as resolved."""
+        ctx = inf.ctx
+        try:
+            res = self._backend.execute(ctx.uffd, op)
+        except MmChanging:
+            assert self._loop is not None
+            return asyncio.ensure_future(self._explicit_retry(inf, op), loop=self._loop)
+        if isinstance(res, int):
+            self._mark_explicit(inf, op, res)
+            return res
+        res.add_done_callback(lambda f: f.exception() or self._mark_explicit(inf, op,
+                                                                               f.result()))
+        return res
+
+    async def _explicit_retry(self, inf: _Inflight, op: Op) -> int:
+        for _ in range(_MAX_EAGAIN_RETRIES):
+            self._counters.eagain_retries += 1
+            await asyncio.sleep(0.001)
+            try:
+                res = self._backend.execute(inf.ctx.uffd, op)
+            except MmChanging:
+                continue
+            n = res if isinstance(res, int) else await res
+            self._mark_explicit(inf, op, n)
+            return n
+        raise ResolveError(E.EAGAIN, "address space kept changing", op=op.kind.value,
+                           address=op.address, length=op.length)
+
+    def _mark_explicit(self, inf: _Inflight, op: Op, n: int) -> None:
+        c = self._counters
+        c.resolved_bytes += n
+        if op.kind is Kind.COPY:
+            c.copies += 1
+        elif op.kind is Kind.ZERO:
+            c.zeropages += 1
+        elif op.kind is Kind.CONTINUE:
+            c.continues += 1
+        elif op.kind is Kind.UNPROTECT:
+            c.unprotects += 1
+        elif op.kind is Kind.POISON:
+            c.poisons += 1
+        if op.address <= inf.page < op.end and not inf.resolved:
+            inf.resolved = True
+            c.resolved_pages += 1
+
+    # ---- errors ------------------------------------------------------------------
+
+    def _fail(self, inf: _Inflight, exc: BaseException) -> None:
+        """A handler failed: log, apply the error policy so no thread hangs."""
+        self._counters.errors += 1
+        self._log.error("uffd_aio.handler_failed", fault=repr(inf.fault) if inf.fault else
+                        hex(inf.page), policy=self._on_error,
+                        error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        if self._on_error == "raise" and self._failure is None:
+            self._failure = exc
+        if not inf.resolved:
+            self._apply_policy(inf.ctx, inf.msg, inf.page, inf.page_size)
+        self._finish(inf)
+        if self._on_error == "raise" and not self._closing:
+            assert self._loop is not None
+            self._loop.create_task(self.aclose())
+
+    def _apply_policy(self, ctx: _Context, msg: PageFaultMsg, page: int, size: int) -> None:
+        if msg.is_wp:
+            ops = [Op(Kind.UNPROTECT, page, size)]
+        elif msg.is_minor:
+            ops = [Op(Kind.POISON, page, size), Op(Kind.CONTINUE, page, size)]
+        elif self._on_error == "zero":
+            ops = [Op(Kind.ZERO, page, size)]
+        else:
+            ops = [Op(Kind.POISON, page, size), Op(Kind.ZERO, page, size)]
+        if msg.is_wp and self._on_error != "zero":
+            ops.insert(0, Op(Kind.POISON, page, size))
+        for op in ops:
+            try:
+                res = self._backend.execute(ctx.uffd, op)
+                if not isinstance(res, int):
+                    res.add_done_callback(lambda f: f.exception())
+                self._counters.poisons += op.kind is Kind.POISON
+                self._counters.zeropages += op.kind is Kind.ZERO
+                return
+            except RangeGone:
+                return
+            except (ResolveError, OSError) as exc:
+                self._log.warning("uffd_aio.policy_step_failed", op=op.kind.value,
+                                  address=hex(page), error=str(exc))
+        try:  # last resort: let the thread retry rather than hang
+            ctx.uffd.wake(page, size)
+        except OSError:
+            pass
+
+    def _finish(self, inf: _Inflight) -> None:
+        ctx = inf.ctx
+        if ctx.inflight.get(inf.page) is inf:
+            del ctx.inflight[inf.page]
+        else:
+            return
+        if inf.timer is not None:
+            inf.timer.cancel()
+            inf.timer = None
+        if inf.fault is not None:
+            self._running -= 1
+            self._counters.latency.record(time.perf_counter_ns() - inf.t0)
+        while self._backlog and self._running < self._max_inflight:
+            nxt = self._backlog.popleft()
+            if nxt.ctx.inflight.get(nxt.page) is nxt:
+                self._start(nxt)
+        if self._running == 0 and not self._backlog:
+            self._idle.set()
+
+    # ---- non-fault events -------------------------------------------------------
+
+    def _on_event(self, ctx: _Context, msg: ev_mod.Msg) -> None:
+        c = self._counters
+        c.events += 1
+        handlers = list(self._event_handlers)
+        if isinstance(msg, Fork):
+            c.forks += 1
+            if self._follow_forks and not self._closing:
+                child = Userfaultfd.from_fd(msg.ufd, ctx.uffd.features)
+                cctx = self._add_context(child, f"{ctx.label}/fork{c.forks}")
+                for x in ctx.extents:
+                    cctx.add_extent(x.start, x.end, x.region, x.offset)
+                self._log.info("uffd_aio.fork_followed", parent_uffd=ctx.uffd.fd,
+                               child_uffd=msg.ufd)
+            else:
+                os.close(msg.ufd)
+        elif isinstance(msg, Remap):
+            c.remaps += 1
+            moved = ctx.remove_range(msg.old, msg.old + msg.length)
+            for x in moved:
+                delta = x.start - msg.old
+                ctx.add_extent(msg.new + delta, msg.new + delta + (x.end - x.start), x.region,
+                               x.offset)
+            handlers += [h for x in moved for h in x.region.event_handlers]
+        elif isinstance(msg, Remove):
+            c.removes += 1
+            handlers += self._region_handlers(ctx, msg.start, msg.end)
+        elif isinstance(msg, Unmap):
+            c.unmaps += 1
+            handlers += self._region_handlers(ctx, msg.start, msg.end)
+            ctx.remove_range(msg.start, msg.end)
+        elif isinstance(msg, UnknownMsg):
+            self._log.warning("uffd_aio.unknown_event", event=msg.event)
+            return
+        self._log.debug("uffd_aio.event", uffd=ctx.uffd.fd, event=repr(msg))
+        for h in dict.fromkeys(handlers):
+            self._run_event_handler(h, msg)
+
+    def _region_handlers(self, ctx: _Context, start: int, end: int) -> list[EventHandler]:
+        return [h for x in ctx.extents if x.start < end and start < x.end
+                for h in x.region.event_handlers]
+
+    def _run_event_handler(self, handler: Callable[[Any], Any], msg: ev_mod.Msg) -> None:
+        try:
+            res = handler(msg)
+        except Exception as exc:
+            self._log.error("uffd_aio.event_handler_failed", event=repr(msg), exc_info=exc)
+            return
+        if inspect.isawaitable(res):
+            assert self._loop is not None
+            task = self._loop.create_task(_as_coro(res))
+            task.add_done_callback(
+                lambda t: t.cancelled() or t.exception() is None or self._log.error(
+                    "uffd_aio.event_handler_failed", event=repr(msg), exc_info=t.exception()))
+
+
+async def _as_coro(aw: Any) -> Any:
+    return await aw
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to

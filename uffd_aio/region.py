@@ -1,0 +1,137 @@
+"""Region: a registered range of memory and the handlers that serve it."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import attrs
+
+from uffd_aio.modes import Mode
+from uffd_aio.ring import _lowlevel as ll
+
+if TYPE_CHECKING:
+    from uffd_aio.events import Fork, Remap, Remove, Unmap
+    from uffd_aio.fault import PageFault
+    from uffd_aio.pager import Pager
+
+FaultResult = Any  # bytes-like | None
+FaultHandler = Callable[["PageFault"], "FaultResult | Awaitable[FaultResult]"]
+EventHandler = Callable[["Fork | Remap | Remove | Unmap"], "None | Awaitable[None]"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@attrs.define(eq=False, repr=False)
+class Region:
+    """A registered range.  Created by :meth:`Pager.map`, :meth:`Pager.register` or
+    :meth:`Pager.adopt`; not constructed directly."""
+
+    pager: Pager
+    address: int
+    length: int
+    mode: Mode
+    page_size: int
+    name: str
+    #: file offset of the region start in its backing store (handoff ``offset``)
+    store_offset: int = 0
+    #: the pager mmap'd it (and unmaps it on close)
+    owned: bool = False
+    #: memory lives in another process (handed-off uffd): we cannot read it
+    remote: bool = False
+    #: memfd backing shared/MINOR regions made by Pager.map(shared=True)
+    memfd: int | None = None
+    #: a second, unregistered mapping of ``memfd`` (to fill the page cache for MINOR)
+    alias: int | None = None
+    fault_handler: FaultHandler | None = None
+    eager: bool | None = None
+    event_handlers: list[EventHandler] = attrs.Factory(list)
+    closed: bool = False
+
+    def __repr__(self) -> str:
+        return (f"Region({self.name!r}, {self.address:#x}+{self.length:#x}, mode={self.mode!s}, "
+                f"page_size={self.page_size})")
+
+    @property
+    def end(self) -> int:
+        return self.address + self.length
+
+    @property
+    def pages(self) -> int:
+        return self.length // self.page_size
+
+    def address_of(self, offset: int) -> int:
+        if not 0 <= offset < self.length:
+            raise ValueError(f"offset {offset:#x} outside {self!r}")
+        return self.address + offset
+
+    def offset_of(self, address: int) -> int:
+        if not self.address <= address < self.end:
+            raise ValueError(f"address {address:#x} outside {self!r}")
+        return address - self.address
+
+    # ---- handlers ------------------------------------------------------
+
+    @overload
+    def on_fault(self, fn: F, /) -> F: ...
+    @overload
+    def on_fault(self, *, eager: bool | None = None) -> Callable[[F], F]: ...
+
+    def on_fault(self, fn: F | None = None, /, *, eager: bool | None = None) -> Any:
+        """Set the fault handler (decorator).  ``async def`` or plain ``def``.
+
+        ``eager`` (default: the pager's): run the handler inline until its
+        first real suspension, so a handler that never suspends resolves
+        without a Task.  Before that first suspension
+        ``asyncio.current_task()`` is None: code that needs a task there
+        (``asyncio.timeout``, some client libraries) wants ``eager=False``.
+        """
+
+        def deco(f: F) -> F:
+            if not callable(f):
+                raise TypeError(f"fault handler must be callable, got {f!r}")
+            self.fault_handler = f
+            self.eager = eager
+            return f
+
+        return deco(fn) if fn is not None else deco
+
+    def on_event(self, fn: F) -> F:
+        """Add a handler for Remap/Remove/Unmap events touching this region."""
+        self.event_handlers.append(fn)
+        return fn
+
+    @property
+    def handler_is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fault_handler)
+
+    # ---- memory access (never from the loop thread: see docs/gil.md) -------
+
+    def _local(self) -> None:
+        if self.remote:
+            raise RuntimeError(f"{self!r} lives in another process; it cannot be read here")
+        if self.closed:
+            raise RuntimeError(f"{self!r} is closed")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read bytes from the region in a worker thread (faults are served meanwhile)."""
+        self._local()
+        start = self.address_of(offset)
+        if offset + length > self.length:
+            raise ValueError("read past the end of the region")
+        return await asyncio.to_thread(ll.read_memory, start, length)
+
+    async def write(self, offset: int, data: Any) -> None:
+        """Write bytes into the region from a worker thread."""
+        self._local()
+        start = self.address_of(offset)
+        if offset + len(memoryview(data).cast("B")) > self.length:
+            raise ValueError("write past the end of the region")
+        await asyncio.to_thread(ll.write_memory, start, data)
+
+    def write_protect(self, offset: int = 0, length: int | None = None, *,
+                      protect: bool = True) -> None:
+        """Write-protect (or unprotect) present pages of a WP-registered region."""
+        n = self.length - offset if length is None else length
+        self.pager._uffd_for(self).writeprotect(self.address_of(offset), n, protect=protect)

@@ -1,0 +1,129 @@
+"""Resolution backends: how a handled fault becomes mapped memory.
+
+* :class:`IoctlBackend` (stock kernels): UFFDIO_COPY / ZEROPAGE / CONTINUE /
+  WRITEPROTECT / POISON, synchronously on the loop thread (each is a few
+  microseconds and never waits for I/O).
+* The ring-write backend (patched kernels, ``Feature.WRITE``) lives in
+  :mod:`uffd_aio.resolve_ring`; it has the same ``execute`` contract but
+  completes through the ring.
+
+Before execution, the pending resolutions of one batch are sorted and
+contiguous ones merged (:func:`merge`): N neighbouring pages cost one ioctl,
+which also wakes every waiter of the range once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+
+from uffd_aio.ring import _lowlevel as ll
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from uffd_aio.uffd import Userfaultfd
+
+
+class Kind(enum.Enum):
+    COPY = "copy"
+    ZERO = "zero"
+    CONTINUE = "continue"
+    UNPROTECT = "unprotect"
+    POISON = "poison"
+    WAKE = "wake"
+
+
+@attrs.frozen(slots=True)
+class Op:
+    """One resolution: ``length`` bytes at ``address``; ``data`` only for COPY."""
+
+    kind: Kind
+    address: int
+    length: int
+    data: Any = None
+    wp: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.address + self.length
+
+
+def merge(ops: Iterable[Op]) -> list[Op]:
+    """Sort by address and merge touching ops of the same kind (and wp flag).
+
+    Overlapping COPYs keep the first data for the overlap: the pages are the
+    same page of the same store, and the kernel would report EEXIST anyway.
+    """
+    out: list[Op] = []
+    for op in sorted(ops, key=lambda o: o.address):
+        if out:
+            last = out[-1]
+            if last.kind is op.kind and last.wp == op.wp and op.address <= last.end:
+                if op.end <= last.end:
+                    continue  # fully covered
+                if op.kind is Kind.COPY:
+                    skip = last.end - op.address
+                    data = bytes(last.data) + bytes(memoryview(op.data)[skip:])
+                    out[-1] = Op(Kind.COPY, last.address, len(data), data, last.wp)
+                else:
+                    out[-1] = Op(op.kind, last.address, op.end - last.address, None, last.wp)
+                continue
+        out.append(op)
+    return out
+
+
+class Backend(Protocol):
+    name: str
+
+    def execute(self, uffd: Userfaultfd, op: Op) -> int | asyncio.Future[int]:
+        """Resolve ``op``; bytes covered, or a future of it.  Raises ResolveError."""
+
+
+class IoctlBackend:
+    """The stock-kernel backend: one ioctl per merged op (plus retries the kernel asks for)."""
+
+    name = "ioctl"
+
+    def __init__(self) -> None:
+        self.ioctls = 0
+
+    def execute(self, uffd: Userfaultfd, op: Op) -> int:
+        self.ioctls += 1
+        kind = op.kind
+        if kind is Kind.COPY:
+            src, keep = ll.buffer_address(op.data)
+            mode = 2 if op.wp else 0
+            if uffd.copy_fast(op.address, src, op.length, mode) == 0:
+                return op.length
+            n = uffd.copy(op.address, src, op.length, wp=op.wp)
+            del keep
+            return n
+        if kind is Kind.ZERO:
+            return uffd.zeropage(op.address, op.length)
+        if kind is Kind.CONTINUE:
+            return uffd.continue_(op.address, op.length, wp=op.wp)
+        if kind is Kind.UNPROTECT:
+            uffd.writeprotect(op.address, op.length, protect=False)
+            return op.length
+        if kind is Kind.POISON:
+            return uffd.poison(op.address, op.length)
+        uffd.wake(op.address, op.length)
+        return op.length
+
+
+def covering(ops: Sequence[Op], address: int) -> Op | None:
+    """The merged op covering ``address`` (ops sorted by address)."""
+    lo, hi = 0, len(ops)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ops[mid].end <= address:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < len(ops) and ops[lo].address <= address < ops[lo].end:
+        return ops[lo]
+    return None

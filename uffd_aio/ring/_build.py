@@ -1,0 +1,30 @@
+"""cffi builder (API mode, out of line) for uffd_aio.ring._native.
+
+Built at install time by setuptools (``cffi_modules`` in setup.py) against
+the system liburing (Debian ``liburing-dev`` >= 2.3).  The declarations live
+in ``csrc/native.h`` and the code in ``csrc/native.c`` so that both can be
+read and compiled as ordinary C.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from cffi import FFI
+
+_HERE = pathlib.Path(__file__).resolve().parent
+_CSRC = _HERE / "csrc"
+
+ffibuilder = FFI()
+ffibuilder.cdef((_CSRC / "native.h").read_text())
+ffibuilder.set_source(
+    "uffd_aio.ring._native",
+    (_CSRC / "native.c").read_text(),
+    include_dirs=[str(_CSRC)],
+    libraries=["uring", "pthread"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    define_macros=[("_GNU_SOURCE", "1")],
+)
+
+if __name__ == "__main__":  # pragma: no cover - manual build
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,335 @@
+"""Thin typed layer over the cffi binding: -errno -> OSError, addresses as ints.
+
+The only module that touches ``ffi``/``lib`` (pynacl's layering): the ring
+engine, :mod:`uffd_aio.uffd` and :mod:`uffd_aio.testing` call these
+functions.  They are deliberately small: some sit on the fault path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from uffd_aio.ring._native import ffi, lib
+
+# io_uring opcodes (include/uapi/linux/io_uring.h; numbers are ABI)
+OP_NOP = 0
+OP_READV = 1
+OP_WRITEV = 2
+OP_READ_FIXED = 4
+OP_WRITE_FIXED = 5
+OP_POLL_ADD = 6
+OP_ASYNC_CANCEL = 14
+OP_READ = 22
+OP_WRITE = 23
+OP_READ_MULTISHOT = 49  # 6.7+; liburing 2.3 has no helper, we prep it by number
+OPCODE_NAMES = {
+    OP_NOP: "NOP",
+    OP_READV: "READV",
+    OP_WRITEV: "WRITEV",
+    OP_READ_FIXED: "READ_FIXED",
+    OP_WRITE_FIXED: "WRITE_FIXED",
+    OP_POLL_ADD: "POLL_ADD",
+    OP_ASYNC_CANCEL: "ASYNC_CANCEL",
+    OP_READ: "READ",
+    OP_WRITE: "WRITE",
+    OP_READ_MULTISHOT: "READ_MULTISHOT",
+}
+
+SETUP_SQPOLL = 1 << 1
+SETUP_COOP_TASKRUN = 1 << 8
+SETUP_SINGLE_ISSUER = 1 << 12
+CQE_F_BUFFER = 1 << 0
+CQE_F_MORE = 1 << 1
+CQE_BUFFER_SHIFT = 16
+IOSQE_FIXED_FILE = 1 << 0
+
+EBUSY = 16
+
+
+def oserror(rc: int, what: str) -> OSError:
+    """OSError for a -errno return (Python picks the subclass from errno)."""
+    return OSError(-rc, f"{what}: {os.strerror(-rc)}")
+
+
+def check(rc: int, what: str) -> int:
+    if rc < 0:
+        raise oserror(rc, what)
+    return rc
+
+
+# ---- buffers ---------------------------------------------------------
+
+
+def buffer_address(buf: Any, *, writable: bool = False) -> tuple[int, Any]:
+    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned."""
+    cbuf = ffi.from_buffer(buf, require_writable=writable)
+    return int(ffi.cast("uintptr_t", cbuf)), cbuf
+
+
+def read_memory(addr: int, length: int) -> bytes:
+    """Copy ``length`` bytes at ``addr`` (GIL released during the copy)."""
+    out = bytearray(length)
+    dst, keep = buffer_address(out, writable=True)
+    lib.ua_memcpy(dst, addr, length)
+    del keep
+    return bytes(out)
+
+
+def write_memory(addr: int, data: Any) -> None:
+    src, keep = buffer_address(data)
+    lib.ua_memcpy(addr, src, len(keep))
+
+
+# ---- io_uring --------------------------------------------------------
+
+
+class RingHandle:
+    """Owns one ``struct io_uring`` (via the C shim); methods map 1:1 to C calls."""
+
+    __slots__ = ("_r", "fd", "features", "flags", "_ud", "_res", "_fl", "batch")
+
+    def __init__(self, entries: int, flags: int, sq_thread_idle_ms: int = 0, batch: int = 256):
+        err = ffi.new("int *")
+        out_flags = ffi.new("uint32_t *")
+        out_features = ffi.new("uint32_t *")
+        r = lib.ua_ring_new(entries, flags, sq_thread_idle_ms, err, out_flags, out_features)
+        if r == ffi.NULL:
+            raise oserror(err[0], f"io_uring_queue_init(entries={entries}, flags={flags:#x})")
+        self._r = r
+        self.fd: int = lib.ua_ring_fd(r)
+        self.flags: int = out_flags[0]
+        self.features: int = out_features[0]
+        self.batch = batch
+        self._ud = ffi.new("uint64_t[]", batch)
+        self._res = ffi.new("int32_t[]", batch)
+        self._fl = ffi.new("uint32_t[]", batch)
+
+    def close(self) -> None:
+        if self._r is not None:
+            lib.ua_ring_free(self._r)
+            self._r = None
+
+    def probe(self, nops: int = 64) -> list[bool]:
+        out = ffi.new("uint8_t[]", nops)
+        check(lib.ua_ring_probe(self._r, out, nops), "io_uring probe")
+        return [bool(out[i]) for i in range(nops)]
+
+    def sq_space(self) -> int:
+        return int(lib.ua_ring_sq_space(self._r))
+
+    def submit(self) -> int:
+        return check(lib.ua_ring_submit(self._r), "io_uring_submit")
+
+    # prep_* return False when the SQ is full (caller submits and retries)
+    def prep_rw(
+        self, op: int, fd: int, addr: int, length: int, offset: int, ud: int,
+        sqe_flags: int = 0, buf_index: int = -1,
+    ) -> bool:
+        return lib.ua_prep_rw(self._r, op, fd, addr, length, offset & 0xFFFFFFFFFFFFFFFF,
+                              ud, sqe_flags, buf_index) == 0
+
+    def prep_read_multishot(self, fd: int, length: int, offset: int, group: int, ud: int) -> bool:
+        return lib.ua_prep_read_multishot(self._r, fd, length, offset & 0xFFFFFFFFFFFFFFFF,
+                                          group, ud) == 0
+
+    def prep_poll(self, fd: int, mask: int, ud: int) -> bool:
+        return lib.ua_prep_poll(self._r, fd, mask, ud) == 0
+
+    def prep_cancel(self, target: int, ud: int) -> bool:
+        return lib.ua_prep_cancel(self._r, target, ud) == 0
+
+    def prep_nop(self, ud: int) -> bool:
+        return lib.ua_prep_nop(self._r, ud) == 0
+
+    def reap(self) -> list[tuple[int, int, int]]:
+        """Up to ``batch`` completions as (user_data, res, flags), in completion order."""
+        n = lib.ua_reap(self._r, self._ud, self._res, self._fl, self.batch)
+        if not n:
+            return []
+        ud, res, fl = self._ud, self._res, self._fl
+        return [(ud[i], res[i], fl[i]) for i in range(n)]
+
+    def register_buffers(self, addrs: Sequence[int], lens: Sequence[int]) -> None:
+        check(lib.ua_register_buffers(self._r, list(addrs), list(lens), len(addrs)),
+              "io_uring_register_buffers")
+
+    def unregister_buffers(self) -> None:
+        check(lib.ua_unregister_buffers(self._r), "io_uring_unregister_buffers")
+
+    def register_files(self, fds: Sequence[int]) -> None:
+        check(lib.ua_register_files(self._r, list(fds), len(fds)), "io_uring_register_files")
+
+    def unregister_files(self) -> None:
+        check(lib.ua_unregister_files(self._r), "io_uring_unregister_files")
+
+    def bufring_new(self, group: int, nbufs: int, size: int) -> BufRing:
+        return BufRing(self, group, nbufs, size)
+
+
+class BufRing:
+    """A provided-buffer ring (for multishot reads): ``nbufs`` buffers of ``size`` bytes."""
+
+    __slots__ = ("_b", "_ring", "group", "nbufs", "size")
+
+    def __init__(self, ring: RingHandle, group: int, nbufs: int, size: int):
+        err = ffi.new("int *")
+        b = lib.ua_bufring_new(ring._r, group, nbufs, size, err)
+        if b == ffi.NULL:
+            raise oserror(err[0], f"io_uring_register_buf_ring(group={group}, n={nbufs})")
+        self._b, self._ring = b, ring
+        self.group, self.nbufs, self.size = group, nbufs, size
+
+    def view(self, bid: int, length: int) -> bytes:
+        return bytes(ffi.buffer(ffi.cast("char *", lib.ua_bufring_addr(self._b, bid)), length))
+
+    def recycle(self, bid: int) -> None:
+        lib.ua_bufring_recycle(self._b, bid)
+
+    def close(self) -> None:
+        if self._b is not None:
+            lib.ua_bufring_free(self._ring._r if self._ring._r is not None else ffi.NULL, self._b)
+            self._b = None
+
+
+# ---- userfaultfd -----------------------------------------------------
+
+
+def uffd_open(flags: int) -> tuple[int, bool]:
+    """(fd, opened_via_/dev/userfaultfd)."""
+    via = ffi.new("int *")
+    fd = lib.ua_uffd_open(flags, via)
+    if fd < 0:
+        raise oserror(fd, "userfaultfd open (/dev/userfaultfd and userfaultfd(2))")
+    return fd, bool(via[0])
+
+
+def uffd_api(fd: int, features: int) -> tuple[int, int, int]:
+    """(rc, features, ioctls): rc is 0 or -errno, left to the caller to explain."""
+    f = ffi.new("uint64_t *")
+    i = ffi.new("uint64_t *")
+    rc = lib.ua_uffd_api(fd, features, f, i)
+    return rc, int(f[0]), int(i[0])
+
+
+def uffd_register(fd: int, start: int, length: int, mode: int) -> int:
+    i = ffi.new("uint64_t *")
+    check(lib.ua_uffd_register(fd, start, length, mode, i),
+          f"UFFDIO_REGISTER {start:#x}+{length:#x} mode={mode}")
+    return int(i[0])
+
+
+def uffd_unregister(fd: int, start: int, length: int) -> None:
+    check(lib.ua_uffd_unregister(fd, start, length), f"UFFDIO_UNREGISTER {start:#x}+{length:#x}")
+
+
+
+
+def uffd_wake(fd: int, start: int, length: int) -> int:
+    return int(lib.ua_uffd_wake(fd, start, length))
+
+
+def uffd_copy(fd: int, dst: int, src: int, length: int, mode: int) -> tuple[int, int]:
+    """(rc, bytes done) for UFFDIO_COPY; rc 0 or -errno."""
+    d = ffi.new("int64_t *")
+    rc = lib.ua_uffd_copy(fd, dst, src, length, mode, d)
+    return rc, int(d[0])
+
+
+def uffd_zeropage(fd: int, start: int, length: int, mode: int) -> tuple[int, int]:
+    d = ffi.new("int64_t *")
+    rc = lib.ua_uffd_zeropage(fd, start, length, mode, d)
+    return rc, int(d[0])
+
+
+def uffd_continue(fd: int, start: int, length: int, mode: int) -> tuple[int, int]:
+    d = ffi.new("int64_t *")
+    rc = lib.ua_uffd_continue(fd, start, length, mode, d)
+    return rc, int(d[0])
+
+
+def uffd_poison(fd: int, start: int, length: int, mode: int) -> tuple[int, int]:
+    d = ffi.new("int64_t *")
+    rc = lib.ua_uffd_poison(fd, start, length, mode, d)
+    return rc, int(d[0])
+
+
+def uffd_move(fd: int, dst: int, src: int, length: int, mode: int) -> tuple[int, int]:
+    d = ffi.new("int64_t *")
+    rc = lib.ua_uffd_move(fd, dst, src, length, mode, d)
+    return rc, int(d[0])
+
+
+def uffd_writeprotect(fd: int, start: int, length: int, mode: int) -> int:
+    return int(lib.ua_uffd_writeprotect(fd, start, length, mode))
+
+
+def pwrite(fd: int, src: int, length: int, pos: int) -> tuple[int, int]:
+    d = ffi.new("int64_t *")
+    rc = lib.ua_pwrite(fd, src, length, pos, d)
+    return rc, int(d[0])
+
+
+# ---- memory ----------------------------------------------------------
+
+PROT_READ, PROT_WRITE = 1, 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MADV_DONTNEED, MADV_REMOVE = 4, 9
+
+
+def mmap(length: int, prot: int = PROT_READ | PROT_WRITE,
+         flags: int = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, fd: int = -1, offset: int = 0,
+         addr: int = 0) -> int:
+    return check(lib.ua_mmap(addr, length, prot, flags, fd, offset), f"mmap({length:#x})")
+
+
+def munmap(addr: int, length: int) -> None:
+    check(lib.ua_munmap(addr, length), f"munmap({addr:#x}, {length:#x})")
+
+
+def mremap(old: int, old_len: int, new_len: int, flags: int = MREMAP_MAYMOVE,
+           new_addr: int = 0) -> int:
+    return check(lib.ua_mremap(old, old_len, new_len, flags, new_addr), f"mremap({old:#x})")
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    check(lib.ua_madvise(addr, length, advice), f"madvise({addr:#x}, {length:#x}, {advice})")
+
+
+def mprotect(addr: int, length: int, prot: int) -> None:
+    check(lib.ua_mprotect(addr, length, prot), f"mprotect({addr:#x}, {length:#x}, {prot})")
+
+
+def pattern_word(offset: int, seed: int) -> int:
+    return int(lib.ua_pattern_word(offset, seed))
+
+
+def fill_pattern(addr: int, length: int, offset: int, seed: int) -> None:
+    lib.ua_fill_pattern(addr, length, offset, seed)
+
+
+def verify_pattern(addr: int, length: int, offset: int, seed: int) -> int:
+    """-1 if [addr, addr+length) holds the pattern, else the first bad byte offset."""
+    return int(lib.ua_verify_pattern(addr, length, offset, seed))
+
+
+def new_scan() -> Any:
+    return ffi.new("struct ua_scan *")
+
+
+def new_u64_array(n: int) -> Any:
+    return ffi.new("uint64_t[]", n)
+
+
+def scan_run(scan: Any) -> None:
+    check(lib.ua_scan_run(scan), "native scan")
+
+
+def fork_touch(addr: int, length: int, page_size: int, op: int, offset: int, seed: int) -> int:
+    return check(lib.ua_fork_touch(addr, length, page_size, op, offset, seed), "fork")
+
+
+def gettid() -> int:
+    return int(lib.ua_gettid())

@@ -1,0 +1,652 @@
+/* Native half of uffd_aio: a thin shim over liburing, the userfaultfd
+ * ioctls, and memory helpers that run without the GIL.
+ * Every function returns a value >= 0 or -errno; Python turns -errno
+ * into OSError in uffd_aio/ring/_lowlevel.py. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <liburing.h>
+#include <linux/ioctl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "native.h"
+
+#ifndef IORING_SETUP_SINGLE_ISSUER
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
+#endif
+#ifndef IORING_OP_READ_MULTISHOT
+#define IORING_OP_READ_MULTISHOT 49
+#endif
+
+/* ---- io_uring ------------------------------------------------------ */
+struct ua_ring {
+	struct io_uring ring;
+};
+
+struct ua_ring *ua_ring_new(unsigned entries, uint32_t flags, uint32_t sq_thread_idle,
+			    int *err, uint32_t *out_flags, uint32_t *out_features)
+{
+	struct ua_ring *r = calloc(1, sizeof(*r));
+	struct io_uring_params p;
+	int ret;
+
+	if (!r) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	memset(&p, 0, sizeof(p));
+	p.flags = flags;
+	p.sq_thread_idle = sq_thread_idle;
+	ret = io_uring_queue_init_params(entries, &r->ring, &p);
+	if (ret < 0) {
+		free(r);
+		*err = ret;
+		return NULL;
+	}
+	*err = 0;
+	*out_flags = p.flags;
+	*out_features = p.features;
+	return r;
+}
+
+void ua_ring_free(struct ua_ring *r)
+{
+	if (r) {
+		io_uring_queue_exit(&r->ring);
+		free(r);
+	}
+}
+
+int ua_ring_fd(struct ua_ring *r) { return r->ring.ring_fd; }
+unsigned ua_ring_sq_space(struct ua_ring *r) { return io_uring_sq_space_left(&r->ring); }
+int ua_ring_submit(struct ua_ring *r) { return io_uring_submit(&r->ring); }
+
+int ua_ring_probe(struct ua_ring *r, uint8_t *supported, int nops)
+{
+	struct io_uring_probe *probe = io_uring_get_probe_ring(&r->ring);
+	int i;
+
+	if (!probe)
+		return -ENOSYS;
+	for (i = 0; i < nops; i++)
+		supported[i] = io_uring_opcode_supported(probe, i) ? 1 : 0;
+	io_uring_free_probe(probe);
+	return 0;
+}
+
+static inline struct io_uring_sqe *get_sqe(struct ua_ring *r, uint64_t user_data)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+
+	if (sqe)
+		io_uring_sqe_set_data64(sqe, user_data);
+	return sqe;
+}
+
+int ua_prep_rw(struct ua_ring *r, int op, int fd, uint64_t addr, uint32_t len,
+	       uint64_t off, uint64_t user_data, uint8_t sqe_flags, int buf_index)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_rw(op, sqe, fd, (const void *)(uintptr_t)addr, len, off);
+	sqe->flags = sqe_flags;
+	if (buf_index >= 0)
+		sqe->buf_index = (uint16_t)buf_index;
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ua_prep_read_multishot(struct ua_ring *r, int fd, uint32_t len, uint64_t off,
+			   uint16_t buf_group, uint64_t user_data)
+{
+	struct io_uring_sqe *sqe = get_sqe(r, user_data);
+
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_rw(IORING_OP_READ_MULTISHOT, sqe, fd, NULL, len, off);
+	sqe->flags |= IOSQE_BUFFER_SELECT;
+	sqe->buf_group = buf_group;
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ua_prep_poll(struct ua_ring *r, int fd, uint32_t mask, uint64_t user_data)
+{
+	struct io_uring_sqe *sqe = get_sqe(r, user_data);
+
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_poll_add(sqe, fd, mask);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ua_prep_cancel(struct ua_ring *r, uint64_t target, uint64_t user_data)
+{
+	struct io_uring_sqe *sqe = get_sqe(r, user_data);
+
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_cancel64(sqe, target, 0);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+int ua_prep_nop(struct ua_ring *r, uint64_t user_data)
+{
+	struct io_uring_sqe *sqe = get_sqe(r, user_data);
+
+	if (!sqe)
+		return -EBUSY;
+	io_uring_prep_nop(sqe);
+	io_uring_sqe_set_data64(sqe, user_data);
+	return 0;
+}
+
+unsigned ua_reap(struct ua_ring *r, uint64_t *user_data, int32_t *res, uint32_t *flags,
+		 unsigned max)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+
+	io_uring_for_each_cqe(&r->ring, head, cqe) {
+		if (n == max)
+			break;
+		user_data[n] = cqe->user_data;
+		res[n] = cqe->res;
+		flags[n] = cqe->flags;
+		n++;
+	}
+	if (n)
+		io_uring_cq_advance(&r->ring, n);
+	return n;
+}
+
+int ua_register_buffers(struct ua_ring *r, const uint64_t *addrs, const uint64_t *lens,
+			unsigned n)
+{
+	struct iovec *iov = calloc(n ? n : 1, sizeof(*iov));
+	unsigned i;
+	int ret;
+
+	if (!iov)
+		return -ENOMEM;
+	for (i = 0; i < n; i++) {
+		iov[i].iov_base = (void *)(uintptr_t)addrs[i];
+		iov[i].iov_len = lens[i];
+	}
+	ret = io_uring_register_buffers(&r->ring, iov, n);
+	free(iov);
+	return ret;
+}
+
+int ua_unregister_buffers(struct ua_ring *r) { return io_uring_unregister_buffers(&r->ring); }
+
+int ua_register_files(struct ua_ring *r, const int *fds, unsigned n)
+{
+	return io_uring_register_files(&r->ring, fds, n);
+}
+
+int ua_unregister_files(struct ua_ring *r) { return io_uring_unregister_files(&r->ring); }
+
+struct ua_bufring {
+	struct io_uring_buf_ring *br;
+	size_t br_len;
+	char *bufs;
+	unsigned nbufs, size, mask;
+	uint16_t bgid;
+};
+
+struct ua_bufring *ua_bufring_new(struct ua_ring *r, uint16_t bgid, unsigned nbufs,
+				  unsigned size, int *err)
+{
+	struct io_uring_buf_reg reg;
+	struct ua_bufring *b;
+	unsigned i;
+	int ret;
+
+	if (nbufs == 0 || (nbufs & (nbufs - 1)) || nbufs > 32768) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	b = calloc(1, sizeof(*b));
+	if (!b) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	b->br_len = (size_t)nbufs * sizeof(struct io_uring_buf);
+	b->br = mmap(NULL, b->br_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	b->bufs = malloc((size_t)nbufs * size);
+	if (b->br == MAP_FAILED || !b->bufs) {
+		if (b->br != MAP_FAILED)
+			munmap(b->br, b->br_len);
+		free(b->bufs);
+		free(b);
+		*err = -ENOMEM;
+		return NULL;
+	}
+	io_uring_buf_ring_init(b->br);
+	memset(&reg, 0, sizeof(reg));
+	reg.ring_addr = (uint64_t)(uintptr_t)b->br;
+	reg.ring_entries = nbufs;
+	reg.bgid = bgid;
+	ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
+	if (ret) {
+		munmap(b->br, b->br_len);
+		free(b->bufs);
+		free(b);
+		*err = ret;
+		return NULL;
+	}
+	b->nbufs = nbufs;
+	b->size = size;
+	b->mask = io_uring_buf_ring_mask(nbufs);
+	b->bgid = bgid;
+	for (i = 0; i < nbufs; i++)
+		io_uring_buf_ring_add(b->br, b->bufs + (size_t)i * size, size, i, b->mask, i);
+	io_uring_buf_ring_advance(b->br, nbufs);
+	*err = 0;
+	return b;
+}
+
+void ua_bufring_free(struct ua_ring *r, struct ua_bufring *b)
+{
+	if (!b)
+		return;
+	if (r)
+		io_uring_unregister_buf_ring(&r->ring, b->bgid);
+	munmap(b->br, b->br_len);
+	free(b->bufs);
+	free(b);
+}
+
+uint64_t ua_bufring_addr(struct ua_bufring *b, unsigned bid)
+{
+	return (uint64_t)(uintptr_t)(b->bufs + (size_t)bid * b->size);
+}
+
+void ua_bufring_recycle(struct ua_bufring *b, unsigned bid)
+{
+	io_uring_buf_ring_add(b->br, b->bufs + (size_t)bid * b->size, b->size, bid, b->mask, 0);
+	io_uring_buf_ring_advance(b->br, 1);
+}
+
+/* ---- userfaultfd ABI (spelled out: see native.h) --------------------- */
+struct ua_range { uint64_t start, len; };
+struct ua_api { uint64_t api, features, ioctls; };
+struct ua_register { struct ua_range range; uint64_t mode, ioctls; };
+struct ua_copy { uint64_t dst, src, len, mode; int64_t copy; };
+struct ua_zeropage { struct ua_range range; uint64_t mode; int64_t zeropage; };
+struct ua_move { uint64_t dst, src, len, mode; int64_t move; };
+struct ua_writeprotect { struct ua_range range; uint64_t mode; };
+struct ua_continue { struct ua_range range; uint64_t mode; int64_t mapped; };
+struct ua_poison { struct ua_range range; uint64_t mode; int64_t updated; };
+
+#define UA_UFFDIO 0xAA
+#define UA_UFFD_API 0xAA
+#define UA_IOC_API _IOWR(UA_UFFDIO, 0x3F, struct ua_api)
+#define UA_IOC_REGISTER _IOWR(UA_UFFDIO, 0x00, struct ua_register)
+#define UA_IOC_UNREGISTER _IOR(UA_UFFDIO, 0x01, struct ua_range)
+#define UA_IOC_WAKE _IOR(UA_UFFDIO, 0x02, struct ua_range)
+#define UA_IOC_COPY _IOWR(UA_UFFDIO, 0x03, struct ua_copy)
+#define UA_IOC_ZEROPAGE _IOWR(UA_UFFDIO, 0x04, struct ua_zeropage)
+#define UA_IOC_MOVE _IOWR(UA_UFFDIO, 0x05, struct ua_move)
+#define UA_IOC_WRITEPROTECT _IOWR(UA_UFFDIO, 0x06, struct ua_writeprotect)
+#define UA_IOC_CONTINUE _IOWR(UA_UFFDIO, 0x07, struct ua_continue)
+#define UA_IOC_POISON _IOWR(UA_UFFDIO, 0x08, struct ua_poison)
+#define UA_USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+
+int ua_uffd_open(int flags, int *via_dev)
+{
+	int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+	int fd, dev_errno = 0;
+
+	if (dev >= 0) {
+		fd = ioctl(dev, UA_USERFAULTFD_IOC_NEW, flags);
+		dev_errno = errno;
+		close(dev);
+		if (fd >= 0) {
+			*via_dev = 1;
+			return fd;
+		}
+	} else {
+		dev_errno = errno;
+	}
+	*via_dev = 0;
+	fd = (int)syscall(SYS_userfaultfd, flags);
+	if (fd >= 0)
+		return fd;
+	/* report the more telling of the two failures */
+	return errno == EPERM && dev_errno != ENOENT ? -dev_errno : -errno;
+}
+
+#define IOCTL_OR_ERRNO(fd, req, arg) (ioctl((fd), (req), (arg)) < 0 ? -errno : 0)
+
+int ua_uffd_api(int fd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls)
+{
+	struct ua_api a = { .api = UA_UFFD_API, .features = features };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_API, &a);
+
+	*out_features = a.features;
+	*out_ioctls = a.ioctls;
+	return ret;
+}
+
+int ua_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls)
+{
+	struct ua_register r = { .range = { start, len }, .mode = mode };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_REGISTER, &r);
+
+	*ioctls = r.ioctls;
+	return ret;
+}
+
+int ua_uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+	struct ua_range r = { start, len };
+
+	return IOCTL_OR_ERRNO(fd, UA_IOC_UNREGISTER, &r);
+}
+
+int ua_uffd_wake(int fd, uint64_t start, uint64_t len)
+{
+	struct ua_range r = { start, len };
+
+	return IOCTL_OR_ERRNO(fd, UA_IOC_WAKE, &r);
+}
+
+int ua_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
+{
+	struct ua_copy c = { .dst = dst, .src = src, .len = len, .mode = mode };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_COPY, &c);
+
+	*done = c.copy;
+	return ret;
+}
+
+int ua_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
+{
+	struct ua_zeropage z = { .range = { start, len }, .mode = mode };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_ZEROPAGE, &z);
+
+	*done = z.zeropage;
+	return ret;
+}
+
+int ua_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
+{
+	struct ua_continue c = { .range = { start, len }, .mode = mode };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_CONTINUE, &c);
+
+	*done = c.mapped;
+	return ret;
+}
+
+int ua_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
+{
+	struct ua_poison p = { .range = { start, len }, .mode = mode };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_POISON, &p);
+
+	*done = p.updated;
+	return ret;
+}
+
+int ua_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done)
+{
+	struct ua_move m = { .dst = dst, .src = src, .len = len, .mode = mode };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_MOVE, &m);
+
+	*done = m.move;
+	return ret;
+}
+
+int ua_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+	struct ua_writeprotect w = { .range = { start, len }, .mode = mode };
+
+	return IOCTL_OR_ERRNO(fd, UA_IOC_WRITEPROTECT, &w);
+}
+
+int ua_pwrite(int fd, uint64_t buf, uint64_t len, uint64_t pos, int64_t *done)
+{
+	ssize_t n = pwrite(fd, (const void *)(uintptr_t)buf, len, (off_t)pos);
+
+	*done = n;
+	return n < 0 ? -errno : 0;
+}
+
+/* ---- memory -------------------------------------------------------- */
+int64_t ua_mmap(uint64_t addr, uint64_t len, int prot, int flags, int fd, int64_t off)
+{
+	void *p = mmap((void *)(uintptr_t)addr, len, prot, flags, fd, off);
+
+	return p == MAP_FAILED ? -errno : (int64_t)(uintptr_t)p;
+}
+
+int ua_munmap(uint64_t addr, uint64_t len)
+{
+	return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;
+}
+
+int64_t ua_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new_addr)
+{
+	void *p = mremap((void *)(uintptr_t)old, old_len, new_len, flags, (void *)(uintptr_t)new_addr);
+
+	return p == MAP_FAILED ? -errno : (int64_t)(uintptr_t)p;
+}
+
+int ua_madvise(uint64_t addr, uint64_t len, int advice)
+{
+	return madvise((void *)(uintptr_t)addr, len, advice) < 0 ? -errno : 0;
+}
+
+int ua_mprotect(uint64_t addr, uint64_t len, int prot)
+{
+	return mprotect((void *)(uintptr_t)addr, len, prot) < 0 ? -errno : 0;
+}
+
+void ua_memcpy(uint64_t dst, uint64_t src, uint64_t len)
+{
+	memcpy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, len);
+}
+
+#define PATTERN_MUL 0x9E3779B97F4A7C15ULL
+
+uint64_t ua_pattern_word(uint64_t offset, uint64_t seed)
+{
+	return ((offset >> 3) * PATTERN_MUL) ^ seed;
+}
+
+void ua_fill_pattern(uint64_t addr, uint64_t len, uint64_t offset, uint64_t seed)
+{
+	uint64_t *w = (uint64_t *)(uintptr_t)addr;
+	uint64_t acc = (offset >> 3) * PATTERN_MUL;
+	uint64_t i, n = len >> 3;
+
+	for (i = 0; i < n; i++) {
+		w[i] = acc ^ seed;
+		acc += PATTERN_MUL;
+	}
+}
+
+int64_t ua_verify_pattern(uint64_t addr, uint64_t len, uint64_t offset, uint64_t seed)
+{
+	const volatile uint64_t *w = (const volatile uint64_t *)(uintptr_t)addr;
+	uint64_t acc = (offset >> 3) * PATTERN_MUL;
+	uint64_t i, n = len >> 3;
+
+	for (i = 0; i < n; i++) {
+		if (w[i] != (acc ^ seed))
+			return (int64_t)(i << 3);
+		acc += PATTERN_MUL;
+	}
+	return -1;
+}
+
+static inline int64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static uint64_t splitmix(uint64_t *s)
+{
+	uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+	return z ^ (z >> 31);
+}
+
+/* touch one page; returns a value so the compiler keeps the load */
+static uint64_t touch_page(struct ua_scan *s, uint64_t page)
+{
+	uint64_t addr = s->addr + page * s->page_size;
+	uint64_t off = s->offset + page * s->page_size;
+	volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)addr;
+
+	switch (s->op) {
+	case 0:
+		return w[0];
+	case 1:
+		ua_fill_pattern(addr, s->page_size, off, s->seed);
+		return 0;
+	case 2:
+		if (ua_verify_pattern(addr, s->page_size, off, s->seed) >= 0) {
+			int64_t bad = (int64_t)(off + (uint64_t)ua_verify_pattern(addr, s->page_size,
+										  off, s->seed));
+			if (__atomic_fetch_add(&s->mismatches, 1, __ATOMIC_RELAXED) == 0)
+				s->first_mismatch = bad;
+		}
+		return w[0];
+	default:
+		w[0] = ua_pattern_word(off, s->seed);
+		return 0;
+	}
+}
+
+struct scan_thread {
+	struct ua_scan *s;
+	int index;
+	uint64_t sum;
+};
+
+static void *scan_main(void *arg)
+{
+	struct scan_thread *t = arg;
+	struct ua_scan *s = t->s;
+	uint64_t npages = s->len / s->page_size;
+	uint64_t per = (npages + s->nthreads - 1) / s->nthreads;
+	uint64_t first = per * t->index, last = first + per, i, n, *perm = NULL;
+
+	if (first > npages)
+		first = npages;
+	if (last > npages)
+		last = npages;
+	n = last - first;
+	if (s->order == 1 && n) {
+		uint64_t rng = s->rng_seed + (uint64_t)t->index * 7919;
+
+		perm = malloc(n * sizeof(*perm));
+		if (!perm)
+			return NULL;
+		for (i = 0; i < n; i++)
+			perm[i] = first + i;
+		for (i = n - 1; i > 0; i--) {
+			uint64_t j = splitmix(&rng) % (i + 1), tmp = perm[i];
+
+			perm[i] = perm[j];
+			perm[j] = tmp;
+		}
+	}
+	for (i = 0; i < n && !s->stop; i++) {
+		uint64_t page = perm ? perm[i] : first + i;
+		int64_t t0 = s->lat_ns ? now_ns() : 0;
+
+		t->sum += touch_page(s, page);
+		if (s->lat_ns)
+			s->lat_ns[page] = (uint64_t)(now_ns() - t0);
+		__atomic_fetch_add(&s->progress, 1, __ATOMIC_RELAXED);
+	}
+	free(perm);
+	return NULL;
+}
+
+int ua_scan_run(struct ua_scan *s)
+{
+	pthread_t *tids;
+	struct scan_thread *ts;
+	int i, started = 0, ret = 0;
+	int64_t t0;
+
+	if (s->nthreads < 1 || s->page_size == 0 || s->len % s->page_size)
+		return -EINVAL;
+	tids = calloc(s->nthreads, sizeof(*tids));
+	ts = calloc(s->nthreads, sizeof(*ts));
+	if (!tids || !ts) {
+		free(tids);
+		free(ts);
+		return -ENOMEM;
+	}
+	s->first_mismatch = -1;
+	t0 = now_ns();
+	for (i = 0; i < s->nthreads; i++) {
+		ts[i].s = s;
+		ts[i].index = i;
+		ret = -pthread_create(&tids[i], NULL, scan_main, &ts[i]);
+		if (ret)
+			break;
+		started++;
+	}
+	s->checksum = 0;
+	for (i = 0; i < started; i++) {
+		pthread_join(tids[i], NULL);
+		s->checksum += ts[i].sum;
+	}
+	s->wall_ns = now_ns() - t0;
+	free(tids);
+	free(ts);
+	return ret;
+}
+
+int ua_fork_touch(uint64_t addr, uint64_t len, uint64_t page_size, int op, uint64_t offset,
+		  uint64_t seed)
+{
+	pid_t pid = fork();
+
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		struct ua_scan s;
+
+		memset(&s, 0, sizeof(s));
+		s.addr = addr;
+		s.len = len;
+		s.page_size = page_size;
+		s.offset = offset;
+		s.seed = seed;
+		s.nthreads = 1;
+		s.op = op;
+		s.first_mismatch = -1;
+		scan_main(&(struct scan_thread){ .s = &s, .index = 0 });
+		_exit(s.mismatches ? 1 : 0);
+	}
+	return pid;
+}
+
+long ua_gettid(void) { return syscall(SYS_gettid); }

@@ -1,0 +1,147 @@
+"""GIL-free memory helpers for tests, examples and benchmarks.
+
+Touching registered memory from a Python thread that holds the GIL
+deadlocks an in-process pager; these helpers do the touching in native
+threads (the GIL is released for the whole call).  Await the async ones
+from the loop: they run in a worker thread while the pager serves faults.
+
+The deterministic content ("pattern") is the benchmarks' (benchmarks/README.md):
+the 8-byte little-endian word at store offset ``o`` is
+``((o // 8) * 0x9E3779B97F4A7C15 mod 2**64) ^ seed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Literal
+
+import attrs
+
+from uffd_aio.ring import _lowlevel as ll
+
+DEFAULT_SEED = 0x5546464441494F21  # "UFFDAIO!"
+Op = Literal["read", "write", "verify", "write-word"]
+Order = Literal["seq", "random"]
+_OPS = {"read": 0, "write": 1, "verify": 2, "write-word": 3}
+_ORDERS = {"seq": 0, "random": 1}
+
+
+def pattern_word(offset: int, seed: int = DEFAULT_SEED) -> int:
+    """The pattern's word at store ``offset`` (a multiple of 8)."""
+    return ll.pattern_word(offset, seed)
+
+
+def pattern_bytes(offset: int, length: int, seed: int = DEFAULT_SEED) -> bytearray:
+    """``length`` bytes of pattern starting at store ``offset`` (both multiples of 8)."""
+    if offset % 8 or length % 8:
+        raise ValueError("offset and length must be multiples of 8")
+    out = bytearray(length)
+    addr, keep = ll.buffer_address(out, writable=True)
+    ll.fill_pattern(addr, length, offset, seed)
+    del keep
+    return out
+
+
+def pattern_into(buf: bytearray | memoryview, offset: int, seed: int = DEFAULT_SEED) -> None:
+    """Fill a writable buffer with the pattern of store ``offset``."""
+    addr, keep = ll.buffer_address(buf, writable=True)
+    ll.fill_pattern(addr, len(keep), offset, seed)
+
+
+def verify_sync(address: int, length: int, offset: int = 0, seed: int = DEFAULT_SEED) -> int:
+    """-1 if memory holds the pattern, else the first bad byte's offset; releases the GIL.
+
+    Blocks the calling thread on faults: never call it on the loop thread of
+    the pager serving that memory (use :func:`verify`).
+    """
+    return ll.verify_pattern(address, length, offset, seed)
+
+
+async def verify(address: int, length: int, offset: int = 0, seed: int = DEFAULT_SEED) -> int:
+    return await asyncio.to_thread(ll.verify_pattern, address, length, offset, seed)
+
+
+async def read(address: int, length: int) -> bytes:
+    """Copy memory out from a worker thread."""
+    return await asyncio.to_thread(ll.read_memory, address, length)
+
+
+@attrs.frozen
+class ScanResult:
+    pages: int
+    threads: int
+    wall_s: float
+    mismatches: int
+    first_mismatch: int | None
+    latencies_ns: list[int] | None
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20) / self.wall_s if self.wall_s else 0.0
+
+
+async def scan(
+    address: int,
+    length: int,
+    *,
+    threads: int = 1,
+    op: Op = "read",
+    order: Order = "seq",
+    offset: int = 0,
+    seed: int = DEFAULT_SEED,
+    page_size: int | None = None,
+    latencies: bool = False,
+    rng_seed: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    progress_interval: float = 0.25,
+) -> ScanResult:
+    """Touch every page of [address, address+length) from ``threads`` native threads.
+
+    ``op``: read one word, write the pattern, verify the pattern, or write
+    one word.  ``progress(done_pages, total_pages)`` is called from the loop
+    while the threads run.
+    """
+    ps = page_size or os.sysconf("SC_PAGE_SIZE")
+    if length % ps:
+        raise ValueError(f"length {length} is not a multiple of the page size {ps}")
+    s = ll.new_scan()
+    npages = length // ps
+    lat = ll.new_u64_array(npages) if latencies else None
+    s.addr, s.len, s.page_size, s.offset, s.seed = address, length, ps, offset, seed
+    s.nthreads, s.op, s.order, s.rng_seed = threads, _OPS[op], _ORDERS[order], rng_seed
+    if lat is not None:
+        s.lat_ns = lat
+    fut = asyncio.ensure_future(asyncio.to_thread(ll.scan_run, s))
+    try:
+        if progress is not None:
+            while not fut.done():
+                await asyncio.wait([fut], timeout=progress_interval)
+                progress(int(s.progress), npages)
+        await fut
+    except BaseException:
+        s.stop = 1  # ask the threads to stop at the next page
+        raise
+    first = int(s.first_mismatch)
+    return ScanResult(
+        pages=npages,
+        threads=threads,
+        wall_s=s.wall_ns / 1e9,
+        mismatches=int(s.mismatches),
+        first_mismatch=None if first < 0 else first,
+        latencies_ns=[int(lat[i]) for i in range(npages)] if lat is not None else None,
+    )
+
+
+def fork_touch(address: int, length: int, *, op: Op = "verify", offset: int = 0,
+               seed: int = DEFAULT_SEED, page_size: int | None = None) -> int:
+    """fork() a child that touches the range natively and exits (0 ok, 1 mismatch); its pid."""
+    ps = page_size or os.sysconf("SC_PAGE_SIZE")
+    return ll.fork_touch(address, length, ps, _OPS[op], offset, seed)
+
+
+async def wait_child(pid: int) -> int:
+    """Wait for a child without blocking the loop; returns the raw wait status."""
+    _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    return status
