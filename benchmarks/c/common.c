@@ -3,6 +3,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
+#include <string.h>
 #include <linux/userfaultfd.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,6 +75,40 @@ uint64_t parse_u64(const char *opt, const char *s)
 		exit(64);
 	}
 	return v;
+}
+
+int pin_thread(int cpu)
+{
+	cpu_set_t set;
+
+	if (cpu < 0)
+		return 0;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	return sched_setaffinity(0, sizeof(set), &set) ? -errno : 0;
+}
+
+void affinity_str(char *buf, size_t len)
+{
+	cpu_set_t set;
+	size_t used = 0;
+
+	buf[0] = 0;
+	if (sched_getaffinity(0, sizeof(set), &set))
+		return;
+	for (int c = 0; c < CPU_SETSIZE; c++) {
+		int e = c;
+
+		if (!CPU_ISSET(c, &set))
+			continue;
+		while (e + 1 < CPU_SETSIZE && CPU_ISSET(e + 1, &set))
+			e++;
+		used += (size_t)snprintf(buf + used, len > used ? len - used : 0,
+					 e > c ? "%s%d-%d" : "%s%d", used ? "," : "", c, e);
+		if (used >= len)
+			break;
+		c = e;
+	}
 }
 
 int json_plain(const char *s)

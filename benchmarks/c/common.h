@@ -39,6 +39,12 @@ int uffd_register_missing(int uffd, void *addr, size_t len);
 /* Parse an unsigned integer option value; exits with a message on error. */
 uint64_t parse_u64(const char *opt, const char *s);
 
+/* Pin the calling thread to one CPU (cpu < 0: no-op).  0 or -errno. */
+int pin_thread(int cpu);
+
+/* The calling thread's allowed CPUs as a list like "0-1" or "0,2". */
+void affinity_str(char *buf, size_t len);
+
 /* Escape-free JSON string check: true if s needs no escaping. */
 int json_plain(const char *s);
 

@@ -48,7 +48,7 @@ static void usage(void)
 		"usage: inproc [--pages N] [--threads T] [--order seq|random]\n"
 		"              [--share chunk|interleave] [--write] [--regions M]\n"
 		"              [--readahead N] [--snapshot-mib N] [--thread-id] [--no-verify]\n"
-		"              [--churn-ms MS] [--timeout S] [--seed N] [--label STR]\n");
+		"              [--churn-ms MS] [--timeout S] [--fault-cpu N] [--handler-cpu N] [--seed N] [--label STR]\n");
 	exit(64);
 }
 
@@ -58,13 +58,15 @@ struct hthread {
 	size_t n;
 	struct serve_opts opts;
 	struct serve_stats st;
-	int ret;
+	int ret, cpu;
 };
 
 static void *handler_main(void *arg)
 {
 	struct hthread *h = arg;
 
+	if (pin_thread(h->cpu))
+		fprintf(stderr, "warning: cannot pin the handler to CPU %d\n", h->cpu);
 	h->ret = serve_uffd(h->uffd, h->peer, h->m, h->n, &h->opts, &h->st);
 	return NULL;
 }
@@ -72,7 +74,7 @@ static void *handler_main(void *arg)
 int main(int argc, char **argv)
 {
 	struct touch_cfg cfg = { .threads = 1, .order = ORDER_SEQ, .share = SHARE_CHUNK,
-				 .seed = 0x5EED };
+				 .seed = 0x5EED, .fault_cpu = -1 };
 	struct touch_result res = { 0 };
 	struct hthread h = { .opts = { .readahead = 1 } };
 	struct layout lay;
@@ -83,7 +85,9 @@ int main(int argc, char **argv)
 	pthread_t ht;
 	size_t bad = 0;
 	unsigned churn_ms = 0;
+	int handler_cpu = -1;
 	struct churn_result churn = { 0 };
+	char affinity[128];
 	char err[256];
 
 	for (int i = 1; i < argc; i++) {
@@ -97,6 +101,8 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--snapshot-mib")) snap_mib = parse_u64(a, v), i++;
 		else if (!strcmp(a, "--timeout")) timeout_s = (unsigned)parse_u64(a, v), i++;
 		else if (!strcmp(a, "--churn-ms")) churn_ms = (unsigned)parse_u64(a, v), i++;
+		else if (!strcmp(a, "--handler-cpu")) handler_cpu = (int)parse_u64(a, v), i++;
+		else if (!strcmp(a, "--fault-cpu")) cfg.fault_cpu = (int)parse_u64(a, v), i++;
 		else if (!strcmp(a, "--seed")) cfg.seed = parse_u64(a, v), i++;
 		else if (!strcmp(a, "--label") && v) label = v, i++;
 		else if (!strcmp(a, "--order") && v && !strcmp(v, "seq")) cfg.order = ORDER_SEQ, i++;
@@ -115,6 +121,7 @@ int main(int argc, char **argv)
 	if (cfg.threads > pages)
 		cfg.threads = (unsigned)pages;
 
+	affinity_str(affinity, sizeof(affinity));
 	signal(SIGALRM, on_alarm);
 	alarm(timeout_s);
 
@@ -150,6 +157,7 @@ int main(int argc, char **argv)
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp))
 		fail("socketpair", strerror(errno));
 	h.peer = sp[1];
+	h.cpu = handler_cpu;
 	if (pthread_create(&ht, NULL, handler_main, &h))
 		fail("pthread_create", "handler");
 
@@ -166,10 +174,11 @@ int main(int argc, char **argv)
 	printf("{\"mode\":\"inproc\",");
 	if (label)
 		printf("\"label\":\"%s\",", label);
+	printf("\"affinity\":\"%s\",", affinity);
 	print_touch_json(&cfg, &res);
-	printf(",\"readahead\":%u,\"snapshot\":%s,\"uffd_via\":\"%s\",\"features_requested\":\"%#llx\",\"features_available\":\"%#llx\","
+	printf(",\"handler_cpu\":%d,\"readahead\":%u,\"snapshot\":%s,\"uffd_via\":\"%s\",\"features_requested\":\"%#llx\",\"features_available\":\"%#llx\","
 	       "\"thread_id\":%s,",
-	       h.opts.readahead, h.opts.snap ? "true" : "false",
+	       handler_cpu, h.opts.readahead, h.opts.snap ? "true" : "false",
 	       origin == UFFD_VIA_DEV ? "dev" : "syscall", (unsigned long long)features,
 	       (unsigned long long)got,
 	       thread_id ? "true" : "false");

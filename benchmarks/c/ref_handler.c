@@ -38,7 +38,8 @@ static void on_signal(int sig)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: ref_handler [--once] [--readahead N] [--snapshot-mib N] [--quiet] SOCKET\n"
+		"usage: ref_handler [--once] [--readahead N] [--snapshot-mib N] [--cpu N] [--quiet] SOCKET\n"
+		"  --cpu N           pin the handler to CPU N\n"
 		"  --readahead N     copy up to N pages per fault, from the faulting page on (default 1)\n"
 		"  --snapshot-mib N  pre-populate an N MiB pattern buffer and copy from it (like\n"
 		"                    Firecracker's MAP_POPULATE'd snapshot); default: generate the\n"
@@ -139,7 +140,7 @@ int main(int argc, char **argv)
 {
 	struct serve_opts opts = { .readahead = 1 };
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	int once = 0, quiet = 0, lfd;
+	int once = 0, quiet = 0, lfd, cpu = -1;
 	uint64_t snap_mib = 0, client = 0;
 	char *json;
 
@@ -150,6 +151,8 @@ int main(int argc, char **argv)
 			quiet = 1;
 		else if (!strcmp(argv[i], "--readahead"))
 			opts.readahead = (unsigned)parse_u64(argv[i], argv[i + 1]), i++;
+		else if (!strcmp(argv[i], "--cpu"))
+			cpu = (int)parse_u64(argv[i], argv[i + 1]), i++;
 		else if (!strcmp(argv[i], "--snapshot-mib"))
 			snap_mib = parse_u64(argv[i], argv[i + 1]), i++;
 		else if (argv[i][0] == '-')
@@ -176,6 +179,10 @@ int main(int argc, char **argv)
 		pattern_fill(snap, 0, snap_mib << 20);
 		opts.snap = snap;
 		opts.snap_len = snap_mib << 20;
+	}
+	if (pin_thread(cpu)) {
+		fprintf(stderr, "ref_handler: cannot pin to CPU %d\n", cpu);
+		return 1;
 	}
 	json = malloc(MAX_JSON);
 	if (!json)
@@ -229,8 +236,8 @@ int main(int argc, char **argv)
 		if (!quiet) {
 			fprintf(stderr,
 				"{\"client\":%" PRIu64 ",\"peer_pid\":%d,\"mappings\":%zu,"
-				"\"readahead\":%u,\"served_s\":%.3f,\"result\":\"%s\",",
-				client, (int)cred.pid, n, opts.readahead,
+				"\"readahead\":%u,\"cpu\":%d,\"served_s\":%.3f,\"result\":\"%s\",",
+				client, (int)cred.pid, n, opts.readahead, cpu,
 				(double)(now_ns() - t0) / 1e9, r ? strerror(-r) : "peer closed");
 			print_serve_stats(stderr, &st);
 			fprintf(stderr, "}\n");

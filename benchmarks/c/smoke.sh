@@ -8,12 +8,22 @@
 #   REPS=5 PAGES=16384 benchmarks/c/smoke.sh | python3 benchmarks/c/summarize.py
 #
 # Env: REPS (1), PAGES (16384), THREADS ("1 4 16"), ORDERS ("seq random"),
-#      READAHEAD ("1 16 64"), INPROC (1: also run inproc), TIMEOUT (60).
+#      READAHEAD ("1 16 64"), INPROC (1: also run inproc), TIMEOUT (60),
+#      PIN (none: let the scheduler place threads; same: handler and faulting
+#      threads on CPU 0; split: handler on CPU 0, faulting threads on CPU 1).
+#      On these 2-vCPU VMs placement dominates the 1-thread latency (README).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 make -s -C "$here" >&2
 B=$here/build
 REPS=${REPS:-1} PAGES=${PAGES:-16384} TIMEOUT=${TIMEOUT:-60} INPROC=${INPROC:-1}
+PIN=${PIN:-none}
+case $PIN in
+none) hpin=() wpin=() ipin=() ;;
+same) hpin=(--cpu 0) wpin=(--fault-cpu 0) ipin=(--handler-cpu 0 --fault-cpu 0) ;;
+split) hpin=(--cpu 0) wpin=(--fault-cpu 1) ipin=(--handler-cpu 0 --fault-cpu 1) ;;
+*) echo "PIN must be none, same or split" >&2; exit 64 ;;
+esac
 THREADS=${THREADS:-"1 4 16"} ORDERS=${ORDERS:-"seq random"} READAHEAD=${READAHEAD:-"1 16 64"}
 tmp=$(mktemp -d /tmp/uffd-smoke.XXXXXX)
 sock=$tmp/handler.sock
@@ -26,15 +36,15 @@ trap cleanup EXIT
 fail=0
 for rep in $(seq 1 "$REPS"); do
 	for ra in $READAHEAD; do
-		"$B/ref_handler" --readahead "$ra" "$sock" 2>>"$tmp/handler-ra$ra.log" &
+		"$B/ref_handler" "${hpin[@]}" --readahead "$ra" "$sock" 2>>"$tmp/handler-ra$ra.log" &
 		hpid=$!
 		for t in $THREADS; do
 			for o in $ORDERS; do
 				"$B/workload" --socket "$sock" --pages "$PAGES" --threads "$t" --order "$o" \
-					--timeout "$TIMEOUT" --label "ra$ra" || fail=1
+					--timeout "$TIMEOUT" --label "ra$ra-$PIN" "${wpin[@]}" || fail=1
 				if [ "$INPROC" = 1 ]; then
 					"$B/inproc" --pages "$PAGES" --threads "$t" --order "$o" --readahead "$ra" \
-						--timeout "$TIMEOUT" --label "ra$ra" || fail=1
+						--timeout "$TIMEOUT" --label "ra$ra-$PIN" "${ipin[@]}" || fail=1
 				fi
 			done
 		done

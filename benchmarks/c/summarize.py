@@ -4,6 +4,7 @@
     REPS=5 benchmarks/c/smoke.sh | python3 benchmarks/c/summarize.py [--markdown]
 """
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -30,7 +31,11 @@ def main() -> None:
         print("|" + "---|" * len(head))
     else:
         print(" ".join(f"{h:>9}" for h in head))
-    for key in sorted(groups, key=lambda k: (k[0], int(k[1][2:] or 0) if k[1].startswith("ra") else 0, k[2], k[3])):
+    def order(k):
+        m = re.match(r"ra(\d+)(.*)", k[1])
+        return (k[0], (m.group(2), int(m.group(1))) if m else (k[1], 0), k[2], k[3])
+
+    for key in sorted(groups, key=order):
         runs = groups[key]
         vals = [statistics.median(r[f] for r in runs) for f in FIELDS]
         row = [*map(str, key), str(len(runs))] + [f"{v:.1f}" if v >= 100 else f"{v:.2f}" for v in vals]

@@ -102,6 +102,8 @@ static void *touch_thread(void *arg)
 	const int wr = t->cfg->write;
 	uint64_t sink = 0;
 
+	if (pin_thread(t->cfg->fault_cpu))
+		fprintf(stderr, "warning: cannot pin to CPU %d\n", t->cfg->fault_cpu);
 	pthread_barrier_wait(t->bar);
 	t->start = now_ns();
 	for (size_t k = 0; k < t->n; k++) {
@@ -247,12 +249,12 @@ void print_touch_json(const struct touch_cfg *cfg, const struct touch_result *r)
 	       "\"order\":\"%s\",\"share\":\"%s\",\"access\":\"%s\","
 	       "\"faults_timed\":%zu,\"p50_us\":%.3f,\"p90_us\":%.3f,\"p99_us\":%.3f,"
 	       "\"mean_us\":%.3f,\"max_us\":%.3f,\"wall_s\":%.6f,\"mib_per_s\":%.1f,"
-	       "\"minflt\":%ld",
+	       "\"minflt\":%ld,\"fault_cpu\":%d",
 	       cfg->l->pages, cfg->l->page_size, cfg->l->nreg, cfg->threads,
 	       cfg->order == ORDER_SEQ ? "seq" : "random",
 	       cfg->share == SHARE_CHUNK ? "chunk" : "interleave", cfg->write ? "write" : "read",
 	       r->timed, r->p50_us, r->p90_us, r->p99_us, r->mean_us, r->max_us, r->wall_s,
-	       r->mib_per_s, r->minflt);
+	       r->mib_per_s, r->minflt, cfg->fault_cpu);
 }
 
 struct churn_ctx {

@@ -37,6 +37,7 @@ struct touch_cfg {
 	enum touch_share share;
 	int write;
 	uint64_t seed;
+	int fault_cpu;     /* >= 0: pin every touching thread to this CPU */
 };
 
 struct touch_result {

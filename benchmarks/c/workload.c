@@ -58,7 +58,7 @@ static void usage(void)
 		"usage: workload --socket PATH [--pages N] [--page-size 4096] [--threads T]\n"
 		"                [--order seq|random] [--share chunk|interleave] [--write]\n"
 		"                [--regions M] [--close-uffd] [--thread-id] [--no-verify]\n"
-		"                [--churn-ms MS] [--timeout S] [--connect-timeout S] [--seed N] [--label STR]\n");
+		"                [--churn-ms MS] [--timeout S] [--connect-timeout S] [--fault-cpu N] [--seed N] [--label STR]\n");
 	exit(64);
 }
 
@@ -115,7 +115,7 @@ static void send_handoff(int sock, int uffd, const char *json, size_t len)
 int main(int argc, char **argv)
 {
 	struct touch_cfg cfg = { .threads = 1, .order = ORDER_SEQ, .share = SHARE_CHUNK,
-				 .seed = 0x5EED };
+				 .seed = 0x5EED, .fault_cpu = -1 };
 	struct touch_result res = { 0 };
 	struct layout lay;
 	const char *sock_path = NULL, *label = NULL;
@@ -126,6 +126,7 @@ int main(int argc, char **argv)
 	size_t bad = 0;
 	unsigned churn_ms = 0;
 	struct churn_result churn = { 0 };
+	char affinity[128];
 	char err[256], *json;
 
 	for (int i = 1; i < argc; i++) {
@@ -139,6 +140,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--timeout")) timeout_s = (unsigned)parse_u64(a, v), i++;
 		else if (!strcmp(a, "--connect-timeout")) conn_timeout = (double)parse_u64(a, v), i++;
 		else if (!strcmp(a, "--churn-ms")) churn_ms = (unsigned)parse_u64(a, v), i++;
+		else if (!strcmp(a, "--fault-cpu")) cfg.fault_cpu = (int)parse_u64(a, v), i++;
 		else if (!strcmp(a, "--seed")) cfg.seed = parse_u64(a, v), i++;
 		else if (!strcmp(a, "--label") && v) label = v, i++;
 		else if (!strcmp(a, "--order") && v && !strcmp(v, "seq")) cfg.order = ORDER_SEQ, i++;
@@ -157,6 +159,7 @@ int main(int argc, char **argv)
 	if (cfg.threads > pages)
 		cfg.threads = (unsigned)pages;
 
+	affinity_str(affinity, sizeof(affinity));
 	signal(SIGALRM, on_alarm);
 	signal(SIGPIPE, SIG_IGN);
 	alarm(timeout_s);
@@ -196,6 +199,7 @@ int main(int argc, char **argv)
 	printf("{\"mode\":\"handoff\",");
 	if (label)
 		printf("\"label\":\"%s\",", label);
+	printf("\"affinity\":\"%s\",", affinity);
 	print_touch_json(&cfg, &res);
 	printf(",\"uffd_via\":\"%s\",\"features_requested\":\"%#llx\",\"features_available\":\"%#llx\",\"thread_id\":%s,\"close_uffd\":%s",
 	       origin == UFFD_VIA_DEV ? "dev" : "syscall", (unsigned long long)features,
