@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "handler.h"
 #include "pattern.h"
+#include "common.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -184,7 +185,7 @@ struct ctx {
 	struct serve_stats *st;
 	uint8_t *scratch;
 	size_t scratch_len;
-	uint64_t *deferred;
+	struct deferred { uint64_t addr, since; } *deferred;
 	size_t ndef, capdef;
 };
 
@@ -322,14 +323,15 @@ static int defer(struct ctx *c, uint64_t addr)
 {
 	if (c->ndef == c->capdef) {
 		size_t cap = c->capdef ? c->capdef * 2 : 64;
-		uint64_t *d = realloc(c->deferred, cap * sizeof(*d));
+		struct deferred *d = realloc(c->deferred, cap * sizeof(*d));
 
 		if (!d)
 			return -ENOMEM;
 		c->deferred = d;
 		c->capdef = cap;
 	}
-	c->deferred[c->ndef++] = addr;
+	c->deferred[c->ndef].addr = addr;
+	c->deferred[c->ndef++].since = now_ns();
 	if (c->ndef > c->st->max_deferred)
 		c->st->max_deferred = c->ndef;
 	return 0;
@@ -340,14 +342,20 @@ static int retry_deferred(struct ctx *c)
 	size_t keep = 0;
 
 	for (size_t i = 0; i < c->ndef; i++) {
-		int r = resolve_fault(c, c->deferred[i]);
+		int r = resolve_fault(c, c->deferred[i].addr);
+		uint64_t dt;
 
 		if (r == -EAGAIN) {
 			c->st->eagain_retries++;
 			c->deferred[keep++] = c->deferred[i];
-		} else if (r && r != -EFAULT) {
-			return r;
+			continue;
 		}
+		if (r && r != -EFAULT)
+			return r;
+		dt = now_ns() - c->deferred[i].since;
+		c->st->deferred_ns_sum += dt;
+		if (dt > c->st->deferred_ns_max)
+			c->st->deferred_ns_max = dt;
 	}
 	c->ndef = keep;
 	return 0;
@@ -501,10 +509,12 @@ void print_serve_stats(FILE *f, const struct serve_stats *s)
 		",\"partial_copies\":%" PRIu64 ",\"eexist\":%" PRIu64 ",\"wakes\":%" PRIu64
 		",\"dup_faults\":%" PRIu64 ",\"unknown_addr\":%" PRIu64 ",\"copy_errors\":%" PRIu64
 		",\"eagain\":%" PRIu64 ",\"eagain_retries\":%" PRIu64 ",\"max_deferred\":%" PRIu64
+		",\"deferred_us_max\":%.1f,\"deferred_us_mean\":%.1f"
 		",\"removes\":%" PRIu64 ",\"removed_pages\":%" PRIu64 ",\"other_events\":%" PRIu64,
 		s->polls, s->reads, s->empty_reads, s->msgs, s->faults, s->write_faults,
 		s->ptid_nonzero, s->copies, s->pages_copied, s->partial_copies, s->eexist,
 		s->wakes, s->dup_faults, s->unknown_addr, s->copy_errors, s->eagain,
-		s->eagain_retries, s->max_deferred, s->removes, s->removed_pages,
+		s->eagain_retries, s->max_deferred, (double)s->deferred_ns_max / 1e3,
+		s->eagain ? (double)s->deferred_ns_sum / 1e3 / (double)s->eagain : 0.0, s->removes, s->removed_pages,
 		s->other_events);
 }

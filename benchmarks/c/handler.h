@@ -38,6 +38,7 @@ struct serve_stats {
 	uint64_t copies, pages_copied, partial_copies;
 	uint64_t eexist, wakes, dup_faults, unknown_addr, copy_errors;
 	uint64_t eagain, eagain_retries, max_deferred;
+	uint64_t deferred_ns_max, deferred_ns_sum;  /* first EAGAIN -> resolved */
 	uint64_t removes, removed_pages, other_events;
 };
 
