@@ -1,7 +1,8 @@
 /* inproc: the in-process C reference.  One process: a handler thread running
  * the same loop as ref_handler on a uffd the process made itself, plus T
  * faulting threads.  Same JSON line as `workload`, with the handler's
- * statistics under "handler".
+ * statistics under "handler".  --baseline: no uffd at all, plain anonymous
+ * first-touch faults (the kernel floor, same JSON with "mode":"baseline").
  *
  * Exit status: 0 ok, 1 verification failed, 2 watchdog timeout, 3 setup
  * error, 64 usage. */
@@ -47,7 +48,7 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: inproc [--pages N] [--threads T] [--order seq|random]\n"
 		"              [--share chunk|interleave] [--write] [--regions M]\n"
-		"              [--readahead N] [--snapshot-mib N] [--thread-id] [--no-verify]\n"
+		"              [--readahead N] [--snapshot-mib N] [--thread-id] [--no-verify] [--baseline]\n"
 		"              [--churn-ms MS] [--timeout S] [--fault-cpu N] [--handler-cpu N] [--seed N] [--label STR]\n");
 	exit(64);
 }
@@ -85,7 +86,7 @@ int main(int argc, char **argv)
 	pthread_t ht;
 	size_t bad = 0;
 	unsigned churn_ms = 0;
-	int handler_cpu = -1;
+	int handler_cpu = -1, baseline = 0;
 	struct churn_result churn = { 0 };
 	char affinity[128];
 	char err[256];
@@ -111,6 +112,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--share") && v && !strcmp(v, "interleave")) cfg.share = SHARE_INTERLEAVE, i++;
 		else if (!strcmp(a, "--write")) cfg.write = 1;
 		else if (!strcmp(a, "--thread-id")) thread_id = 1;
+		else if (!strcmp(a, "--baseline")) baseline = 1;
 		else if (!strcmp(a, "--verify")) verify = 1;
 		else if (!strcmp(a, "--no-verify")) verify = 0;
 		else usage();
@@ -134,6 +136,21 @@ int main(int argc, char **argv)
 		pattern_fill(snap, 0, snap_mib << 20);
 		h.opts.snap = snap;
 		h.opts.snap_len = snap_mib << 20;
+	}
+	if (baseline) {
+		if (layout_create(&lay, -1, pages, ps, nreg, err, sizeof(err)))
+			fail("layout", err);
+		cfg.l = &lay;
+		if (run_touch(&cfg, &res))
+			fail("touch", "out of memory");
+		alarm(0);
+		printf("{\"mode\":\"baseline\",");
+		if (label)
+			printf("\"label\":\"%s\",", label);
+		printf("\"affinity\":\"%s\",", affinity);
+		print_touch_json(&cfg, &res);
+		printf(",\"verified\":null}\n");
+		return 0;
 	}
 	features = UFFD_FEATURE_EVENT_REMOVE | (thread_id ? UFFD_FEATURE_THREAD_ID : 0);
 	h.uffd = uffd_create(features, &got, &origin);

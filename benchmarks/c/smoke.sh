@@ -11,6 +11,7 @@
 #      READAHEAD ("1 16 64"), INPROC (1: also run inproc), TIMEOUT (60),
 #      PIN (none: let the scheduler place threads; same: handler and faulting
 #      threads on CPU 0; split: handler on CPU 0, faulting threads on CPU 1).
+#      Each repetition starts with two `inproc --baseline` runs (no uffd).
 #      On these 2-vCPU VMs placement dominates the 1-thread latency (README).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,6 +36,10 @@ cleanup() {
 trap cleanup EXIT
 fail=0
 for rep in $(seq 1 "$REPS"); do
+	# the kernel floor: plain anonymous first-touch faults, no uffd (read maps
+	# the shared zero page; write allocates + zeroes, closer to UFFDIO_COPY)
+	"$B/inproc" --baseline --pages "$PAGES" --label "base-read-$PIN" "${ipin[@]}" || fail=1
+	"$B/inproc" --baseline --pages "$PAGES" --write --label "base-write-$PIN" "${ipin[@]}" || fail=1
 	for ra in $READAHEAD; do
 		"$B/ref_handler" "${hpin[@]}" --readahead "$ra" "$sock" 2>>"$tmp/handler-ra$ra.log" &
 		hpid=$!

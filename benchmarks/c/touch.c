@@ -47,7 +47,7 @@ int layout_create(struct layout *l, int uffd, size_t pages, size_t ps, size_t nr
 			snprintf(err, errlen, "mmap region %zu: %s", k, strerror(errno));
 			return -1;
 		}
-		e = uffd_register_missing(uffd, r->base, r->pages * ps);
+		e = uffd >= 0 ? uffd_register_missing(uffd, r->base, r->pages * ps) : 0;
 		if (e) {
 			snprintf(err, errlen, "UFFDIO_REGISTER region %zu: %s", k, strerror(-e));
 			return -1;

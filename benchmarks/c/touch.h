@@ -21,7 +21,7 @@ struct layout {
 };
 
 /* mmap `nreg` anonymous private regions (one guard page between them), each
- * registered MISSING on uffd.  Page i lives at file offset i * page_size. */
+ * registered MISSING on uffd (not registered if uffd < 0).  Page i lives at file offset i * page_size. */
 int layout_create(struct layout *l, int uffd, size_t pages, size_t page_size, size_t nreg,
 		  char *err, size_t errlen);
 /* The Firecracker mapping array for the layout.  Returns length or -1. */
