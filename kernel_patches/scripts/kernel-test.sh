@@ -1,0 +1,158 @@
+#!/bin/bash
+# The kernel lane's one entry point: build (or take from the cache) the patched
+# kernel, boot it under virtme-ng (QEMU TCG) and run
+#   (a) upstream uffd-unit-tests
+#   (b) the new uffd selftests the series adds (selftests/NEW of the build)
+#   (c) the project's Python suite: <repo>/.venv/bin/python -m pytest <repo>/tests
+# then print a summary and exit non-zero on any failure.
+#
+# Options (environment):
+#   REGRESS=1          also build the UNPATCHED kernel, run (a) there and compare
+#                      per-test results (a test passing unpatched must pass patched)
+#   SUITES="uffd-unit new-selftests pytest"   subset to run
+#   UFFD_STRESS=1      also run uffd-stress (anon/shmem, small) in suite (a)
+#   PATCHES=none       test the unpatched kernel instead (no comparison)
+#   SUITE_TIMEOUT=900  per-boot hard timeout in seconds
+#   PYTEST_ARGS="..."  extra arguments for pytest
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+: "${SUITES:=uffd-unit new-selftests pytest}"
+: "${SUITE_TIMEOUT:=900}"
+: "${REGRESS:=0}"
+T0=$(date +%s)
+
+RUN=$RUNS_DIR/kernel-test-$(date +%Y%m%d-%H%M%S)-$$
+mkdir -p "$RUN"
+log "kernel-test: results in $RUN"
+
+build() {  # build [PATCHES value] -> kernel dir on stdout
+    local out
+    out=$(PATCHES=${1:-${PATCHES:-series}} "$KP_SCRIPTS_DIR/build-kernel.sh" | tail -n1) || return 1
+    echo "$out"
+}
+
+declare -A RESULT DETAIL
+ORDER=()
+record() {  # record <name> <PASS|FAIL|SKIP> <detail>
+    ORDER+=("$1"); RESULT[$1]=$2; DETAIL[$1]=$3
+}
+
+# uffd-unit-tests output: "Testing <name>... done|skipped [..]|failed [..]"
+uffd_unit_table() {  # <output.log> -> "name<TAB>done|skipped|failed"
+    sed -n 's/^Testing \(.*\)\.\.\. \(done\|skipped\|failed\).*/\1\t\2/p' "$1"
+}
+uffd_unit_counts() {  # <output.log> -> "pass=N skip=N fail=N (total=N)"
+    grep -o 'Userfaults unit tests: .*' "$1" | tail -n1 | sed 's/Userfaults unit tests: //' | tr -d ','
+}
+
+run_uffd_unit() {  # run_uffd_unit <label> <kernel dir>
+    local label=$1 kdir=$2 rc=0 dir=$RUN/$1
+    local cmd="bash $KP_SCRIPTS_DIR/guest-setup.sh; $kdir/selftests/uffd-unit-tests"
+    if [ "${UFFD_STRESS:-0}" = 1 ] && [ -x "$kdir/selftests/uffd-stress" ]; then
+        cmd="$cmd; r=\$?; for m in anon shmem; do echo \"=== uffd-stress \$m 16 8\"; $kdir/selftests/uffd-stress \$m 16 8 || r=1; done; exit \$r"
+    fi
+    RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
+        "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" "$cmd" || rc=$?
+    local counts
+    counts=$(uffd_unit_counts "$dir/output.log" 2>/dev/null || true)
+    uffd_unit_table "$dir/output.log" >"$dir/results.tsv" 2>/dev/null || true
+    grep -P '\tfailed$' "$dir/results.tsv" | sed 's/^/    FAILED: /' >&2 || true
+    if [ "$rc" = 0 ]; then
+        record "$label" PASS "${counts:-?} [$(basename "$kdir")]"
+    else
+        record "$label" FAIL "exit $rc; ${counts:-no summary line} [$dir/output.log]"
+    fi
+}
+
+run_new_selftests() {  # <kernel dir>
+    local kdir=$1 rc=0 dir=$RUN/new-selftests
+    local tests
+    tests=$(grep -v '^$' "$kdir/selftests/NEW" 2>/dev/null | tr '\n' ' ' || true)
+    if [ -z "$tests" ]; then
+        record new-selftests SKIP "the series adds no uffd* selftest"
+        return 0
+    fi
+    # exit 0 = pass, 4 = KSFT_SKIP, anything else = fail
+    local cmd="bash $KP_SCRIPTS_DIR/guest-setup.sh; fails=0; for t in $tests; do echo \"=== \$t\"; $kdir/selftests/\$t; r=\$?; echo \"=== \$t: exit \$r\"; [ \$r = 0 ] || [ \$r = 4 ] || fails=\$((fails+1)); done; exit \$fails"
+    RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
+        "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" "$cmd" || rc=$?
+    local per
+    per=$(sed -n 's/^=== \(.*\): exit \(.*\)/\1=\2/p' "$dir/output.log" | tr '\n' ' ')
+    if [ "$rc" = 0 ]; then
+        record new-selftests PASS "$per"
+    else
+        record new-selftests FAIL "exit $rc; $per [$dir/output.log]"
+    fi
+}
+
+run_pytest() {  # <kernel dir>
+    local kdir=$1 rc=0 dir=$RUN/pytest
+    local py=$REPO_DIR/.venv/bin/python
+    if [ ! -x "$py" ]; then
+        record pytest FAIL "$py missing: create the project venv first (see README)"
+        return 0
+    fi
+    RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
+        "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" \
+        "cd $REPO_DIR && UFFD_AIO_IN_VM=1 $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q ${PYTEST_ARGS:-}" || rc=$?
+    local last
+    last=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$dir/output.log" | tail -n1 | tr -d '=' | sed 's/^ *//')
+    if [ "$rc" = 0 ]; then
+        record pytest PASS "${last:-?}"
+    else
+        record pytest FAIL "exit $rc; ${last:-no summary} [$dir/output.log]"
+    fi
+}
+
+# --- the patched (or PATCHES=none) kernel ---------------------------------------
+KDIR=$(build) || die "kernel build failed"
+FLAV=$(awk -F= '/^flavour=/{print $2}' "$KDIR/info.txt")
+log "kernel-test: $FLAV kernel $KDIR"
+for s in $SUITES; do
+    case $s in
+        uffd-unit) log "suite (a): uffd-unit-tests on the $FLAV kernel"; run_uffd_unit uffd-unit "$KDIR" ;;
+        new-selftests) log "suite (b): new selftests"; run_new_selftests "$KDIR" ;;
+        pytest) log "suite (c): Python suite in the guest"; run_pytest "$KDIR" ;;
+        *) die "unknown suite $s" ;;
+    esac
+done
+
+# --- optional: regression comparison with the unpatched kernel -------------------
+if [ "$REGRESS" = 1 ]; then
+    BASE=$(build none) || die "unpatched kernel build failed"
+    if [ "$(readlink -f "$BASE")" = "$(readlink -f "$KDIR")" ]; then
+        record regression SKIP "the series is empty: patched == unpatched"
+    else
+        log "regression: uffd-unit-tests on the unpatched kernel"
+        [ -f "$RUN/uffd-unit/results.tsv" ] || run_uffd_unit uffd-unit "$KDIR"
+        run_uffd_unit uffd-unit-unpatched "$BASE"
+        # A test that passes on the unpatched kernel must pass on the patched one.
+        regressed=$(join -t "$(printf '\t')" \
+            <(sort "$RUN/uffd-unit-unpatched/results.tsv") <(sort "$RUN/uffd-unit/results.tsv") \
+            | awk -F'\t' '$2 == "done" && $3 != "done" { print $1 " (" $3 ")" }')
+        missing=$(comm -23 <(cut -f1 "$RUN/uffd-unit-unpatched/results.tsv" | sort) \
+                           <(cut -f1 "$RUN/uffd-unit/results.tsv" | sort))
+        b=$(uffd_unit_counts "$RUN/uffd-unit-unpatched/output.log" || true)
+        p=$(uffd_unit_counts "$RUN/uffd-unit/output.log" || true)
+        if [ -z "$regressed" ] && [ -z "$missing" ] && [ -s "$RUN/uffd-unit-unpatched/results.tsv" ]; then
+            record regression PASS "no regression: unpatched ${b:-?} / patched ${p:-?}"
+        else
+            record regression FAIL "unpatched ${b:-?} / patched ${p:-?}; regressed: ${regressed:-none}; missing: ${missing:-none}"
+        fi
+    fi
+fi
+
+# --- summary -------------------------------------------------------------------------
+fail=0
+{
+    echo
+    echo "==== kernel-test summary ($FLAV kernel $(basename "$KDIR"), $(( $(date +%s) - T0 ))s) ===="
+    for n in "${ORDER[@]}"; do
+        printf '%-22s %-4s  %s\n' "$n" "${RESULT[$n]}" "${DETAIL[$n]}"
+        [ "${RESULT[$n]}" != FAIL ] || fail=1
+    done
+    echo "results: $RUN"
+} | tee "$RUN/summary.txt"
+grep -q ' FAIL ' "$RUN/summary.txt" && fail=1
+exit "$fail"
