@@ -19,6 +19,20 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 "$KP_SCRIPTS_DIR/install-deps.sh"
 
+# Snapshot the series first: the patch engineer may commit while we build, and
+# the key, the applied patches and info.txt must all describe the same inputs.
+mkdir -p "$BUILD_ROOT"
+SNAP=$(mktemp -d "$BUILD_ROOT/.series-XXXXXX")
+trap 'rm -rf "$SNAP"' EXIT
+while read -r p; do
+    [ -f "$PATCH_DIR/$p" ] || die "series lists $p but $PATCH_DIR/$p does not exist"
+    mkdir -p "$(dirname "$SNAP/$p")"
+    cp "$PATCH_DIR/$p" "$SNAP/$p"
+    echo "$p" >>"$SNAP/series"
+done < <(series_patches)
+touch "$SNAP/series"
+PATCH_DIR=$SNAP    # series_patches/kernel_key now read the snapshot
+
 KEY=$(kernel_key)
 FLAVOUR=$(kernel_flavour)
 OUT=$KERNELS_DIR/$KEY

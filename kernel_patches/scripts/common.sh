@@ -38,6 +38,8 @@ run_logged() {
     log "$label: started (log: $logfile)"
     "$@" >>"$logfile" 2>&1 &
     pid=$!
+    # If we are interrupted, do not leave a make -j2 running behind.
+    trap 'kill "$pid" 2>/dev/null; exit 130' INT TERM
     while kill -0 "$pid" 2>/dev/null; do
         local i
         for i in $(seq 60); do
@@ -50,6 +52,7 @@ run_logged() {
     done
     rc=0
     wait "$pid" || rc=$?
+    trap - INT TERM
     log "$label: finished with status $rc after $(( $(date +%s) - start ))s"
     return "$rc"
 }
