@@ -4,7 +4,7 @@
 # Usage: vm-run.sh <bzImage | kernels/<key> dir> <command...>
 #
 # The command runs with bash -c in the guest, in the caller's current directory,
-# with UFFD_AIO_IN_VM=1 and PYTHONDONTWRITEBYTECODE=1 set. The host's root
+# with UFFD_AIO_IN_VM=1, PYTHONDONTWRITEBYTECODE=1 and PYTHONUNBUFFERED=1 set. The host's root
 # filesystem is visible read-only (the results folder is writable).
 # Its stdout+stderr are streamed to this script's stdout while the guest runs and
 # kept in <results>/output.log; its exit status is this script's exit status.
@@ -54,10 +54,10 @@ rm -f "$RESULT_DIR/status" "$RESULT_DIR/output.log" "$RESULT_DIR/done"
 printf '%s\n' "$CMD" >"$RESULT_DIR/cmd.sh"
 cat >"$RESULT_DIR/guest-wrapper.sh" <<EOF
 #!/bin/bash
-export UFFD_AIO_IN_VM=1 PYTHONDONTWRITEBYTECODE=1
+export UFFD_AIO_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 export RESULT_DIR='$RESULT_DIR'
 cd '$PWD' 2>/dev/null || cd /
-echo "guest: \$(uname -r) \$(nproc) cpus, \$(awk '/MemTotal/ {print \$2 \" kB\"}' /proc/meminfo)" >'$RESULT_DIR/guest-info'
+echo "guest: \$(uname -r) \$(nproc) cpus, \$(grep MemTotal /proc/meminfo)" >'$RESULT_DIR/guest-info'
 rc=0
 bash '$RESULT_DIR/cmd.sh' >>'$RESULT_DIR/output.log' 2>&1 </dev/null || rc=\$?
 echo "\$rc" >'$RESULT_DIR/status'
