@@ -78,6 +78,7 @@ mkdir -p "$WORK"
 log "unpacking $KERNEL_SRC_TARBALL"
 tar -C "$WORK" -xf "$KERNEL_SRC_TARBALL"
 mv "$WORK"/linux-source-6.12 "$SRC"
+cp "$SRC/tools/testing/selftests/mm/run_vmtests.sh" "$WORK/run_vmtests.sh.orig"
 
 # --- 2. apply the series ----------------------------------------------------
 n=0
@@ -175,6 +176,20 @@ for t in "${UFFD_TESTS[@]}"; do cp "$STOUT/$t" "$TMP_OUT/selftests/"; done
 # Upstream uffd tests (known before the series) vs new ones the series adds.
 printf '%s\n' "${UFFD_TESTS[@]}" >"$TMP_OUT/selftests/ALL"
 printf '%s\n' "${UFFD_TESTS[@]}" | grep -vxE 'uffd-stress|uffd-unit-tests' >"$TMP_OUT/selftests/NEW" || true
+# New uffd invocations the series adds to run_vmtests.sh (e.g. "./uffd-unit-tests
+# -p 20000", "./uffd-iouring"): these are the series' own selftests (suite b).
+uffd_runs() {
+    sed -n 's/^CATEGORY="userfaultfd" run_test \(.*\)$/\1/p' "$1" \
+        | sed 's/\${uffd_stress_bin}/.\/uffd-stress/g' | sed 's/[[:space:]]*$//'
+}
+comm -13 <(uffd_runs "$WORK/run_vmtests.sh.orig" | sort -u) \
+         <(uffd_runs "$MM/run_vmtests.sh" | sort -u) \
+    | grep -v '\$' >"$TMP_OUT/selftests/NEW_CMDS" || true
+# New binaries that run_vmtests.sh does not run: run them without arguments.
+while read -r t; do
+    grep -qE "^\./$t( |\$)" "$TMP_OUT/selftests/NEW_CMDS" || echo "./$t" >>"$TMP_OUT/selftests/NEW_CMDS"
+done <"$TMP_OUT/selftests/NEW"
+cp "$MM/run_vmtests.sh" "$TMP_OUT/selftests/"
 cp "$OBJ/usr/include/linux/userfaultfd.h" "$TMP_OUT/userfaultfd.h"
 series_patches >"$TMP_OUT/series" || true
 cat >"$TMP_OUT/info.txt" <<EOF
@@ -194,7 +209,10 @@ rm -rf "$OUT"
 mv "$TMP_OUT" "$OUT"
 link_latest
 if [ "${KEEP_BUILD:-0}" != 1 ]; then
-    rm -rf "$WORK"
+    # Deleting ~70k files takes minutes on a busy disk: rename, delete detached.
+    TRASH=$BUILD_ROOT/.trash-$KEY-$$
+    mv "$WORK" "$TRASH"
+    nohup rm -rf "$TRASH" </dev/null >/dev/null 2>&1 &
 else
     log "kept build tree $WORK"
 fi

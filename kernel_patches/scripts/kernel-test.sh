@@ -2,7 +2,8 @@
 # The kernel lane's one entry point: build (or take from the cache) the patched
 # kernel, boot it under virtme-ng (QEMU TCG) and run
 #   (a) upstream uffd-unit-tests
-#   (b) the new uffd selftests the series adds (selftests/NEW of the build)
+#   (b) the new uffd selftests the series adds (selftests/NEW_CMDS of the build:
+#       new "userfaultfd" lines of run_vmtests.sh + new uffd* binaries)
 #   (c) the project's Python suite: <repo>/.venv/bin/python -m pytest <repo>/tests
 # then print a summary and exit non-zero on any failure.
 #
@@ -21,6 +22,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 : "${SUITE_TIMEOUT:=900}"
 : "${REGRESS:=0}"
 T0=$(date +%s)
+trap 'log "kernel-test: stopped by an error at line $LINENO (status $?)"' ERR
 
 RUN=$RUNS_DIR/kernel-test-$(date +%Y%m%d-%H%M%S)-$$
 mkdir -p "$RUN"
@@ -67,18 +69,37 @@ run_uffd_unit() {  # run_uffd_unit <label> <kernel dir>
 
 run_new_selftests() {  # <kernel dir>
     local kdir=$1 rc=0 dir=$RUN/new-selftests
-    local tests
-    tests=$(grep -v '^$' "$kdir/selftests/NEW" 2>/dev/null | tr '\n' ' ' || true)
-    if [ -z "$tests" ]; then
-        record new-selftests SKIP "the series adds no uffd* selftest"
+    # selftests/NEW_CMDS: the uffd invocations the series adds to run_vmtests.sh
+    # plus new uffd* binaries run without arguments (older builds: NEW only).
+    local list=$kdir/selftests/NEW_CMDS
+    if [ ! -f "$list" ]; then
+        list=$RUN/new-cmds
+        sed 's|^|./|' "$kdir/selftests/NEW" >"$list" 2>/dev/null || : >"$list"
+    fi
+    if ! grep -q . "$list"; then
+        record new-selftests SKIP "the series adds no uffd selftest"
         return 0
     fi
+    mkdir -p "$dir"
+    # In the guest: one line of the list at a time, in the selftests folder.
     # exit 0 = pass, 4 = KSFT_SKIP, anything else = fail
-    local cmd="bash $KP_SCRIPTS_DIR/guest-setup.sh; fails=0; for t in $tests; do echo \"=== \$t\"; $kdir/selftests/\$t; r=\$?; echo \"=== \$t: exit \$r\"; [ \$r = 0 ] || [ \$r = 4 ] || fails=\$((fails+1)); done; exit \$fails"
+    {
+        echo "bash $KP_SCRIPTS_DIR/guest-setup.sh"
+        echo "cd $kdir/selftests"
+        echo 'fails=0'
+        echo 'while read -r c; do'
+        echo '    [ -n "$c" ] || continue'
+        echo '    echo "=== $c"'
+        echo '    bash -c "$c" </dev/null; r=$?'
+        echo '    echo "=== $c: exit $r"'
+        echo '    [ $r = 0 ] || [ $r = 4 ] || fails=$((fails+1))'
+        echo "done <$list"
+        echo 'exit $fails'
+    } >"$dir/run-new.sh"
     RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
-        "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" "$cmd" || rc=$?
+        "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" "bash $dir/run-new.sh" || rc=$?
     local per
-    per=$(sed -n 's/^=== \(.*\): exit \(.*\)/\1=\2/p' "$dir/output.log" | tr '\n' ' ')
+    per=$(sed -n 's/^=== \(.*\): exit \(.*\)/\1 => \2;/p' "$dir/output.log" 2>/dev/null | tr '\n' ' ' || true)
     if [ "$rc" = 0 ]; then
         record new-selftests PASS "$per"
     else
@@ -97,7 +118,9 @@ run_pytest() {  # <kernel dir>
         "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" \
         "cd $REPO_DIR && UFFD_AIO_IN_VM=1 $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q ${PYTEST_ARGS:-}" || rc=$?
     local last
-    last=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$dir/output.log" | tail -n1 | tr -d '=' | sed 's/^ *//')
+    # pytest's last line, e.g. "40 passed, 2 skipped in 12.3s"
+    last=$(grep -E '(passed|failed|errors?|skipped|no tests ran).* in [0-9.]+s' "$dir/output.log" 2>/dev/null \
+        | tail -n1 | tr -d '=' | sed 's/^ *//; s/ *$//' || true)
     if [ "$rc" = 0 ]; then
         record pytest PASS "${last:-?}"
     else
@@ -130,9 +153,9 @@ if [ "$REGRESS" = 1 ]; then
         # A test that passes on the unpatched kernel must pass on the patched one.
         regressed=$(join -t "$(printf '\t')" \
             <(sort "$RUN/uffd-unit-unpatched/results.tsv") <(sort "$RUN/uffd-unit/results.tsv") \
-            | awk -F'\t' '$2 == "done" && $3 != "done" { print $1 " (" $3 ")" }')
+            | awk -F'\t' '$2 == "done" && $3 != "done" { print $1 " (" $3 ")" }' || true)
         missing=$(comm -23 <(cut -f1 "$RUN/uffd-unit-unpatched/results.tsv" | sort) \
-                           <(cut -f1 "$RUN/uffd-unit/results.tsv" | sort))
+                           <(cut -f1 "$RUN/uffd-unit/results.tsv" | sort) || true)
         b=$(uffd_unit_counts "$RUN/uffd-unit-unpatched/output.log" || true)
         p=$(uffd_unit_counts "$RUN/uffd-unit/output.log" || true)
         if [ -z "$regressed" ] && [ -z "$missing" ] && [ -s "$RUN/uffd-unit-unpatched/results.tsv" ]; then
