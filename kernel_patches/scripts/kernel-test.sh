@@ -114,9 +114,12 @@ run_pytest() {  # <kernel dir>
         record pytest FAIL "$py missing: create the project venv first (see README)"
         return 0
     fi
+    # An inner timeout (60 s before the boot's) stops a hung suite inside the
+    # guest, so the output so far and a status still come back.
+    local inner=$(( SUITE_TIMEOUT > 120 ? SUITE_TIMEOUT - 60 : SUITE_TIMEOUT ))
     RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
         "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" \
-        "cd $REPO_DIR && UFFD_AIO_IN_VM=1 $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q ${PYTEST_ARGS:-}" || rc=$?
+        "cd $REPO_DIR && UFFD_AIO_IN_VM=1 timeout -s KILL $inner $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q ${PYTEST_ARGS:-}" || rc=$?
     local last
     # pytest's last line, e.g. "40 passed, 2 skipped in 12.3s"
     last=$(grep -E '(passed|failed|errors?|skipped|no tests ran).* in [0-9.]+s' "$dir/output.log" 2>/dev/null \
@@ -124,7 +127,10 @@ run_pytest() {  # <kernel dir>
     if [ "$rc" = 0 ]; then
         record pytest PASS "${last:-?}"
     else
-        record pytest FAIL "exit $rc; ${last:-no summary} [$dir/output.log]"
+        local why="exit $rc"
+        [ "$rc" != 137 ] || why="killed after ${inner}s in the guest (hung? rerun with PYTEST_ARGS=-v)"
+        [ "$rc" != 124 ] || why="guest timeout (${SUITE_TIMEOUT}s)"
+        record pytest FAIL "$why; ${last:-no summary} [$dir/output.log]"
     fi
 }
 
