@@ -10,15 +10,15 @@
 # Options (environment):
 #   REGRESS=1          also build the UNPATCHED kernel, run (a) there and compare
 #                      per-test results (a test passing unpatched must pass patched)
-#   SUITES="uffd-unit new-selftests pytest"   subset to run
-#   UFFD_STRESS=1      also run uffd-stress (anon/shmem, small) in suite (a)
+#   SUITES="uffd-unit uffd-stress new-selftests pytest"   subset to run
+#                      (uffd-stress: the 5 upstream run_vmtests.sh invocations, ~70 s)
 #   PATCHES=none       test the unpatched kernel instead (no comparison)
 #   SUITE_TIMEOUT=900  per-boot hard timeout in seconds
 #   PYTEST_ARGS="..."  extra arguments for pytest
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-: "${SUITES:=uffd-unit new-selftests pytest}"
+: "${SUITES:=uffd-unit uffd-stress new-selftests pytest}"
 : "${SUITE_TIMEOUT:=900}"
 : "${REGRESS:=0}"
 T0=$(date +%s)
@@ -51,9 +51,6 @@ uffd_unit_counts() {  # <output.log> -> "pass=N skip=N fail=N (total=N)"
 run_uffd_unit() {  # run_uffd_unit <label> <kernel dir>
     local label=$1 kdir=$2 rc=0 dir=$RUN/$1
     local cmd="bash $KP_SCRIPTS_DIR/guest-setup.sh; $kdir/selftests/uffd-unit-tests"
-    if [ "${UFFD_STRESS:-0}" = 1 ] && [ -x "$kdir/selftests/uffd-stress" ]; then
-        cmd="$cmd; r=\$?; for m in anon shmem; do echo \"=== uffd-stress \$m 16 8\"; $kdir/selftests/uffd-stress \$m 16 8 || r=1; done; exit \$r"
-    fi
     RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
         "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" "$cmd" || rc=$?
     local counts
@@ -64,6 +61,32 @@ run_uffd_unit() {  # run_uffd_unit <label> <kernel dir>
         record "$label" PASS "${counts:-?} [$(basename "$kdir")]"
     else
         record "$label" FAIL "exit $rc; ${counts:-no summary line} [$dir/output.log]"
+    fi
+}
+
+run_uffd_stress() {  # <kernel dir>: upstream run_vmtests.sh uffd-stress invocations
+    local kdir=$1 rc=0 dir=$RUN/uffd-stress
+    mkdir -p "$dir"
+    # 128 huge pages (guest-setup.sh) = run_vmtests.sh's hugetlb size for 2 cpus.
+    {
+        echo "bash $KP_SCRIPTS_DIR/guest-setup.sh"
+        echo "cd $kdir/selftests"
+        echo 'fails=0'
+        echo "for a in 'anon 20 16' 'hugetlb 128 32' 'hugetlb-private 128 32' 'shmem 20 16' 'shmem-private 20 16'; do"
+        echo '    ./uffd-stress $a >/dev/null 2>uffd-stress.err; r=$?'
+        echo '    [ $r = 0 ] || { cat uffd-stress.err; fails=$((fails+1)); }'
+        echo '    echo "=== uffd-stress $a: exit $r"'
+        echo 'done 2>&1'
+        echo 'exit $fails'
+    } | sed "s|uffd-stress.err|$dir/uffd-stress.err|" >"$dir/run-stress.sh"
+    RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
+        "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" "bash $dir/run-stress.sh" || rc=$?
+    local per
+    per=$(sed -n 's/^=== uffd-stress \(.*\): exit \(.*\)/\1 => \2;/p' "$dir/output.log" 2>/dev/null | tr '\n' ' ' || true)
+    if [ "$rc" = 0 ]; then
+        record uffd-stress PASS "$per"
+    else
+        record uffd-stress FAIL "exit $rc; $per [$dir/output.log]"
     fi
 }
 
@@ -141,6 +164,7 @@ log "kernel-test: $FLAV kernel $KDIR"
 for s in $SUITES; do
     case $s in
         uffd-unit) log "suite (a): uffd-unit-tests on the $FLAV kernel"; run_uffd_unit uffd-unit "$KDIR" ;;
+        uffd-stress) log "suite (a'): uffd-stress (run_vmtests.sh arguments)"; run_uffd_stress "$KDIR" ;;
         new-selftests) log "suite (b): new selftests"; run_new_selftests "$KDIR" ;;
         pytest) log "suite (c): Python suite in the guest"; run_pytest "$KDIR" ;;
         *) die "unknown suite $s" ;;

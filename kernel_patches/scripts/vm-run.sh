@@ -4,7 +4,9 @@
 # Usage: vm-run.sh <bzImage | kernels/<key> dir> <command...>
 #
 # The command runs with bash -c in the guest, in the caller's current directory,
-# with UFFD_AIO_IN_VM=1, PYTHONDONTWRITEBYTECODE=1 and PYTHONUNBUFFERED=1 set. The host's root
+# with UFFD_AIO_IN_VM=1, PYTHONDONTWRITEBYTECODE=1 and PYTHONUNBUFFERED=1 set,
+# KERNEL_DIR=<the kernels/<key> folder> (selftests in $KERNEL_DIR/selftests) and
+# RESULT_DIR=<the writable results folder>. The host's root
 # filesystem is visible read-only (the results folder is writable).
 # Its stdout+stderr are streamed to this script's stdout while the guest runs and
 # kept in <results>/output.log; its exit status is this script's exit status.
@@ -29,7 +31,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 KIMG=$1; shift
 [ -d "$KIMG" ] && KIMG=$KIMG/bzImage
 [ -f "$KIMG" ] || die "no kernel image: $KIMG"
+KDIR_GIVEN=$(cd "$(dirname "$KIMG")" && pwd -L)   # e.g. kernels/latest-patched
 KIMG=$(readlink -f "$KIMG")
+KDIR=$(dirname "$KIMG")                           # e.g. kernels/<key>
 CMD="$*"
 
 VNG=$(vng_bin)
@@ -55,7 +59,7 @@ printf '%s\n' "$CMD" >"$RESULT_DIR/cmd.sh"
 cat >"$RESULT_DIR/guest-wrapper.sh" <<EOF
 #!/bin/bash
 export UFFD_AIO_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-export RESULT_DIR='$RESULT_DIR'
+export RESULT_DIR='$RESULT_DIR' KERNEL_DIR='$KDIR'
 cd '$PWD' 2>/dev/null || cd /
 echo "guest: \$(uname -r) \$(nproc) cpus, \$(grep MemTotal /proc/meminfo)" >'$RESULT_DIR/guest-info'
 rc=0
@@ -71,7 +75,9 @@ for d in ${VM_RWDIRS:-}; do RW_ARGS+=(--rwdir "$d"); done
 # there are invisible in the guest unless passed explicitly. Always pass the
 # kernel's folder (kernels/<key>/ holds the selftests) and, if it lives
 # under /var, the repository.
-RO_DIRS=("$(dirname "$KIMG")")
+RO_DIRS=("$KDIR")
+# The symlinked name (kernels/latest-*) works in the guest too.
+[ "$KDIR_GIVEN" = "$KDIR" ] || RO_DIRS+=("$KDIR_GIVEN=$KDIR")
 case $REPO_DIR in /var/*) RO_DIRS+=("$REPO_DIR") ;; esac
 for d in ${VM_RODIRS:-}; do RO_DIRS+=("$d"); done
 for d in "${RO_DIRS[@]}"; do RW_ARGS+=(--rodir "$d"); done
