@@ -73,7 +73,13 @@ mkdir -p "$LOG_DIR"
 log "build log: $BLOG"
 
 # --- 1. fresh source tree ---------------------------------------------------
-rm -rf "$WORK"
+if [ -e "$WORK" ]; then    # left over by an interrupted build: move it away
+    mv "$WORK" "$BUILD_ROOT/.trash-$KEY-$$-old"
+fi
+# Delete trees of earlier builds in the background (slow on a busy disk).
+for t in "$BUILD_ROOT"/.trash-*; do
+    [ -e "$t" ] && { nohup rm -rf "$t" </dev/null >/dev/null 2>&1 & }
+done
 mkdir -p "$WORK"
 log "unpacking $KERNEL_SRC_TARBALL"
 tar -C "$WORK" -xf "$KERNEL_SRC_TARBALL"
