@@ -99,8 +99,6 @@ def feature_names(features: int) -> list[str]:
     names: list[str] = []
     for bit in range(64):
         if features & (1 << bit):
-            try:
-                names.append(str(Feature(1 << bit).name))
-            except ValueError:
-                names.append(f"bit{bit}")
+            name = Feature._value2member_map_.get(1 << bit)
+            names.append(name.name if name is not None and name.name else f"bit{bit}")
     return names

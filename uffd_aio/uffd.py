@@ -97,12 +97,12 @@ class Userfaultfd:
         Tries /dev/userfaultfd (USERFAULTFD_IOC_NEW, 6.1+), then userfaultfd(2).
         """
         available = available_features()
-        required = Feature(required)
-        missing = required & ~available
+        # int arithmetic: ~ on an IntFlag only inverts the bits it knows
+        missing = int(required) & ~int(available)
         if missing:
             raise FeatureUnavailable(modes.feature_names(missing),
                                      available=modes.feature_names(available))
-        wanted = (Feature(features) | required) & available
+        wanted = Feature((int(features) | int(required)) & int(available))
         flags = os.O_CLOEXEC | os.O_NONBLOCK
         if user_mode_only:
             flags |= modes.UFFD_USER_MODE_ONLY

@@ -162,6 +162,10 @@ unsigned ua_reap(struct ua_ring *r, uint64_t *user_data, int32_t *res, uint32_t 
 	struct io_uring_cqe *cqe;
 	unsigned head, n = 0;
 
+	/* CQEs that overflowed the CQ ring wait in the kernel until an enter
+	 * flushes them; without this a burst larger than the CQ stalls. */
+	if (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW)
+		io_uring_get_events(&r->ring);
 	io_uring_for_each_cqe(&r->ring, head, cqe) {
 		if (n == max)
 			break;

@@ -1,0 +1,97 @@
+"""Non-cooperative events on the real kernel: fork, mremap, MADV_DONTNEED, munmap.
+
+mremap/madvise/munmap of registered memory wait until the pager has read the
+event, so they run in a worker thread here (never on the loop thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import uffd_aio
+from uffd_aio import testing
+from uffd_aio.ring import _lowlevel as ll
+
+from .helpers import PS, child, pattern_handler, scan
+
+
+async def test_fork_child_faults_are_served_through_its_own_uffd() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(32 * PS)
+        region.on_fault(pattern_handler)
+        forks: list[uffd_aio.Fork] = []
+        pager.on_event(lambda ev: forks.append(ev) if isinstance(ev, uffd_aio.Fork) else None)
+        await scan(region.address, 8 * PS, op="verify")  # parent touches the first 8 pages
+        status = await child(region.address, region.length, op="verify")
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert len(forks) == 1 and pager.stats.forks == 1
+        assert pager.stats.faults >= 8 + 24  # 24 more from the child
+
+
+async def test_mremap_moves_the_region() -> None:
+    n = 16 * PS
+    old = ll.mmap(n)
+    new = ll.mmap(n)  # placeholder that mremap replaces
+    try:
+        async with uffd_aio.Pager() as pager:
+            region = pager.register(old, n)
+            region.on_fault(pattern_handler)
+            remaps: list[uffd_aio.Remap] = []
+            region.on_event(lambda ev: remaps.append(ev))
+            await scan(old, 4 * PS, op="verify")
+            moved = await asyncio.wait_for(asyncio.to_thread(
+                ll.mremap, old, n, n, ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, new), 10)
+            assert moved == new
+            r = await scan(new, n, op="verify")  # offsets still relative to the region
+            assert r.mismatches == 0
+            assert remaps == [uffd_aio.Remap(old, new, n)]
+            assert pager.stats.faults == 16
+    finally:
+        ll.munmap(new, n)
+
+
+async def test_madv_dontneed_removes_and_pages_fault_again() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(8 * PS)
+        region.on_fault(pattern_handler)
+        removes: list[uffd_aio.Remove] = []
+        region.on_event(lambda ev: removes.append(ev))
+        await scan(region.address, region.length, op="verify")
+        await asyncio.wait_for(asyncio.to_thread(
+            ll.madvise, region.address + 2 * PS, 3 * PS, ll.MADV_DONTNEED), 10)
+        assert removes == [uffd_aio.Remove(region.address + 2 * PS, region.address + 5 * PS)]
+        r = await scan(region.address, region.length, op="verify")
+        assert r.mismatches == 0
+        assert pager.stats.faults == 8 + 3 and pager.stats.removes == 1
+
+
+async def test_munmap_reports_unmap_and_forgets_the_range() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(8 * PS)
+        region.on_fault(pattern_handler)
+        unmaps: list[uffd_aio.Unmap] = []
+        region.on_event(lambda ev: unmaps.append(ev))
+        await asyncio.wait_for(asyncio.to_thread(
+            ll.munmap, region.address + 4 * PS, 4 * PS), 10)
+        assert unmaps == [uffd_aio.Unmap(region.address + 4 * PS, region.address + 8 * PS)]
+        assert (await scan(region.address, 4 * PS, op="verify")).mismatches == 0
+        assert pager.stats.unmaps == 1
+
+
+async def test_async_event_handler() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(4 * PS)
+        region.on_fault(pattern_handler)
+        got = asyncio.Event()
+
+        @region.on_event
+        async def on_event(ev: object) -> None:
+            await asyncio.sleep(0)
+            got.set()
+
+        await scan(region.address, region.length)
+        await asyncio.wait_for(asyncio.to_thread(
+            ll.madvise, region.address, PS, ll.MADV_DONTNEED), 10)
+        await asyncio.wait_for(got.wait(), 5)
+        assert testing.verify_sync(region.address + PS, PS, PS) == -1

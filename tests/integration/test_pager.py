@@ -1,0 +1,292 @@
+"""The Pager on the real kernel: modes, resolutions, dedup, limits, scale."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+import uffd_aio
+from uffd_aio import Mode, testing
+from uffd_aio.ring import _lowlevel as ll
+
+from .helpers import PS, pattern_handler, scan
+
+
+async def test_missing_anonymous_async_handler_verified() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(256 * PS)
+        calls = []
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            calls.append(ev.offset)
+            assert ev.page == region.address + ev.offset
+            assert ev.page_size == PS and ev.region is region and not ev.is_wp
+            return pattern_handler(ev)
+
+        r = await scan(region.address, region.length, op="verify")
+        assert r.mismatches == 0
+        assert sorted(calls) == [i * PS for i in range(256)]
+        st = pager.stats
+        assert st.faults == 256 and st.resolved_pages == 256 and st.copies >= 1
+        assert st.errors == 0 and st.latency.count == 256
+
+
+async def test_sync_handler_and_zero_pages() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(64 * PS)
+
+        @region.on_fault
+        def on_fault(ev: uffd_aio.PageFault) -> bytes | None:
+            return None if (ev.offset // PS) % 2 else pattern_handler(ev)
+
+        await scan(region.address, region.length)
+        data = await region.read(0, 4 * PS)
+        assert data[:PS] == testing.pattern_bytes(0, PS)
+        assert data[PS : 2 * PS] == bytes(PS)
+        assert pager.stats.zeropages >= 1
+
+
+async def test_eager_handler_runs_without_a_task() -> None:
+    seen: list[object] = []
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(4 * PS)
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            seen.append(asyncio.current_task())
+            return pattern_handler(ev)
+
+        await scan(region.address, region.length)
+    assert seen == [None] * 4
+
+
+async def test_suspending_handler_continues_in_a_task() -> None:
+    seen: list[object] = []
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(4 * PS)
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            await asyncio.sleep(0.001)
+            seen.append(asyncio.current_task())
+            async with asyncio.timeout(5):  # needs a real task after the first await
+                await asyncio.sleep(0)
+            return pattern_handler(ev)
+
+        r = await scan(region.address, region.length, op="verify")
+        assert r.mismatches == 0
+    assert len(seen) == 4 and all(t is not None for t in seen)
+
+
+async def test_non_eager_handler_can_use_timeout_before_first_await() -> None:
+    async with uffd_aio.Pager(eager=False) as pager:
+        region = pager.map(2 * PS)
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            async with asyncio.timeout(5):
+                return pattern_handler(ev)
+
+        assert (await scan(region.address, region.length, op="verify")).mismatches == 0
+
+
+async def test_read_ahead_by_return_and_by_explicit_copy() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(128 * PS)
+        calls = 0
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes | None:
+            nonlocal calls
+            calls += 1
+            window = min(16 * PS, region.length - ev.offset)
+            if calls % 2:
+                return bytes(testing.pattern_bytes(ev.offset, window))
+            await ev.copy(testing.pattern_bytes(ev.offset, window))
+            return None
+
+        r = await scan(region.address, region.length, op="verify")
+        assert r.mismatches == 0
+        assert calls <= 16  # 128 pages in 16-page windows
+
+
+async def test_concurrent_faults_on_one_page_run_the_handler_once() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(PS)
+        calls = 0
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.3)  # let every thread fault on the page meanwhile
+            return pattern_handler(ev)
+
+        results = await asyncio.gather(*(scan(region.address, PS, op="verify")
+                                         for _ in range(6)))
+        assert all(r.mismatches == 0 for r in results)
+        assert calls == 1
+        assert pager.stats.duplicate_faults >= 1
+
+
+async def test_in_flight_handlers_are_bounded() -> None:
+    running = peak = 0
+    async with uffd_aio.Pager(max_inflight=3) as pager:
+        region = pager.map(24 * PS)
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+            return pattern_handler(ev)
+
+        r = await scan(region.address, region.length, threads=8, op="verify")
+        assert r.mismatches == 0
+        assert peak == 3
+
+
+async def test_eight_threads_64_mib_verified_byte_for_byte() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(64 << 20)
+        region.on_fault(pattern_handler)
+        r = await scan(region.address, region.length, threads=8, op="verify", order="random",
+                       timeout=120)
+        assert r.mismatches == 0 and r.first_mismatch is None
+        assert pager.stats.resolved_pages == (64 << 20) // PS
+        # and byte for byte, from a different path than the per-word verify
+        assert await testing.read(region.address + (5 << 20), 3 * PS) == \
+            testing.pattern_bytes(5 << 20, 3 * PS)
+
+
+async def test_shmem_missing() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(32 * PS, shared=True)
+        assert region.memfd is not None
+        region.on_fault(pattern_handler)
+        assert (await scan(region.address, region.length, op="verify")).mismatches == 0
+        # the data really is in the shmem file
+        assert os.pread(region.memfd, PS, 3 * PS) == testing.pattern_bytes(3 * PS, PS)
+
+
+async def test_minor_faults_on_shmem_with_continue() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(16 * PS, mode=Mode.MINOR)
+        assert region.alias is not None
+        # fill the page cache through the unregistered alias mapping
+        testing.pattern_into(memoryview(bytearray(0)), 0)  # no-op: API smoke
+        await asyncio.to_thread(ll.fill_pattern, region.alias, region.length, 0,
+                                testing.DEFAULT_SEED)
+        minors = 0
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> None:
+            nonlocal minors
+            assert ev.is_minor
+            minors += 1
+            return None  # -> CONTINUE
+
+        assert (await scan(region.address, region.length, op="verify")).mismatches == 0
+        assert minors == 16 and pager.stats.continues >= 1
+
+
+async def test_write_protect_faults_and_unprotect() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(8 * PS, mode=Mode.MISSING | Mode.WP)
+        kinds: list[str] = []
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes | None:
+            if ev.is_wp:
+                kinds.append("wp")
+                return None  # -> unprotect
+            kinds.append("missing")
+            await ev.copy(testing.pattern_bytes(ev.offset, PS), wp=True)
+            return None
+
+        await scan(region.address, region.length)  # reads: missing faults, mapped read-only
+        assert kinds == ["missing"] * 8
+        await scan(region.address, region.length, op="write-word")  # writes: WP faults
+        assert kinds.count("wp") == 8
+        assert pager.stats.unprotects >= 1
+        region.write_protect(0, PS)  # protect again: the next write faults again
+        await scan(region.address, PS, op="write-word")
+        assert kinds.count("wp") == 9
+
+
+async def test_explicit_zero_and_poison_counts() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(4 * PS)
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> None:
+            await ev.zero(region.length - ev.offset)
+
+        await scan(region.address, region.length)
+        assert pager.stats.zeropages == 1 and pager.stats.handler_calls == 1
+
+
+async def test_uffd_level_ops_wake_move_dontwake() -> None:
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(4 * PS)
+        uffd = pager.uffd
+        src = ll.mmap(2 * PS)
+        try:
+            ll.fill_pattern(src, 2 * PS, 0, testing.DEFAULT_SEED)
+            if pager.features & uffd_aio.Feature.MOVE:
+                assert uffd.move(region.address, src, 2 * PS) == 2 * PS
+            data = testing.pattern_bytes(2 * PS, 2 * PS)
+            addr, keep = ll.buffer_address(data)
+            assert uffd.copy(region.address + 2 * PS, addr, 2 * PS, dontwake=True) == 2 * PS
+            uffd.wake(region.address, region.length)
+            # EEXIST is "already resolved", not an error
+            assert uffd.copy(region.address + 2 * PS, addr, PS) == PS
+            del keep
+        finally:
+            ll.munmap(src, 2 * PS)
+        region.on_fault(pattern_handler)
+        r = await scan(region.address, region.length, op="verify")
+        assert r.mismatches == 0
+
+
+async def test_register_callers_memory_and_adopt_errors() -> None:
+    addr = ll.mmap(8 * PS)
+    try:
+        async with uffd_aio.Pager() as pager:
+            region = pager.register(addr, 8 * PS)
+            region.on_fault(pattern_handler)
+            assert (await scan(addr, 8 * PS, op="verify")).mismatches == 0
+            with pytest.raises(ValueError, match="multiples"):
+                pager.register(addr + 1, PS)
+            with pytest.raises(ValueError, match="overlaps"):
+                pager.adopt(addr, PS)
+        # still mapped: the caller owns it
+        assert ll.verify_pattern(addr, 8 * PS, 0, testing.DEFAULT_SEED) == -1
+    finally:
+        ll.munmap(addr, 8 * PS)
+
+
+async def test_multishot_and_poll_read_modes() -> None:
+    for mode in ("multishot", "poll"):
+        async with uffd_aio.Pager(read_mode=mode) as pager:  # type: ignore[arg-type]
+            region = pager.map(64 * PS)
+            region.on_fault(pattern_handler)
+            r = await scan(region.address, region.length, threads=4, op="verify")
+            assert r.mismatches == 0, mode
+
+
+async def test_required_feature_missing_is_named() -> None:
+    with pytest.raises(uffd_aio.FeatureUnavailable, match="bit40"):
+        async with uffd_aio.Pager(required=1 << 40):
+            pass
+
+
+async def test_use_before_start_is_explained() -> None:
+    pager = uffd_aio.Pager()
+    with pytest.raises(RuntimeError, match="async with"):
+        pager.map(PS)
