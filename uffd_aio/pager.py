@@ -973,6 +973,8 @@ class Pager:
                     res.add_done_callback(lambda f: f.exception())
                 self._counters.poisons += op.kind is Kind.POISON
                 self._counters.zeropages += op.kind is Kind.ZERO
+                self._counters.unprotects += op.kind is Kind.UNPROTECT
+                self._counters.continues += op.kind is Kind.CONTINUE
                 return
             except RangeGone:
                 return
@@ -1036,9 +1038,9 @@ class Pager:
             handlers += self._region_handlers(ctx, msg.start, msg.end)
             ctx.remove_range(msg.start, msg.end)
         elif isinstance(msg, UnknownMsg):
-            self._log.warning("uffd_aio.unknown_event", event=msg.event)
+            self._log.warning("uffd_aio.unknown_event", kind=msg.event)
             return
-        self._log.debug("uffd_aio.event", uffd=ctx.uffd.fd, event=repr(msg))
+        self._log.debug("uffd_aio.event", uffd=ctx.uffd.fd, message=repr(msg))
         for h in dict.fromkeys(handlers):
             self._run_event_handler(h, msg)
 
@@ -1050,14 +1052,14 @@ class Pager:
         try:
             res = handler(msg)
         except Exception as exc:
-            self._log.error("uffd_aio.event_handler_failed", event=repr(msg), exc_info=exc)
+            self._log.error("uffd_aio.event_handler_failed", message=repr(msg), exc_info=exc)
             return
         if inspect.isawaitable(res):
             assert self._loop is not None
             task = self._loop.create_task(_as_coro(res))
             task.add_done_callback(
                 lambda t: t.cancelled() or t.exception() is None or self._log.error(
-                    "uffd_aio.event_handler_failed", event=repr(msg), exc_info=t.exception()))
+                    "uffd_aio.event_handler_failed", message=repr(msg), exc_info=t.exception()))
 
 
 async def _as_coro(aw: Any) -> Any:

@@ -134,11 +134,16 @@ async def scan(
     )
 
 
-def fork_touch(address: int, length: int, *, op: Op = "verify", offset: int = 0,
-               seed: int = DEFAULT_SEED, page_size: int | None = None) -> int:
-    """fork() a child that touches the range natively and exits (0 ok, 1 mismatch); its pid."""
+async def fork_touch(address: int, length: int, *, op: Op = "verify", offset: int = 0,
+                     seed: int = DEFAULT_SEED, page_size: int | None = None) -> int:
+    """fork() a child that touches the range natively and exits (0 ok, 1 mismatch); its pid.
+
+    The fork runs in a worker thread: with UFFD_FEATURE_EVENT_FORK the kernel
+    holds fork() until the pager has read the FORK event, so forking on the
+    loop thread that runs the pager would deadlock.
+    """
     ps = page_size or os.sysconf("SC_PAGE_SIZE")
-    return ll.fork_touch(address, length, ps, _OPS[op], offset, seed)
+    return await asyncio.to_thread(ll.fork_touch, address, length, ps, _OPS[op], offset, seed)
 
 
 async def wait_child(pid: int) -> int:

@@ -20,7 +20,7 @@ async def scan(address: int, length: int, *, timeout: float = 30, **kw: Any) -> 
 
 async def child(address: int, length: int, *, timeout: float = 30, **kw: Any) -> int:
     """Fork a native child that touches the range; returns its wait status (killed on timeout)."""
-    pid = testing.fork_touch(address, length, **kw)
+    pid = await testing.fork_touch(address, length, **kw)
     try:
         async with asyncio.timeout(timeout):
             return await testing.wait_child(pid)
