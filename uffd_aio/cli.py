@@ -1,0 +1,54 @@
+"""The ``uffd-aio`` command: doctor, demo, serve, bench.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)``
+and ``main(args) -> int``; this module only wires them up, so importing the
+CLI stays cheap and a broken optional subcommand cannot break ``doctor``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+#: subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("uffd_aio.doctor", "what this kernel and machine support, and why not"),
+    "demo": ("uffd_aio.demo", "page a large region through an asyncio handler and verify it"),
+    "serve": ("uffd_aio.server", "serve uffds handed over a Unix socket (Firecracker protocol)"),
+    "bench": ("uffd_aio.bench.cli", "benchmark against the C reference handler"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uffd-aio", description="asyncio-native userfaultfd pager over io_uring")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (modname, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as exc:
+            p.set_defaults(_unavailable=f"{name} is unavailable: {exc}")
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    unavailable = getattr(args, "_unavailable", None)
+    if unavailable:
+        print(f"uffd-aio: {unavailable}", file=sys.stderr)
+        return 2
+    try:
+        rc: int = args._main(args)
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
