@@ -27,12 +27,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadHandlerResult",
+    "Feature",
     "FeatureUnavailable",
     "Fork",
     "HandlerError",
     "HandlerTimeout",
     "Mode",
-    "Feature",
     "PageFault",
     "Pager",
     "PagerClosed",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno as E
+import functools
 import inspect
 import os
 import time
@@ -25,7 +26,7 @@ import structlog
 
 from uffd_aio import events as ev_mod
 from uffd_aio.errors import BadHandlerResult, PagerClosed, ResolveError, UffdError
-from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, Unmap, UnknownMsg
+from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
 from uffd_aio.fault import PageFault
 from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode
 from uffd_aio.region import EventHandler, Region
@@ -153,8 +154,22 @@ class _Context:
 class _Inflight:
     """A fault being handled (one per page per context; duplicates only count)."""
 
-    __slots__ = ("attempts", "ctx", "dups", "fault", "msg", "page", "pager", "page_size",
-                 "region", "resolved", "t0", "task", "timed_out", "timer")
+    __slots__ = (
+        "attempts",
+        "ctx",
+        "dups",
+        "fault",
+        "msg",
+        "page",
+        "page_size",
+        "pager",
+        "region",
+        "resolved",
+        "t0",
+        "task",
+        "timed_out",
+        "timer",
+    )
 
     def __init__(self, pager: Pager, ctx: _Context, msg: PageFaultMsg, region: Region,
                  page: int) -> None:
@@ -361,7 +376,7 @@ class Pager:
         self._closing = True
         try:
             await asyncio.wait_for(self._idle.wait(), self._close_timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             self._log.warning("uffd_aio.close_timeout", inflight=self._running,
                               backlog=len(self._backlog))
             for ctx in self._contexts:
@@ -472,7 +487,9 @@ class Pager:
 
     async def unregister(self, region: Region) -> None:
         """Stop serving ``region`` (waits for its running handlers)."""
-        while any(inf.region is region for c in self._contexts for inf in c.inflight.values()):
+        # rare and short: polling beats keeping an Event per region on the fault path
+        while any(inf.region is region for c in self._contexts  # noqa: ASYNC110
+                  for inf in c.inflight.values()):
             await asyncio.sleep(0.001)
         self._release_region(region)
         self._regions.remove(region)
@@ -695,7 +712,7 @@ class Pager:
             else:
                 task = loop.create_task(_as_coro(res))
             inf.task = task
-            task.add_done_callback(lambda t, inf=inf: self._task_done(inf, t))
+            task.add_done_callback(functools.partial(self._task_done, inf))
             if self._handler_timeout is not None:
                 inf.timer = loop.call_later(self._handler_timeout, self._timeout, inf)
             return
@@ -903,8 +920,11 @@ class Pager:
         if isinstance(res, int):
             self._mark_explicit(inf, op, res)
             return res
-        res.add_done_callback(lambda f: f.exception() or self._mark_explicit(inf, op,
-                                                                               f.result()))
+        def done(f: asyncio.Future[int]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self._mark_explicit(inf, op, f.result())
+
+        res.add_done_callback(done)
         return res
 
     async def _explicit_retry(self, inf: _Inflight, op: Op) -> int:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 FaultResult = Any  # bytes-like | None
 FaultHandler = Callable[["PageFault"], "FaultResult | Awaitable[FaultResult]"]
-EventHandler = Callable[["Fork | Remap | Remove | Unmap"], "None | Awaitable[None]"]
+EventHandler = Callable[["Fork | Remap | Remove | Unmap"], "Awaitable[None] | None"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -76,9 +76,11 @@ class Region:
     @overload
     def on_fault(self, fn: F, /) -> F: ...
     @overload
-    def on_fault(self, *, eager: bool | None = None) -> Callable[[F], F]: ...
+    def on_fault(self, fn: None = None, /, *,
+                 eager: bool | None = None) -> Callable[[F], F]: ...
 
-    def on_fault(self, fn: F | None = None, /, *, eager: bool | None = None) -> Any:
+    def on_fault(self, fn: Callable[..., Any] | None = None, /, *,
+                 eager: bool | None = None) -> Any:
         """Set the fault handler (decorator).  ``async def`` or plain ``def``.
 
         ``eager`` (default: the pager's): run the handler inline until its

@@ -79,7 +79,9 @@ class ScanResult:
 
     @property
     def mib_per_s(self) -> float:
-        return self.pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20) / self.wall_s if self.wall_s else 0.0
+        if not self.wall_s:
+            return 0.0
+        return self.pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20) / self.wall_s
 
 
 async def scan(

@@ -26,7 +26,7 @@ async def child(address: int, length: int, *, timeout: float = 30, **kw: Any) ->
             return await testing.wait_child(pid)
     except TimeoutError:
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        await asyncio.to_thread(os.waitpid, pid, 0)
         raise
 
 

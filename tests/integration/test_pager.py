@@ -87,7 +87,8 @@ async def test_non_eager_handler_can_use_timeout_before_first_await() -> None:
 
         @region.on_fault
         async def on_fault(ev: uffd_aio.PageFault) -> bytes:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(5):  # needs a current task: eager=False
+                await asyncio.sleep(0)
                 return pattern_handler(ev)
 
         assert (await scan(region.address, region.length, op="verify")).mismatches == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -49,7 +50,7 @@ def test_merge_covers_exactly_the_inputs(spans: list[tuple[int, int]]) -> None:
     covered = {a for o in out for a in range(o.address, o.end, PS)}
     wanted = {a for o in ops for a in range(o.address, o.end, PS)}
     assert covered == wanted
-    assert all(x.end < y.address for x, y in zip(out, out[1:], strict=False))
+    assert all(x.end < y.address for x, y in itertools.pairwise(out))
     for o in ops:
         m = covering(out, o.address)
         assert m is not None and m.address <= o.address and o.end <= m.end

@@ -6,7 +6,6 @@ turns one into a region's fault handler (read-ahead, dirty tracking).
 
 from __future__ import annotations
 
-
 from typing import Protocol, TypeAlias, runtime_checkable
 
 #: what backends return and accept (Python 3.11 has no collections.abc.Buffer)
