@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+from uffd_aio.handlers.attach import Attachment, AttachStats, attach
 from uffd_aio.handlers.base import Backend, BackendError
 
-__all__ = ["Backend", "BackendError", "open_backend"]
+__all__ = ["AttachStats", "Attachment", "Backend", "BackendError", "attach", "open_backend"]
 
 
 async def open_backend(spec: str) -> Backend:
