@@ -45,6 +45,18 @@ _MAX_EAGAIN_RETRIES = 2000  # x 1 ms
 _CoroType = types.CoroutineType
 
 
+_STALL_MESSAGE = """
+uffd_aio: pager {name!r} (pid {pid}): page faults have waited {timeout:g} s for an event
+loop that does not run.  Most likely a Python thread touched memory registered with this
+pager while holding the GIL: that thread sleeps in the kernel until the fault is resolved,
+and the pager needs the GIL to resolve it, so the process is deadlocked.  Touch registered
+memory from native code that releases the GIL (uffd_aio.testing, C extensions) or from
+another process; never from Python code or on the loop thread.  (A handler that blocks the
+loop for this long looks the same.)  See docs/gil.md.  To see which thread: run with
+PYTHONFAULTHANDLER=1 and send SIGABRT, or py-spy dump --pid {pid}.
+"""
+
+
 class PagerFailed(UffdError):
     """A handler failed under ``on_error="raise"``; the pager stopped serving."""
 
@@ -214,10 +226,16 @@ class Pager:
       ``"zero"`` (a zero page) or ``"raise"`` (poison, then stop the pager and
       raise :class:`PagerFailed` from ``async with``/``wait_closed``).
     * ``backend``: ``"auto"``, ``"ioctl"``, or ``"ring"`` (patched kernels).
-    * ``poll``: ask the patched kernel's poll mode (faulting threads spin).
+    * ``poll``: ask the patched kernel's poll mode (faulting threads spin
+      before they sleep); ``poll_budget_us``: the spin budget (0..10000 us,
+      default: the kernel's ``vm.userfaultfd_poll_budget_us``; implies ``poll``).
+      Set with UFFDIO_POLL, so it works on handed-over uffds too.
     * ``eager``: run handlers inline until they first suspend (default).
     * ``follow_forks``: serve children's uffds after fork (EVENT_FORK).
     * ``close_timeout``: how long closing waits for running handlers.
+    * ``stall_warning``: seconds after which a native watchdog writes to stderr
+      that faults wait while the loop is stuck (typically a Python thread that
+      touched registered memory holding the GIL: docs/gil.md); None disables.
     """
 
     def __init__(
@@ -232,10 +250,12 @@ class Pager:
         on_error: ErrorPolicy = "poison",
         backend: BackendName = "auto",
         poll: bool = False,
+        poll_budget_us: float | None = None,
         eager: bool = True,
         follow_forks: bool = True,
         read_mode: ReadMode = "auto",
         close_timeout: float = 5.0,
+        stall_warning: float | None = 10.0,
         name: str = "pager",
     ) -> None:
         if on_error not in ("poison", "zero", "raise"):
@@ -247,11 +267,18 @@ class Pager:
         self.name = name
         self._features = Feature(features)
         self._required = Feature(required)
+        if poll_budget_us is not None and not 0 <= poll_budget_us <= 10_000:
+            raise ValueError(f"poll_budget_us must be in 0..10000, not {poll_budget_us!r}")
+        poll = poll or bool(poll_budget_us)
+        self._poll = poll
+        self._poll_budget_us = poll_budget_us
+        self._poll_budget_ns = 0
         if poll:
             self._features |= Feature.POLL
             self._required |= Feature.POLL
-        if backend == "ring":
+        if backend != "ioctl":  # a capability bit: asking is a no-op, and shows in .features
             self._features |= Feature.WRITE
+        if backend == "ring":
             self._required |= Feature.WRITE
         self._given_uffd = uffd
         self._given_ring = ring
@@ -263,6 +290,9 @@ class Pager:
         self._follow_forks = follow_forks
         self._read_mode_choice: ReadMode = read_mode
         self._close_timeout = close_timeout
+        if stall_warning is not None and stall_warning <= 0:
+            raise ValueError("stall_warning must be positive or None")
+        self._stall_warning = stall_warning
         self._log = structlog.get_logger("uffd_aio").bind(component="pager", pager=name)
         self._counters = Counters()
         self._contexts: list[_Context] = []
@@ -305,24 +335,55 @@ class Pager:
         try:
             uffd = self._given_uffd or Userfaultfd.open(self._features, required=self._required)
             self._backend = self._make_backend(uffd)
+            if self._poll:
+                self._start_polling(uffd)
             self._main = self._add_context(uffd, "main")
         except BaseException:
             if self._given_ring is None:
                 self._ring.close()
             raise
         self._started = True
+        if self._stall_warning is not None and self._given_ring is None:  # ring dies with us
+            self._ring.start_watchdog(self._stall_warning, _STALL_MESSAGE.format(
+                name=self.name, pid=os.getpid(), timeout=self._stall_warning),
+                uffd=uffd.fd)
         self._log.info("uffd_aio.pager_started", uffd=uffd.fd, ring_fd=self._ring.fd,
                        backend=self._backend.name, read_mode=self._main.read_mode,
+                       poll_budget_ns=self._poll_budget_ns,
                        loop=type(self._loop).__module__)
 
     def _make_backend(self, uffd: Userfaultfd) -> Backend:
         choice = self._backend_choice
-        if choice == "ioctl" or (choice == "auto" and not uffd.has(Feature.WRITE)):
+        if choice == "ioctl":
             return IoctlBackend()
-        from uffd_aio.resolve_ring import RingWriteBackend  # patched kernels only
+        from uffd_aio import resolve_ring  # patched kernels: io_uring writes on the uffd
 
+        if choice == "auto" and not resolve_ring.write_path_available(uffd):
+            return IoctlBackend()
         assert self._ring is not None
-        return RingWriteBackend.create(self._ring, uffd)
+        try:
+            return resolve_ring.RingWriteBackend.create(self._ring, uffd)
+        except (UffdError, OSError) as exc:
+            if choice == "ring":
+                raise
+            self._log.warning("uffd_aio.ring_backend_unavailable", error=str(exc))
+            return IoctlBackend()
+
+    def _start_polling(self, uffd: Userfaultfd) -> None:
+        from uffd_aio import resolve_ring
+
+        us = self._poll_budget_us
+        if us is None:
+            us = resolve_ring.read_poll_sysctl()
+        ns = int((20 if us is None else us) * 1000)
+        old = resolve_ring.set_poll_budget(uffd, ns)
+        self._poll_budget_ns = ns
+        self._log.debug("uffd_aio.poll_mode", uffd=uffd.fd, budget_ns=ns, old_budget_ns=old)
+
+    @property
+    def poll_budget_ns(self) -> int:
+        """The faulting threads' spin budget set on the uffd (0: poll mode off)."""
+        return self._poll_budget_ns
 
     @property
     def ring(self) -> Ring:
@@ -353,6 +414,7 @@ class Pager:
         c = self._counters
         ioctls = getattr(self._backend, "ioctls", 0)
         c.ioctls = ioctls
+        c.ring_writes = getattr(self._backend, "ring_writes", 0)
         return c.snapshot(inflight=self._running, backlog=len(self._backlog),
                           backend=self._backend.name)
 
@@ -920,12 +982,16 @@ class Pager:
         if isinstance(res, int):
             self._mark_explicit(inf, op, res)
             return res
-        def done(f: asyncio.Future[int]) -> None:
-            if not f.cancelled() and f.exception() is None:
-                self._mark_explicit(inf, op, f.result())
+        # a ring write: EAGAIN arrives in the future; retried as with the ioctl backend
+        return asyncio.ensure_future(self._explicit_await(inf, op, res), loop=self._loop)
 
-        res.add_done_callback(done)
-        return res
+    async def _explicit_await(self, inf: _Inflight, op: Op, fut: asyncio.Future[int]) -> int:
+        try:
+            n = await fut
+        except MmChanging:
+            return await self._explicit_retry(inf, op)
+        self._mark_explicit(inf, op, n)
+        return n
 
     async def _explicit_retry(self, inf: _Inflight, op: Op) -> int:
         for _ in range(_MAX_EAGAIN_RETRIES):
@@ -933,9 +999,9 @@ class Pager:
             await asyncio.sleep(0.001)
             try:
                 res = self._backend.execute(inf.ctx.uffd, op)
+                n = res if isinstance(res, int) else await res
             except MmChanging:
                 continue
-            n = res if isinstance(res, int) else await res
             self._mark_explicit(inf, op, n)
             return n
         raise ResolveError(E.EAGAIN, "address space kept changing", op=op.kind.value,
@@ -986,9 +1052,10 @@ class Pager:
             ops = [Op(Kind.POISON, page, size), Op(Kind.ZERO, page, size)]
         if msg.is_wp and self._on_error != "zero":
             ops.insert(0, Op(Kind.POISON, page, size))
+        backend = getattr(self._backend, "fallback", self._backend)  # synchronous (ioctls)
         for op in ops:
             try:
-                res = self._backend.execute(ctx.uffd, op)
+                res = backend.execute(ctx.uffd, op)
                 if not isinstance(res, int):
                     res.add_done_callback(lambda f: f.exception())
                 self._counters.poisons += op.kind is Kind.POISON

@@ -8,6 +8,7 @@ read and compiled as ordinary C.
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 from cffi import FFI
@@ -17,9 +18,12 @@ _CSRC = _HERE / "csrc"
 
 ffibuilder = FFI()
 ffibuilder.cdef((_CSRC / "native.h").read_text())
+ffibuilder.cdef((_CSRC / "watchdog.h").read_text())
 ffibuilder.set_source(
     "uffd_aio.ring._native",
-    (_CSRC / "native.c").read_text(),
+    (_CSRC / "native.c").read_text() + '\n#include "watchdog.h"\n',
+    # setuptools wants source paths relative to the project root (its cwd)
+    sources=[os.path.relpath(_CSRC / "watchdog.c")],
     include_dirs=[str(_CSRC)],
     libraries=["uring", "pthread"],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],

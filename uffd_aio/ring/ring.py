@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.ring.watchdog import StallWatchdog
 
 Callback = Callable[[int, int], None]
 """A completion callback: ``cb(res, cqe_flags)``; res is >= 0 or -errno."""
@@ -88,6 +89,7 @@ class Ring:
         self._in_reap = False
         self._closed = False
         self._fixed_keep: list[Any] = []
+        self._watchdog: StallWatchdog | None = None
         self._bufrings: dict[int, ll.BufRing] = {}
         self.submits = 0
         self.completions = 0
@@ -324,6 +326,8 @@ class Ring:
     # ---- completion --------------------------------------------------
 
     def _on_readable(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.beat()
         self._in_reap = True
         try:
             self.drain()
@@ -357,6 +361,19 @@ class Ring:
             if len(batch) < self._h.batch:
                 return total
 
+    def start_watchdog(self, timeout: float, message: str, uffd: int = -1) -> None:
+        """Write ``message`` to stderr when work waits ``timeout`` s for this ring's loop.
+
+        A native thread does the watching, so it works when no Python code can
+        run (the GIL deadlock of docs/gil.md).
+        """
+        if self._watchdog is None:
+            self._watchdog = StallWatchdog(self.fd, uffd, timeout, message)
+
+    @property
+    def stalls_reported(self) -> int:
+        return self._watchdog.fired if self._watchdog is not None else 0
+
     # ---- teardown ----------------------------------------------------
 
     def close(self) -> None:
@@ -367,6 +384,9 @@ class Ring:
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
         try:
             self._loop.remove_reader(self.fd)
         except Exception:  # loop already closed

@@ -1,0 +1,75 @@
+"""The GIL rule: a Python thread touching registered memory deadlocks the pager.
+
+The deadlocked process cannot run Python code, so these tests run it as a
+child process and look for the native watchdog's explanation on its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+import uffd_aio
+from tests.integration.helpers import PS, pattern_handler, scan
+
+CHILD = r"""
+import asyncio, ctypes, sys, threading
+import uffd_aio
+
+async def main() -> None:
+    async with uffd_aio.Pager(stall_warning=0.5, name="gil-test") as pager:
+        region = pager.map(4096)
+        region.on_fault(lambda ev: None)
+        print("ready", flush=True)
+        if sys.argv[1] == "loop-thread":
+            ctypes.string_at(region.address, 8)   # the loop thread itself faults
+        else:
+            t = threading.Thread(target=ctypes.string_at, args=(region.address, 8))
+            t.start()                             # holds the GIL while it faults
+            await asyncio.to_thread(t.join)
+
+asyncio.run(main())
+"""
+
+
+def _stderr_until(proc: subprocess.Popen[bytes], needle: bytes, timeout: float) -> bytes:
+    assert proc.stderr is not None
+    out = b""
+    deadline = time.monotonic() + timeout
+    while needle not in out and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.2)
+        if ready:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("where", ["loop-thread", "python-thread"])
+def test_watchdog_explains_a_gil_deadlock(where: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, where], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        err = _stderr_until(proc, b"docs/gil.md", timeout=30)
+        assert proc.poll() is None, f"the child should be deadlocked, it exited: {err!r}"
+    finally:
+        proc.kill()
+        proc.wait(10)
+    text = err.decode(errors="replace")
+    assert "while holding the GIL" in text and "'gil-test'" in text, text
+
+
+async def test_no_stall_report_while_serving_normally() -> None:
+    async with uffd_aio.Pager(stall_warning=0.2) as pager:
+        region = pager.map(256 * PS)
+        region.on_fault(pattern_handler)
+        res = await scan(region.address, region.length, op="verify", threads=2)
+        assert res.mismatches == 0
+        await uffd_aio.testing.read(region.address, PS)  # idle loop afterwards: no report
+        assert pager.ring.stalls_reported == 0
