@@ -51,8 +51,9 @@ loop that does not run.  Most likely a Python thread touched memory registered w
 pager while holding the GIL: that thread sleeps in the kernel until the fault is resolved,
 and the pager needs the GIL to resolve it, so the process is deadlocked.  Touch registered
 memory from native code that releases the GIL (uffd_aio.testing, C extensions) or from
-another process; never from Python code or on the loop thread.  (A handler that blocks the
-loop for this long looks the same.)  See docs/gil.md.  To see which thread: run with
+another process; never from Python code or on the loop thread.  The same happens when the
+loop thread calls fork() (subprocesses too), mremap(), munmap() or madvise() on registered
+memory, or a handler blocks the loop this long.  See docs/gil.md.  To see which thread: run with
 PYTHONFAULTHANDLER=1 and send SIGABRT, or py-spy dump --pid {pid}.
 """
 
