@@ -247,8 +247,10 @@ class Userfaultfd:
 
     def close(self) -> None:
         """Close the fd (the kernel then unregisters everything and wakes all waiters)."""
-        for fd in (self.writer_fd, self.fd):
-            if fd is not None and fd >= 0 and self.owned:
+        # the writer fd (UFFDIO_WRITE_FD) is always ours, and keeps the context
+        # (registrations, waiting threads) alive until it is closed too
+        for fd, ours in ((self.writer_fd, True), (self.fd, self.owned)):
+            if fd is not None and fd >= 0 and ours:
                 try:
                     os.close(fd)
                 except OSError:

@@ -88,7 +88,7 @@ def write_memory(addr: int, data: Any) -> None:
 class RingHandle:
     """Owns one ``struct io_uring`` (via the C shim); methods map 1:1 to C calls."""
 
-    __slots__ = ("_r", "fd", "features", "flags", "_ud", "_res", "_fl", "batch")
+    __slots__ = ("_fl", "_r", "_res", "_ud", "batch", "fd", "features", "flags")
 
     def __init__(self, entries: int, flags: int, sq_thread_idle_ms: int = 0, batch: int = 256):
         err = ffi.new("int *")
@@ -127,21 +127,26 @@ class RingHandle:
         self, op: int, fd: int, addr: int, length: int, offset: int, ud: int,
         sqe_flags: int = 0, buf_index: int = -1,
     ) -> bool:
-        return lib.ua_prep_rw(self._r, op, fd, addr, length, offset & 0xFFFFFFFFFFFFFFFF,
-                              ud, sqe_flags, buf_index) == 0
+        rc: int = lib.ua_prep_rw(self._r, op, fd, addr, length, offset & 0xFFFFFFFFFFFFFFFF,
+                                 ud, sqe_flags, buf_index)
+        return rc == 0
 
     def prep_read_multishot(self, fd: int, length: int, offset: int, group: int, ud: int) -> bool:
-        return lib.ua_prep_read_multishot(self._r, fd, length, offset & 0xFFFFFFFFFFFFFFFF,
-                                          group, ud) == 0
+        rc: int = lib.ua_prep_read_multishot(self._r, fd, length, offset & 0xFFFFFFFFFFFFFFFF,
+                                             group, ud)
+        return rc == 0
 
     def prep_poll(self, fd: int, mask: int, ud: int) -> bool:
-        return lib.ua_prep_poll(self._r, fd, mask, ud) == 0
+        rc: int = lib.ua_prep_poll(self._r, fd, mask, ud)
+        return rc == 0
 
     def prep_cancel(self, target: int, ud: int) -> bool:
-        return lib.ua_prep_cancel(self._r, target, ud) == 0
+        rc: int = lib.ua_prep_cancel(self._r, target, ud)
+        return rc == 0
 
     def prep_nop(self, ud: int) -> bool:
-        return lib.ua_prep_nop(self._r, ud) == 0
+        rc: int = lib.ua_prep_nop(self._r, ud)
+        return rc == 0
 
     def reap(self) -> list[tuple[int, int, int]]:
         """Up to ``batch`` completions as (user_data, res, flags), in completion order."""
@@ -224,8 +229,6 @@ def uffd_unregister(fd: int, start: int, length: int) -> None:
     check(lib.ua_uffd_unregister(fd, start, length), f"UFFDIO_UNREGISTER {start:#x}+{length:#x}")
 
 
-
-
 def uffd_wake(fd: int, start: int, length: int) -> int:
     return int(lib.ua_uffd_wake(fd, start, length))
 
@@ -269,6 +272,22 @@ def pwrite(fd: int, src: int, length: int, pos: int) -> tuple[int, int]:
     d = ffi.new("int64_t *")
     rc = lib.ua_pwrite(fd, src, length, pos, d)
     return rc, int(d[0])
+
+
+def uffd_write_fd(fd: int, flags: int) -> int:
+    """UFFDIO_WRITE_FD (patched kernels): a new O_RDWR fd for the same uffd context.
+
+    ``flags``: 0 or ``os.O_CLOEXEC | os.O_NONBLOCK``.  Raises OSError
+    (EINVAL on a stock kernel, which does not know the ioctl).
+    """
+    return check(lib.ua_uffd_write_fd(fd, flags), "UFFDIO_WRITE_FD")
+
+
+def uffd_poll(fd: int, budget_ns: int) -> int:
+    """UFFDIO_POLL (patched kernels): set the fault spin budget (0 = off); the old budget."""
+    old = ffi.new("uint64_t *")
+    check(lib.ua_uffd_poll(fd, budget_ns, old), f"UFFDIO_POLL budget_ns={budget_ns}")
+    return int(old[0])
 
 
 # ---- memory ----------------------------------------------------------

@@ -311,6 +311,12 @@ struct ua_poison { struct ua_range range; uint64_t mode; int64_t updated; };
 #define UA_IOC_WRITEPROTECT _IOWR(UA_UFFDIO, 0x06, struct ua_writeprotect)
 #define UA_IOC_CONTINUE _IOWR(UA_UFFDIO, 0x07, struct ua_continue)
 #define UA_IOC_POISON _IOWR(UA_UFFDIO, 0x08, struct ua_poison)
+/* added by the uffd_aio kernel series (kernel_patches/uapi.md); absent
+ * from every distro header, so always spelled out here */
+struct ua_write_fd { uint64_t flags; int64_t fd; };
+struct ua_poll { uint64_t budget_ns, old_budget_ns; };
+#define UA_IOC_WRITE_FD _IOWR(UA_UFFDIO, 0x09, struct ua_write_fd)
+#define UA_IOC_POLL _IOWR(UA_UFFDIO, 0x0A, struct ua_poll)
 #define UA_USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 
 int ua_uffd_open(int flags, int *via_dev)
@@ -422,6 +428,24 @@ int ua_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
 	struct ua_writeprotect w = { .range = { start, len }, .mode = mode };
 
 	return IOCTL_OR_ERRNO(fd, UA_IOC_WRITEPROTECT, &w);
+}
+
+int ua_uffd_write_fd(int fd, uint64_t flags)
+{
+	struct ua_write_fd w = { .flags = flags, .fd = -1 };
+
+	if (ioctl(fd, UA_IOC_WRITE_FD, &w) < 0)
+		return -errno;
+	return (int)w.fd;
+}
+
+int ua_uffd_poll(int fd, uint64_t budget_ns, uint64_t *old_budget_ns)
+{
+	struct ua_poll p = { .budget_ns = budget_ns };
+	int ret = IOCTL_OR_ERRNO(fd, UA_IOC_POLL, &p);
+
+	*old_budget_ns = p.old_budget_ns;
+	return ret;
 }
 
 int ua_pwrite(int fd, uint64_t buf, uint64_t len, uint64_t pos, int64_t *done)

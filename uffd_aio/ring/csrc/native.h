@@ -55,6 +55,11 @@ int ua_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t 
 int ua_uffd_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
 int ua_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int ua_pwrite(int fd, uint64_t buf, uint64_t len, uint64_t pos, int64_t *done);
+/* patched kernels (kernel_patches/uapi.md): UFFDIO_WRITE_FD returns a new
+ * writable fd for the same context, or -errno (stock kernel: -EINVAL);
+ * UFFDIO_POLL sets the spin budget in ns and stores the previous one */
+int ua_uffd_write_fd(int fd, uint64_t flags);
+int ua_uffd_poll(int fd, uint64_t budget_ns, uint64_t *old_budget_ns);
 
 /* ---- memory (GIL-free helpers for tests, examples, benchmarks) -------- */
 int64_t ua_mmap(uint64_t addr, uint64_t len, int prot, int flags, int fd, int64_t off);
