@@ -1,0 +1,170 @@
+"""FileBackend: pages from a file, read with io_uring into registered buffers (``file:PATH``).
+
+The snapshot-restore backend: a VM's memory file (Firecracker's
+``mem_file``), read on demand.  No threads: every read is an io_uring
+READ_FIXED on the backend's own :class:`~uffd_aio.ring.Ring` (on the running
+loop) into one of a pool of buffers registered with that ring, then copied
+out (the copy is what the pager hands to UFFDIO_COPY; the buffer goes back to
+the pool at once).
+
+* Ranges past the end of the file read as zeros (``None`` when the whole
+  range is past the end, so the pager maps zero pages).
+* Read-only by default: snapshot files are shared by every VM restored from
+  them and must never change, so :meth:`store` raises
+  :class:`~uffd_aio.handlers.base.BackendError`.  ``FileBackend.open(path,
+  writable=True)`` opens the file read-write and :meth:`store` writes pages
+  back with io_uring (for a private copy of the memory, e.g. as an eviction
+  target).
+* The pool bounds the reads in flight (``buffers``); a fetch longer than one
+  buffer (read-ahead) is read as several buffer-sized pieces in parallel.
+* If the kernel refuses to register the buffers (RLIMIT_MEMLOCK), the same
+  pool is used with plain io_uring READs, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+from typing import Any
+
+import structlog
+
+from uffd_aio.handlers.base import BackendError, Buffer
+from uffd_aio.ring import Ring
+
+PAGE = mmap.PAGESIZE
+
+
+class FileBackend:
+    """Pages of a file; see the module docstring.  Create with :meth:`open` on the loop."""
+
+    def __init__(self, path: str, fd: int, size: int, ring: Ring, pool: mmap.mmap,
+                 buffers: int, buffer_size: int, *, writable: bool, fixed: bool) -> None:
+        self.path = path
+        self.name = f"file:{path}" + (" (rw)" if writable else "")
+        self.size = size
+        self.writable = writable
+        self.fixed = fixed
+        self.buffer_size = buffer_size
+        self.reads = 0
+        self.bytes_read = 0
+        self._fd = fd
+        self._ring = ring
+        self._pool = pool
+        self._views = [memoryview(pool)[i * buffer_size:(i + 1) * buffer_size]
+                       for i in range(buffers)]
+        self._free: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(buffers):
+            self._free.put_nowait(i)
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], *, writable: bool = False,
+                   buffers: int = 16, buffer_size: int = 256 << 10) -> FileBackend:
+        """Open ``path`` and set up the ring and its registered buffer pool."""
+        if buffers < 1 or buffer_size < PAGE or buffer_size % PAGE:
+            raise ValueError("need buffers >= 1 and buffer_size a multiple of the page size")
+        p = os.fspath(path)
+        try:
+            fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackendError(f"cannot open the snapshot file {p!r}: {exc.strerror}") from exc
+        ring: Ring | None = None
+        try:
+            size = os.fstat(fd).st_size
+            ring = Ring(64, loop=asyncio.get_running_loop())
+            pool = mmap.mmap(-1, buffers * buffer_size)
+            views = [memoryview(pool)[i * buffer_size:(i + 1) * buffer_size]
+                     for i in range(buffers)]
+            try:
+                ring.register_buffers(views)
+                fixed = True
+            except OSError as exc:
+                fixed = False
+                structlog.get_logger("uffd_aio").bind(component="file_backend").warning(
+                    "uffd_aio.fixed_buffers_unavailable", path=p, error=str(exc),
+                    hint="raise RLIMIT_MEMLOCK (ulimit -l) for registered buffers; "
+                         "using plain io_uring reads")
+            del views
+        except BaseException:
+            if ring is not None:
+                ring.close()
+            os.close(fd)
+            raise
+        return cls(p, fd, size, ring, pool, buffers, buffer_size, writable=writable,
+                   fixed=fixed)
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise BackendError(f"{self.name} is closed")
+        if offset < 0 or length <= 0:
+            raise BackendError(f"bad range offset={offset} length={length}")
+
+    async def _read_piece(self, off: int, n: int, out: Any, at: int) -> None:
+        """Read file [off, off+n) into out[at:at+n] through a pool buffer."""
+        idx = await self._free.get()
+        try:
+            if self.fixed:
+                got = await self._ring.read_fixed(self._fd, idx, off, n)
+            else:
+                got = await self._ring.read(self._fd, self._views[idx][:n], off)
+            self.reads += 1
+            self.bytes_read += got
+            out[at:at + got] = self._views[idx][:got]  # a short read (file shrank): zeros
+        except OSError as exc:
+            raise BackendError(f"reading {self.path!r} at {off:#x}+{n:#x}: {exc}") from exc
+        finally:
+            self._free.put_nowait(idx)
+
+    async def fetch(self, offset: int, length: int) -> Buffer | None:
+        """``length`` bytes at ``offset``; zeros past the end of the file."""
+        self._check(offset, length)
+        if offset >= self.size:
+            return None
+        avail = min(length, self.size - offset)
+        out = bytearray(length)
+        bs = self.buffer_size
+        if avail <= bs:
+            await self._read_piece(offset, avail, out, 0)
+        else:
+            await asyncio.gather(*(self._read_piece(offset + at, min(bs, avail - at), out, at)
+                                   for at in range(0, avail, bs)))
+        return out
+
+    async def store(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` back at ``offset`` (only when opened ``writable=True``)."""
+        view = memoryview(data).cast("B")
+        self._check(offset, view.nbytes)
+        if not self.writable:
+            raise BackendError(f"{self.name} is read-only: snapshot files are never written "
+                               "(open it with FileBackend.open(path, writable=True))")
+        done = 0
+        try:
+            while done < view.nbytes:
+                n = await self._ring.write(self._fd, view[done:], offset + done)
+                if n <= 0:
+                    raise BackendError(f"writing {self.path!r} at {offset + done:#x}: "
+                                       "no progress")
+                done += n
+        except OSError as exc:
+            raise BackendError(f"writing {self.path!r} at {offset + done:#x}: {exc}") from exc
+        self.size = max(self.size, offset + view.nbytes)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ring.close()
+        os.close(self._fd)
+        for v in self._views:
+            v.release()
+        self._views = []
+        try:
+            self._pool.close()
+        except BufferError:  # the ring's handles still pin it: freed with them
+            pass
+
+    def __repr__(self) -> str:
+        return (f"FileBackend({self.path!r}, size={self.size}, writable={self.writable}, "
+                f"fixed={self.fixed})")
