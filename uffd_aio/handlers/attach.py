@@ -76,6 +76,10 @@ class DirtyPolicy(Protocol):
         """An awaitable while region page ``page`` is being evicted, else None."""
         ...
 
+    def is_evicting(self, page: int) -> bool:
+        """Region page ``page`` is being evicted (read-ahead and replay leave it alone)."""
+        ...
+
     async def on_wp_fault(self, ev: PageFault, page: int) -> None:
         """A write hit a write-protected page: record it and unprotect."""
         ...
@@ -334,7 +338,9 @@ class Attachment:
         end = min(page + want, self.npages)
         present, pending = self._present, self._pending
         j = page + 1
-        while j < end and not present[j] and j not in pending:
+        d = self.dirty
+        while j < end and not present[j] and j not in pending and (
+                d is None or not d.is_evicting(j)):
             j += 1
         return j - page
 
@@ -432,7 +438,7 @@ class Attachment:
             self._mark_absent(first, last)
             if self.dirty is not None:
                 self.dirty.forget(first, last)
-            self._log.debug("uffd_aio.range_forgotten", event=type(msg).__name__,
+            self._log.debug("uffd_aio.range_forgotten", kind=type(msg).__name__,
                             first_page=first, end_page=last)
 
     # ---- replay (background prefetch of a recorded order) ------------------------
@@ -444,7 +450,8 @@ class Attachment:
 
     def _skip(self, store_page: int) -> bool:
         p = store_page - self._store_page0
-        return bool(self._present[p]) or p in self._pending
+        return bool(self._present[p]) or p in self._pending or (
+            self.dirty is not None and self.dirty.is_evicting(p))
 
     async def _replay(self) -> None:
         plan = self._plan

@@ -1,0 +1,416 @@
+"""Dirty-page tracking and eviction under a resident-memory budget.
+
+Use with :func:`uffd_aio.handlers.attach` on a region registered
+``Mode.MISSING | Mode.WP``::
+
+    tracker = DirtyTracker(max_resident=64 << 20)
+    att = attach(region, backend, dirty=tracker)
+
+**Tracking.**  Pages are mapped write-protected (``UFFDIO_COPY`` with
+``MODE_WP``; zero pages too, as a copy of zeros, because a zeropage mapping
+would take writes silently).  The first write to a page raises a WP fault:
+the page is marked dirty and unprotected, so later writes run at full
+speed.  A write fault on a missing page maps that page writable and dirty
+at once (one fault, not two).
+
+**Eviction.**  With ``max_resident`` (bytes), when the pages this region has
+mapped exceed the budget, a background task evicts the coldest ones down to
+``max_resident - headroom``.  "Coldest" is approximate LRU by fault order:
+pages enter the list when they are mapped and move to its hot end when they
+take a (WP) fault; reads of resident pages are invisible to a pager, so a
+page that is read constantly but never re-faults still ages out (it then
+faults back in: correct, just slower).  Each batch:
+
+1. marks its pages *evicting* -- faults on them wait for the batch;
+2. write-protects them (UFFDIO_WRITEPROTECT): from here on a write blocks in
+   a WP fault instead of changing the page under us;
+3. reads the dirty ones (in a worker thread) and writes them back with
+   ``backend.store()`` -- *before* anything is dropped;
+4. drops the pages: ``MADV_DONTNEED`` (private anonymous memory) or
+   ``MADV_REMOVE`` (memfd/shmem regions), in a worker thread, because with
+   ``EVENT_REMOVE`` the kernel holds madvise() until the pager has read the
+   REMOVE event, which the loop thread must be free to do;
+5. clears the *evicting* mark: a reader that faulted meanwhile now fetches
+   the written-back content; a blocked writer is woken, faults the page back
+   in as a write fault and dirties it again.
+
+If the write-back fails the batch is aborted: the pages stay resident,
+dirty and write-protected (a later write just faults once more), and the
+evictor backs off.
+
+The budget is soft: fetches in flight can exceed it by their windows.  When
+resident pages exceed ``max_resident * hard_limit_factor``, new faults wait
+(bounded, ``admission_wait`` seconds) for eviction to catch up.
+
+**Handed-off regions** (memory of another process, ``region.remote``):
+eviction needs ``MADV_DONTNEED`` *in the memory's process*, and
+``process_madvise(2)`` only accepts MADV_COLD/PAGEOUT/WILLNEED/COLLAPSE, so a
+pager cannot drop a client's pages from outside.  Eviction is therefore
+disabled there (logged once as ``uffd_aio.eviction_unsupported``); dirty
+tracking still works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.uffd import RangeGone
+
+if TYPE_CHECKING:
+    from uffd_aio.fault import PageFault
+    from uffd_aio.handlers.attach import Attachment
+
+__all__ = ["DirtyTracker"]
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted pages -> [(first, count)] of consecutive runs."""
+    out: list[tuple[int, int]] = []
+    for p in sorted(pages):
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
+
+
+class DirtyTracker:
+    """Tracks written pages of one attached region and evicts under ``max_resident``.
+
+    * ``max_resident``: bytes of this region that may be mapped (None: no eviction).
+    * ``batch_pages``: pages evicted per batch (and per write-back round).
+    * ``headroom``: bytes below the budget that one eviction round frees down
+      to (default: one batch, at most an eighth of the budget).
+    * ``hard_limit_factor`` / ``admission_wait``: backpressure (see module doc).
+    """
+
+    def __init__(self, *, max_resident: int | None = None, batch_pages: int = 256,
+                 headroom: int | None = None, hard_limit_factor: float = 1.25,
+                 admission_wait: float = 1.0) -> None:
+        if max_resident is not None and max_resident <= 0:
+            raise ValueError("max_resident must be > 0 bytes")
+        if batch_pages < 1:
+            raise ValueError("batch_pages must be >= 1")
+        self.max_resident = max_resident
+        self.batch_pages = batch_pages
+        self._headroom = headroom
+        self.hard_limit_factor = hard_limit_factor
+        self.admission_wait = admission_wait
+        self._att: Attachment | None = None
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._evicting: dict[int, asyncio.Future[None]] = {}
+        #: evicting pages that a Remove/Unmap dropped meanwhile (see forget())
+        self._dropped: set[int] = set()
+        self._wakeup: asyncio.Event | None = None
+        self._progress: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._can_evict = False
+        self._advice = ll.MADV_DONTNEED
+        self._log = structlog.get_logger("uffd_aio").bind(component="dirty")
+        #: counters
+        self.evicted_pages = 0
+        self.eviction_batches = 0
+        self.written_back_pages = 0
+        self.writeback_failures = 0
+        self.wp_faults = 0
+        self.admission_waits = 0
+        self.evict_seconds = 0.0
+
+    # ---- DirtyPolicy -----------------------------------------------------------
+
+    def bind(self, att: Attachment) -> None:
+        if self._att is not None:
+            raise RuntimeError("a DirtyTracker serves one attachment")
+        self._att = att
+        region = att.region
+        self._log = self._log.bind(region=region.name)
+        ps = att.page_size
+        if self._headroom is None and self.max_resident is not None:
+            self._headroom = min(self.batch_pages * ps, self.max_resident // 8)
+        if region.memfd is not None:
+            self._advice = ll.MADV_REMOVE
+        if self.max_resident is None:
+            return
+        if region.remote:
+            self._log.warning(
+                "uffd_aio.eviction_unsupported", region=region.name,
+                reason="the region lives in another process: MADV_DONTNEED cannot be applied "
+                "from outside (process_madvise allows only COLD/PAGEOUT/WILLNEED/COLLAPSE); "
+                "max_resident is ignored, dirty pages are still tracked")
+            return
+        if self.max_resident < ps:
+            raise ValueError(f"max_resident {self.max_resident} is smaller than a page")
+        self._can_evict = True
+        self._wakeup = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._evictor())
+
+    def evicting(self, page: int) -> Awaitable[None] | None:
+        fut = self._evicting.get(page)
+        if fut is not None and page not in self._dropped:
+            return asyncio.shield(fut)
+        if self._can_evict and self._over_hard_limit():
+            return self._admit()
+        return None
+
+    def is_evicting(self, page: int) -> bool:
+        return page in self._evicting
+
+    async def on_wp_fault(self, ev: PageFault, page: int) -> None:
+        self.wp_faults += 1
+        fut = self._evicting.get(page)
+        if fut is not None:
+            await asyncio.shield(fut)
+        att = self._att
+        assert att is not None
+        if not att.is_present(page):
+            # evicted (or dropped) while the writer waited: wake it; it faults the page
+            # back in as a write fault, which maps it writable and dirty
+            await ev.unprotect()
+            return
+        self._dirty.add(page)
+        lru = self._lru
+        lru[page] = None
+        lru.move_to_end(page)
+        await ev.unprotect()
+
+    def resident(self, first: int, count: int, written: int | None) -> None:
+        lru = self._lru
+        for p in range(first, first + count):
+            lru[p] = None
+            lru.move_to_end(p)
+        if written is not None:
+            self._dirty.add(written)
+        if self._can_evict and self._over_budget():
+            assert self._wakeup is not None
+            self._wakeup.set()
+
+    def forget(self, first: int, end: int) -> None:
+        """Pages [first, end) were dropped (Remove/Unmap).
+
+        Pages being evicted keep their state for the evictor, but are marked
+        *dropped*: a fault on them no longer waits for the eviction (the
+        evictor may be reading exactly that page, which would then wait for
+        the fault: a deadlock), it fetches the page again at once.
+        """
+        lru, dirty, evicting = self._lru, self._dirty, self._evicting
+        if evicting:
+            self._dropped.update(p for p in range(first, end) if p in evicting)
+        if end - first > len(lru):
+            for p in [p for p in lru if first <= p < end and p not in evicting]:
+                del lru[p]
+                dirty.discard(p)
+        else:
+            for p in range(first, end):
+                if p not in evicting:
+                    lru.pop(p, None)
+                    dirty.discard(p)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            # the evictor finishes its current batch (never leave pages half-evicted)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # ---- state ---------------------------------------------------------------
+
+    @property
+    def dirty_pages(self) -> int:
+        return len(self._dirty)
+
+    @property
+    def resident_pages(self) -> int:
+        return len(self._lru)
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self._lru) * (self._att.page_size if self._att else 0)
+
+    def is_dirty(self, page: int) -> bool:
+        return page in self._dirty
+
+    def _over_budget(self) -> bool:
+        assert self.max_resident is not None
+        return self.resident_bytes > self.max_resident
+
+    def _over_hard_limit(self) -> bool:
+        assert self.max_resident is not None
+        return self.resident_bytes > self.max_resident * self.hard_limit_factor
+
+    async def _admit(self) -> None:
+        """Backpressure: wait (bounded) until eviction brings residency under the hard limit."""
+        assert self._progress is not None and self._wakeup is not None
+        self.admission_waits += 1
+        self._wakeup.set()
+        deadline = time.monotonic() + self.admission_wait
+        while self._over_hard_limit() and not self._closing:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._progress.clear()
+            # wait_for, not asyncio.timeout: eager handlers may run without a Task
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), left)
+
+    # ---- write-back ------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write back every dirty page (they stay resident, write-protected again); pages written.
+
+        In-process regions only (the memory must be readable here).
+        """
+        att = self._att
+        assert att is not None
+        if att.region.remote:
+            raise RuntimeError(f"{att.region!r} lives in another process: its dirty pages "
+                               "cannot be read from here")
+        total = 0
+        while True:
+            pages = [p for p in self._dirty if p not in self._evicting][:self.batch_pages * 16]
+            if not pages:
+                return total
+            fut = asyncio.get_running_loop().create_future()
+            for p in pages:
+                self._evicting[p] = fut  # faults on them wait while we read them
+            try:
+                runs = _runs(pages)
+                self._protect(runs)
+                await self._write_back(runs)
+                total += len(pages)
+            finally:
+                for p in pages:
+                    if self._evicting.get(p) is fut:
+                        del self._evicting[p]
+                fut.set_result(None)
+
+    def _protect(self, runs: list[tuple[int, int]]) -> None:
+        att = self._att
+        assert att is not None
+        uffd = att.uffd()
+        ps = att.page_size
+        base = att.region.address
+        for first, n in runs:
+            uffd.writeprotect(base + first * ps, n * ps, protect=True)
+
+    async def _write_back(self, runs: list[tuple[int, int]]) -> None:
+        """Read the (protected) pages and store them; clears their dirty marks on success."""
+        att = self._att
+        assert att is not None
+        ps = att.page_size
+        base = att.region.address
+
+        def read_all() -> list[bytes]:
+            return [ll.read_memory(base + first * ps, n * ps) for first, n in runs]
+
+        datas = await asyncio.to_thread(read_all)
+        # a write fault that came in while we read was blocked: the data is current
+        for (first, n), data in zip(runs, datas, strict=True):
+            await att.backend.store(att.store_offset + first * ps, data)
+            for p in range(first, first + n):
+                self._dirty.discard(p)
+            self.written_back_pages += n
+
+    # ---- eviction ---------------------------------------------------------------
+
+    async def _evictor(self) -> None:
+        assert self._wakeup is not None and self._progress is not None
+        max_resident = self.max_resident
+        assert max_resident is not None
+        while not self._closing:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            target = max_resident - (self._headroom or 0)
+            while not self._closing and self.resident_bytes > target:
+                victims = self._pick()
+                if not victims:
+                    break
+                ok = await self._evict(victims)
+                self._progress.set()
+                if not ok:
+                    await asyncio.sleep(1.0)  # write-back failing: back off
+                    break
+
+    def _pick(self) -> list[int]:
+        att = self._att
+        assert att is not None
+        out: list[int] = []
+        skipped: list[int] = []
+        lru = self._lru
+        while lru and len(out) < self.batch_pages:
+            p, _ = lru.popitem(last=False)
+            if att.is_pending(p):  # being re-fetched right now: keep it, try later
+                skipped.append(p)
+                continue
+            out.append(p)
+        for p in reversed(skipped):
+            lru[p] = None
+            lru.move_to_end(p, last=False)
+        return out
+
+    async def _evict(self, pages: list[int]) -> bool:
+        att = self._att
+        assert att is not None
+        t0 = time.perf_counter()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for p in pages:
+            self._evicting[p] = fut
+        runs = _runs(pages)
+        ps = att.page_size
+        base = att.region.address
+        ok = False
+        try:
+            try:
+                self._protect(runs)
+                dirty_runs = _runs([p for p in pages if p in self._dirty])
+                if dirty_runs:
+                    await self._write_back(dirty_runs)
+            except RangeGone:
+                return True  # the region went away: nothing to evict
+            except Exception as exc:
+                self.writeback_failures += 1
+                self._log.error("uffd_aio.writeback_failed", pages=len(pages),
+                                error=f"{type(exc).__name__}: {exc}",
+                                hint="pages stay resident and dirty; eviction backs off")
+                for p in pages:  # back to the cold end, still resident
+                    self._lru[p] = None
+                    self._lru.move_to_end(p, last=False)
+                return False
+            advice = self._advice
+
+            def drop() -> None:
+                for first, n in runs:
+                    ll.madvise(base + first * ps, n * ps, advice)
+
+            await asyncio.to_thread(drop)
+            dropped = self._dropped
+            for p in pages:
+                if p in dropped:  # forgotten meanwhile: maybe re-fetched already
+                    continue
+                att._mark_absent(p, p + 1)
+                self._dirty.discard(p)
+            self.evicted_pages += len(pages)
+            self.eviction_batches += 1
+            ok = True
+            return True
+        finally:
+            for p in pages:
+                if self._evicting.get(p) is fut:
+                    del self._evicting[p]
+                self._dropped.discard(p)
+            fut.set_result(None)
+            self.evict_seconds += time.perf_counter() - t0
+            if not ok:
+                self._log.debug("uffd_aio.eviction_aborted", pages=len(pages))
