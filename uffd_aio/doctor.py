@@ -94,17 +94,19 @@ def _patched_checks(feats: Feature) -> list[Check]:
                          "kernel-test` boots a patched kernel in a VM)"))
     if not feats & PATCHED_FEATURES:
         out.append(Check("resolution backend", "ioctl (UFFDIO_COPY & co.)", True))
-    else:
-        out.append(Check("resolution backend", "ring writes available" if feats & Feature.WRITE
-                         else "ioctl", True))
-    try:  # optional: the ring-write backend may offer a deeper probe
-        from uffd_aio import resolve_ring
-        probe = getattr(resolve_ring, "probe_write_path", None)
-        if probe is not None and feats & Feature.WRITE:
-            ok, reason = probe()
-            out.append(Check("write path probe", "works" if ok else "fails", ok, reason))
-    except ImportError:
-        pass
+        return out
+    # patched kernel: really open a writer fd / set a budget (resolve_ring's probes)
+    from uffd_aio import resolve_ring
+
+    ok, reason = resolve_ring.probe_write_path()
+    out.append(Check("write path", "io_uring WRITE on the UFFDIO_WRITE_FD fd works" if ok
+                     else "fails", ok, reason))
+    out.append(Check("resolution backend", "ring (Pager(backend='auto') resolves faults with "
+                     "io_uring writes; see pager.stats.ring_writes)" if ok
+                     else "ioctl (UFFDIO_COPY & co.)", True))
+    ok, reason = resolve_ring.probe_poll_mode()
+    out.append(Check("poll mode", "UFFDIO_POLL works: Pager(poll=True) or "
+                     "Pager(poll_budget_us=N)" if ok else "fails", ok, reason))
     return out
 
 

@@ -346,6 +346,8 @@ class RingWriteBackend:
         else:
             src, keep = 0, None
         fut: asyncio.Future[int] = self.ring.loop.create_future()
-        w = _Write(self, fut, wfd, wop, op.address, op.length, src, keep, op.wp)
+        # like the ioctl backend, ``wp`` only means something for COPY and CONTINUE
+        w = _Write(self, fut, wfd, wop, op.address, op.length, src, keep,
+                   op.wp and wop in wpos.MODE_WP_OPS)
         w.submit()
         return fut
