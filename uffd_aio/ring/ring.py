@@ -28,6 +28,7 @@ Callback = Callable[[int, int], None]
 """A completion callback: ``cb(res, cqe_flags)``; res is >= 0 or -errno."""
 
 _CANCEL_UD = 0  # user_data of our own cancel SQEs: their CQEs are ignored
+_REDRAIN_ROUNDS = 32  # reap/submit rounds per wakeup before yielding to the loop
 
 
 class _FutureOp:
@@ -328,13 +329,22 @@ class Ring:
     def _on_readable(self) -> None:
         if self._watchdog is not None:
             self._watchdog.beat()
-        self._in_reap = True
-        try:
-            self.drain()
-        finally:
-            self._in_reap = False
-        if self._dirty:
-            self._submit_now()
+        # Reap, submit what the callbacks queued, and reap again while that keeps
+        # producing completions (bounded): a uffd read submitted after a resolve
+        # usually completes inside that io_uring_enter (the woken thread has faulted
+        # again by then), and a multishot read posts its next CQE when the resolving
+        # ioctl returns, so the next fault is served without another trip through
+        # the event loop's selector.
+        for _ in range(_REDRAIN_ROUNDS):
+            self._in_reap = True
+            try:
+                n = self.drain()
+            finally:
+                self._in_reap = False
+            if self._dirty:
+                self._submit_now()
+            if not n:
+                return
 
     def drain(self) -> int:
         """Reap and dispatch every completion that is ready now; returns how many."""
