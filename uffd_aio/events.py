@@ -15,6 +15,7 @@ synthetic bytes.  Layout (include/uapi/linux/userfaultfd.h), 32 bytes::
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import attrs
 
@@ -35,6 +36,7 @@ _PF = struct.Struct("<8xQQI4x")
 _FORK = struct.Struct("<8xI20x")
 _REMAP = struct.Struct("<8xQQQ")
 _RANGE = struct.Struct("<8xQQ8x")
+_PF_ALL = struct.Struct("<B7xQQI4x")  # event + the pagefault fields, one whole record
 
 
 @attrs.frozen(slots=True)
@@ -56,6 +58,29 @@ class PageFaultMsg:
     @property
     def is_minor(self) -> bool:
         return bool(self.flags & PAGEFAULT_FLAG_MINOR)
+
+
+def _fast_pagefault() -> Callable[[int, int, int], PageFaultMsg]:
+    """A PageFaultMsg constructor for the decode loop: the slots' setters, without the
+    generic frozen ``__init__`` (which looks up ``object.__setattr__`` per field).
+    PageFaultMsg has no validators or converters, so the result is the same object."""
+    new = object.__new__
+    slots = PageFaultMsg.__dict__
+    set_address = slots["address"].__set__
+    set_flags = slots["flags"].__set__
+    set_tid = slots["thread_id"].__set__
+
+    def make(address: int, flags: int, thread_id: int) -> PageFaultMsg:
+        m = new(PageFaultMsg)
+        set_address(m, address)
+        set_flags(m, flags)
+        set_tid(m, thread_id)
+        return m
+
+    return make
+
+
+_pagefault = _fast_pagefault()
 
 
 @attrs.frozen(slots=True)
@@ -130,7 +155,17 @@ def decode(buf: bytes | bytearray | memoryview, nbytes: int | None = None) -> li
         raise DecodeError(f"{n} bytes requested from a {len(buf)}-byte buffer")
     if n % MSG_SIZE:
         raise DecodeError(f"{n} bytes is not a multiple of the {MSG_SIZE}-byte uffd_msg")
-    return [decode_one(buf, off) for off in range(0, n, MSG_SIZE)]
+    # fast path (this runs per read on the fault path): one C-level unpack of every
+    # record with the PAGEFAULT layout; other events are decoded again properly
+    view = buf if n == len(buf) else memoryview(buf)[:n]
+    out: list[Msg] = []
+    append = out.append
+    off = 0
+    for event, flags, address, ptid in _PF_ALL.iter_unpack(view):
+        append(_pagefault(address, flags, ptid) if event == EVENT_PAGEFAULT
+               else decode_one(buf, off))
+        off += MSG_SIZE
+    return out
 
 
 def encode_pagefault(address: int, flags: int = 0, thread_id: int = 0) -> bytes:

@@ -123,6 +123,7 @@ class _Context:
         self.starts: list[int] = []
         self.inflight: dict[int, _Inflight] = {}
         self.read_ud: int | None = None
+        self.read_cb: Callable[[int, int], None] | None = None  # made once, re-armed often
         self.read_mode: ReadMode = "read"
         self.buf = bytearray(ev_mod.MSG_SIZE * _READ_BATCH)
         self.buf_addr, self._buf_keep = ll.buffer_address(self.buf, writable=True)
@@ -612,7 +613,9 @@ class Pager:
             return
         ring = self.ring
         mode = ctx.read_mode
-        cb = lambda res, flags, ctx=ctx: self._on_read(ctx, res, flags)  # noqa: E731
+        cb = ctx.read_cb
+        if cb is None:
+            cb = ctx.read_cb = lambda res, flags, ctx=ctx: self._on_read(ctx, res, flags)
         if mode == "read":
             ctx.read_ud = ring.submit_rw(ll.OP_READ, ctx.uffd.fd, ctx.buf_addr, len(ctx.buf),
                                          -1, cb)

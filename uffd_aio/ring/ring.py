@@ -185,8 +185,14 @@ class Ring:
         """Queue a read/write-family SQE with a completion callback; returns its user_data."""
         ud = self._alloc_ud(cb)
         flags = ll.IOSQE_FIXED_FILE if fixed_file else 0
+        h = self._h
         try:
-            self._prep(lambda: self._h.prep_rw(op, fd, addr, length, offset, ud, flags, buf_index))
+            # fast path (the uffd read is re-armed per batch): prep directly; the
+            # closure and the SQ-full retry only when the ring is closed or full
+            if self._closed or not h.prep_rw(op, fd, addr, length, offset, ud, flags, buf_index):
+                self._prep(lambda: h.prep_rw(op, fd, addr, length, offset, ud, flags, buf_index))
+            else:
+                self._mark_dirty()
         except BaseException:
             del self._ops[ud]
             raise
