@@ -29,7 +29,8 @@ PAGE = 4096
 
 async def run_one(args: argparse.Namespace, store: PatternStore, threads: int) -> dict[str, Any]:
     length = args.pages * PAGE
-    async with Pager(name="bench-inproc", max_inflight=args.max_inflight) as pager:
+    async with Pager(name="bench-inproc", max_inflight=args.max_inflight,
+                     read_mode=args.read_mode) as pager:
         region = pager.map(length)
         attach(region, store, args.readahead, sync=args.handler == "sync")
         res = await testing.scan(region.address, length, threads=threads, op="read",
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-cpu", type=int, default=None, help="pin the faulting threads")
     p.add_argument("--handler", choices=("async", "sync"), default="async")
     p.add_argument("--max-inflight", type=int, default=1024)
+    p.add_argument("--read-mode", choices=("auto", "read", "multishot", "poll"), default="auto",
+                   help="Pager read_mode")
     p.add_argument("--label", default="")
     return p
 

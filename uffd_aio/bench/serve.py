@@ -39,7 +39,8 @@ async def _serve_client(conn: socket.socket, ring: Ring, store: PatternStore,
     h = await handoff.receive(conn)
     uffd = Userfaultfd.from_fd(h.uffd_fd)
     async with Pager(uffd=uffd, ring=ring, name=f"bench-client{n}",
-                     max_inflight=args.max_inflight) as pager:
+                     max_inflight=args.max_inflight,
+                     read_mode=args.read_mode) as pager:
         for i, m in enumerate(h.mappings):
             region = pager.adopt(m.base_host_virt_addr, m.size, store_offset=m.offset,
                                  page_size=m.page_size, name=f"m{i}")
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pattern bytes to pre-compute (grown on demand)")
     p.add_argument("--handler", choices=("async", "sync"), default="async")
     p.add_argument("--max-inflight", type=int, default=1024)
+    p.add_argument("--read-mode", choices=("auto", "read", "multishot", "poll"), default="auto",
+                   help="Pager read_mode")
     p.add_argument("--once", action="store_true", help="exit after one client")
     return p
 

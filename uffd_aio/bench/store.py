@@ -32,8 +32,8 @@ class PatternStore:
         self.view = memoryview(self.buf)
 
     def grow(self, size: int) -> None:
-        if size > self.size:
-            self.buf.extend(testing.pattern_bytes(self.size, size - self.size))
+        if size > self.size:  # a new buffer: handlers of earlier clients hold views of the old
+            self.buf = self.buf + testing.pattern_bytes(self.size, size - self.size)
             self.size = size
             self.view = memoryview(self.buf)
 
