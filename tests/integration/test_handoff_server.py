@@ -1,0 +1,427 @@
+"""HandoffServer end to end: C clients in child processes hand over their uffds.
+
+Clients are native programs (the benchmarks' ``workload`` and the snapshot
+example's ``vmm``): memory registered with a uffd is never touched from this
+Python process.  Every child is killed when its test ends, passed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from uffd_aio import testing
+from uffd_aio.handlers.base import Buffer
+from uffd_aio.handlers.file import FileBackend
+from uffd_aio.handlers.zero import ZeroBackend
+from uffd_aio.server import HandoffServer, start_metrics
+from uffd_aio.uffd import Userfaultfd
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+PS = 4096
+SNAP_PAGES = 8192  # 32 MiB
+
+
+def _build(directory: Path, target: str) -> Path:
+    if shutil.which("make") is None or shutil.which("cc") is None:
+        pytest.skip("needs make and a C compiler")
+    subprocess.run(["make", "-s", "-C", str(directory), target], check=True, timeout=120,
+                   capture_output=True)
+    return directory / target
+
+
+@pytest.fixture(scope="session")
+def workload() -> Path:
+    return _build(ROOT / "benchmarks" / "c", "build/workload")
+
+
+@pytest.fixture(scope="session")
+def vmm() -> Path:
+    return _build(ROOT / "examples" / "snapshot_restore", "vmm")
+
+
+@pytest.fixture(scope="session")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("snap") / "mem.snap"
+    path.write_bytes(testing.pattern_bytes(0, SNAP_PAGES * PS))
+    return path
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "uffd.sock")
+
+
+class Children:
+    """Child processes of one test; all killed at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self, *argv: Any) -> asyncio.subprocess.Process:
+        p = await asyncio.create_subprocess_exec(
+            *map(str, argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        self.procs.append(p)
+        return p
+
+    async def finish(self, p: asyncio.subprocess.Process, timeout: float = 30
+                     ) -> tuple[int, str, str]:
+        async with asyncio.timeout(timeout):
+            out, err = await p.communicate()
+        assert p.returncode is not None
+        return p.returncode, out.decode(), err.decode()
+
+    async def kill_all(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(p.wait(), 5)
+
+
+@contextlib.asynccontextmanager
+async def children() -> AsyncIterator[Children]:
+    c = Children()
+    try:
+        yield c
+    finally:
+        await c.kill_all()
+
+
+@contextlib.asynccontextmanager
+async def serving(sock_path: str, backend: Any, **kw: Any) -> AsyncIterator[HandoffServer]:
+    kw.setdefault("handoff_timeout", 2.0)
+    async with HandoffServer(sock_path, backend, **kw) as server:
+        yield server
+
+
+def workload_args(workload: Path, sock_path: str, pages: int, threads: int = 4,
+                  regions: int = 2, *extra: Any) -> list[Any]:
+    return [workload, "--socket", sock_path, "--pages", pages, "--threads", threads,
+            "--regions", regions, "--timeout", 25, "--connect-timeout", 5, *extra]
+
+
+def parse(out: str) -> dict[str, Any]:
+    line = out.strip().splitlines()[-1]
+    doc: dict[str, Any] = json.loads(line)
+    return doc
+
+
+def uffds_open() -> int:
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[userfaultfd]"
+    return n
+
+
+# ---- the happy path ---------------------------------------------------------------------
+
+
+async def test_four_clients_four_threads_file_backend(workload: Path, snapshot: Path,
+                                                      sock_path: str) -> None:
+    backend = await FileBackend.open(snapshot)
+    try:
+        async with serving(sock_path, backend, allow_uids={os.getuid()}) as server, \
+                children() as kids:
+            procs = [await kids.start(*workload_args(workload, sock_path, 2048,
+                                                     4, 2, "--label", f"c{i}"))
+                     for i in range(4)]
+            results = await asyncio.gather(*(kids.finish(p) for p in procs))
+            for rc, out, err in results:
+                assert rc == 0, (out, err)
+                doc = parse(out)
+                assert doc["verified"] is True and doc["bad_words"] == 0
+                assert doc["threads"] == 4 and doc["pages"] == 2048
+            await server.wait_clients(0)
+            st = server.stats
+            assert (st.served, st.closed, st.invalid, st.rejected) == (4, 4, 0, 0)
+            assert st.faults >= 4 * 2048 and st.resolved_bytes == 4 * 2048 * PS
+            assert st.errors == 0
+    finally:
+        await backend.aclose()
+    assert backend.reads >= 4 * 2048 // 64  # pages came from the file
+
+
+async def test_readahead_and_balloon_refetch(vmm: Path, snapshot: Path, sock_path: str
+                                             ) -> None:
+    backend = await FileBackend.open(snapshot)
+    try:
+        async with serving(sock_path, backend, attach_options={"readahead": "adaptive"}
+                           ) as server, children() as kids:
+            # 36 MiB of guest memory from a 32 MiB snapshot: the last 4 MiB read as zeros
+            p = await kids.start(vmm, "restore", "--socket", sock_path, "--snapshot", snapshot,
+                                 "--mib", 36, "--threads", 4, "--balloon", "refetch",
+                                 "--timeout", 25)
+            rc, out, err = await kids.finish(p)
+            assert rc == 0, (out, err)
+            assert "content check against the snapshot: ok" in out
+            assert "read as the snapshot: ok" in out
+            await server.wait_clients(0)
+            assert server.stats.faults < 36 * 256 // 2  # read-ahead: far fewer faults than pages
+    finally:
+        await backend.aclose()
+
+
+async def test_balloon_zero_policy(vmm: Path, snapshot: Path, sock_path: str) -> None:
+    backend = await FileBackend.open(snapshot)
+    try:
+        with capture_logs() as logs:
+            async with serving(sock_path, backend, remove="zero") as server, \
+                    children() as kids:
+                p = await kids.start(vmm, "restore", "--socket", sock_path, "--snapshot",
+                                     snapshot, "--mib", 8, "--threads", 2, "--balloon", "zero",
+                                     "--timeout", 25)
+                rc, out, err = await kids.finish(p)
+                assert rc == 0, (out, err)
+                assert "read as zeros: ok" in out
+                await server.wait_clients(0)
+        released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
+        assert released and released[0]["removes"] >= 1
+    finally:
+        await backend.aclose()
+
+
+# ---- bad input --------------------------------------------------------------------------
+
+BASE = 0x7F00_0000_0000
+
+
+def mapping(base: int = BASE, size: int = 16 * PS, offset: int = 0, **kw: Any) -> dict[str, Any]:
+    m = {"base_host_virt_addr": base, "size": size, "offset": offset, "page_size": PS,
+         "page_size_kib": PS, **kw}
+    return {k: v for k, v in m.items() if v is not None}
+
+
+def _bad_payloads() -> dict[str, tuple[bytes, int, str]]:
+    """name -> (payload, fds to send: 0 none, 1 a uffd, 2 a uffd + a pipe, -1 a pipe,
+    expected log text)."""
+    j = lambda *m: json.dumps(list(m)).encode()  # noqa: E731
+    return {
+        "no_fd": (j(mapping()), 0, "sent no file descriptor"),
+        "several_fds": (j(mapping()), 2, "sent 2 file descriptors"),
+        "not_a_uffd": (j(mapping()), -1, "not a userfaultfd"),
+        "invalid_json": (b'[{"base_host_virt_addr": 1,}]', 1, "invalid JSON"),
+        "truncated": (b'[{"base_host_virt_addr": 1,', 1, "did not complete the handoff"),
+        "not_utf8": (b"\xff\xfe\xfd]", 1, "not UTF-8"),
+        "overlapping": (j(mapping(), mapping(BASE + 8 * PS)), 1, "overlaps"),
+        "unaligned": (j(mapping(BASE + 100)), 1, "multiples of the page size"),
+        "absurd_size": (j(mapping(size=1 << 50)), 1, "exceeds the limit"),
+        # (small enough for the socket buffer: the test sends from the loop thread)
+        "absurd_count": (j(*(mapping(BASE + 2 * i * PS, PS) for i in range(300))), 1,
+                         "300 mappings exceed the limit of 256"),
+        "zero_size": (j(mapping(size=0)), 1, "size is 0"),
+        "missing_field": (json.dumps([{"size": PS}]).encode(), 1, "missing field"),
+        "kib_in_kib": (j(mapping(page_size=None, page_size_kib=4)), 1, "holds bytes"),
+        "silent": (b"", 0, "did not complete the handoff within"),
+        "eof": (b"", 0, "closed the connection without sending"),
+    }
+
+
+@contextlib.contextmanager
+def bad_client(sock_path: str, name: str) -> Iterator[socket.socket]:
+    payload, nfds, _ = _bad_payloads()[name]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    to_close: list[int] = []
+    uffd = None
+    try:
+        s.connect(sock_path)
+        fds: list[int] = []
+        if nfds in (1, 2):
+            uffd = Userfaultfd.open()
+            fds.append(uffd.fd)
+        if nfds in (2, -1):
+            r, w = os.pipe()
+            to_close += [r, w]
+            fds.append(r)
+        if fds:
+            socket.send_fds(s, [payload], fds)
+        elif payload:
+            s.sendall(payload)
+        elif name == "eof":
+            s.shutdown(socket.SHUT_WR)
+        yield s
+    finally:
+        s.close()
+        for fd in to_close:
+            os.close(fd)
+        if uffd is not None:
+            uffd.close()
+
+
+async def closed_by_server(s: socket.socket, timeout: float = 5) -> bool:
+    s.setblocking(False)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                data = await loop.sock_recv(s, 100)
+            except ConnectionResetError:
+                return True
+            if not data:
+                return True
+
+
+async def test_bad_input_is_logged_and_closed_while_others_are_served(
+        workload: Path, snapshot: Path, sock_path: str) -> None:
+    backend = await FileBackend.open(snapshot)
+    names = list(_bad_payloads())
+    try:
+        with capture_logs() as logs:
+            async with serving(sock_path, backend, handoff_timeout=0.5) as server, \
+                    children() as kids:
+                # a good client that keeps faulting (and madvising: REMOVE events) all along
+                good = await kids.start(*workload_args(workload, sock_path, 4096, 4, 2,
+                                                       "--churn-ms", 1500))
+                await server.wait_clients(1)
+                for name in names:
+                    with bad_client(sock_path, name) as s:
+                        assert await closed_by_server(s), name
+                assert server.stats.served == 1
+                rc, out, err = await kids.finish(good)
+                assert rc == 0, (out, err)
+                doc = parse(out)
+                assert doc["verified"] is True and doc["churn"]["bad_reads"] == 0
+                assert doc["churn"]["madvises"] > 0
+                await server.wait_clients(0)
+                assert server.stats.invalid == len(names)
+        # (the churning client may also cause handler errors: an madvise storm can starve a
+        # copy of EAGAIN-free moments; those faults are retried, its data stays right)
+        errors = [e for e in logs if e["log_level"] == "error"
+                  and e["event"].startswith("uffd_aio.handoff")]
+        assert len(errors) == len(names), errors
+        for name, e in zip(names, errors, strict=True):
+            assert e["event"] == "uffd_aio.handoff_invalid"
+            assert _bad_payloads()[name][2] in e["error"], (name, e["error"])
+            assert e["peer_pid"] == os.getpid()
+    finally:
+        await backend.aclose()
+
+
+async def test_allow_uid_rejects_other_peers(sock_path: str) -> None:
+    with capture_logs() as logs:
+        async with serving(sock_path, ZeroBackend(), allow_uids={os.getuid() + 1}) as server:
+            uffd = Userfaultfd.open()
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(sock_path)
+                socket.send_fds(s, [json.dumps([mapping()]).encode()], [uffd.fd])
+                assert await closed_by_server(s)
+            finally:
+                s.close()
+                uffd.close()
+            assert server.stats.rejected == 1 and server.stats.served == 0
+    rejected = [e for e in logs if e["event"] == "uffd_aio.handoff_rejected"]
+    assert len(rejected) == 1 and "is not allowed" in rejected[0]["error"]
+
+
+# ---- clients that go away ---------------------------------------------------------------
+
+
+class SlowBackend:
+    """The pattern, slowly: a client is surely mid-run when it is killed."""
+
+    name = "slow-pattern"
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    async def fetch(self, offset: int, length: int) -> Buffer | None:
+        await asyncio.sleep(self.delay)
+        return testing.pattern_bytes(offset, length)
+
+    async def store(self, offset: int, data: Buffer) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_client_killed_mid_run_frees_its_state(workload: Path, sock_path: str) -> None:
+    before = uffds_open()
+    with capture_logs() as logs:
+        async with serving(sock_path, SlowBackend(0.002)) as server, children() as kids:
+            victim = await kids.start(*workload_args(workload, sock_path, 50000, 4, 2))
+            await server.wait_clients(1)
+            await asyncio.sleep(0.3)
+            assert server.clients[0].faults > 0
+            assert uffds_open() == before + 1  # the victim's uffd, held by its pager
+            victim.send_signal(signal.SIGKILL)
+            await victim.wait()
+            await server.wait_clients(0)
+            assert uffds_open() == before
+            assert server.stats.closed == 1
+            # the server is still fine: the next client is served
+            p = await kids.start(*workload_args(workload, sock_path, 512, 2, 1))
+            rc, out, err = await kids.finish(p)
+            assert rc == 0 and parse(out)["verified"] is True, (out, err)
+    released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
+    assert released[0]["reason"] in ("process exited", "connection closed")
+    assert released[0]["faults"] > 0
+
+
+async def test_keep_after_eof_serves_until_the_process_exits(workload: Path,
+                                                             sock_path: str) -> None:
+    # --close-uffd-style VMMs that drop the socket after the handoff: simulated by a
+    # Python peer that hands over the uffd of a forked child and closes the socket.
+    async with serving(sock_path, ZeroBackend(), keep_after_eof=True) as server:
+        uffd = Userfaultfd.open()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(sock_path)
+            socket.send_fds(s, [json.dumps([mapping()]).encode()], [uffd.fd])
+        finally:
+            uffd.close()
+        await server.wait_clients(1)
+        s.close()
+        await asyncio.sleep(0.2)
+        assert len(server.clients) == 1  # the peer (this process) is still alive
+    assert server.stats.closed == 1  # released when the server closed
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_metrics_endpoint(workload: Path, sock_path: str) -> None:
+    pytest.importorskip("prometheus_client")
+    async with serving(sock_path, SlowBackend(0)) as server, children() as kids:
+        port = _free_port()
+        assert start_metrics(server, port)
+        p = await kids.start(*workload_args(workload, sock_path, 256, 2, 1))
+        rc, out, err = await kids.finish(p)
+        assert rc == 0, (out, err)
+        await server.wait_clients(0)
+        await asyncio.sleep(1.2)  # the snapshot the HTTP thread reads refreshes every second
+
+        def get() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text: str = r.read().decode()
+                return text
+
+        text = await asyncio.to_thread(get)
+    assert "uffd_aio_clients 0.0" in text
+    assert "uffd_aio_served_total 1.0" in text
+    assert "uffd_aio_faults_total 256.0" in text
