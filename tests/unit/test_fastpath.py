@@ -1,0 +1,31 @@
+"""The fault path's shortcuts build the same objects as the normal constructors."""
+
+from __future__ import annotations
+
+import attrs
+
+from uffd_aio import events
+from uffd_aio.events import PageFaultMsg
+from uffd_aio.fault import PageFault
+from uffd_aio.pager import _new_fault, _new_op
+from uffd_aio.resolve import Kind, Op
+
+
+def test_decode_fast_path_matches_decode_one() -> None:
+    msgs = [events.encode_pagefault(0x1000 * i, i & 7, i) for i in range(5)]
+    msgs.insert(2, events.encode(events.Remove(0x1000, 0x3000)))
+    buf = b"".join(msgs)
+    out = events.decode(buf)
+    assert out == [events.decode_one(buf, off) for off in range(0, len(buf), events.MSG_SIZE)]
+    assert type(out[0]) is PageFaultMsg and hash(out[0]) == hash(PageFaultMsg(0, 0, 0))
+    assert events.decode(bytearray(buf) + bytearray(64), len(buf)) == out
+    assert events.decode(b"") == []
+
+
+def test_slot_constructors_match_attrs_init() -> None:
+    args = (0x7000, 0x7000, 0, 4096, None, True, False, False, 12, None)
+    fast, slow = _new_fault(*args), PageFault(*args)
+    for a in attrs.fields(PageFault):
+        assert getattr(fast, a.name) == getattr(slow, a.name)
+    assert fast == slow
+    assert _new_op(Kind.COPY, 0x1000, 4096, b"x", False) == Op(Kind.COPY, 0x1000, 4096, b"x")
