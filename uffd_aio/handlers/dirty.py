@@ -125,6 +125,7 @@ class DirtyTracker:
         self.wp_faults = 0
         self.admission_waits = 0
         self.evict_seconds = 0.0
+        self.peak_resident_pages = 0
 
     # ---- DirtyPolicy -----------------------------------------------------------
 
@@ -191,6 +192,8 @@ class DirtyTracker:
             lru.move_to_end(p)
         if written is not None:
             self._dirty.add(written)
+        if len(lru) > self.peak_resident_pages:
+            self.peak_resident_pages = len(lru)
         if self._can_evict and self._over_budget():
             assert self._wakeup is not None
             self._wakeup.set()
