@@ -123,6 +123,10 @@ def parse(out: str) -> dict[str, Any]:
     return doc
 
 
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
 def uffds_open() -> int:
     n = 0
     for name in os.listdir("/proc/self/fd"):
@@ -425,3 +429,30 @@ async def test_metrics_endpoint(workload: Path, sock_path: str) -> None:
     assert "uffd_aio_clients 0.0" in text
     assert "uffd_aio_served_total 1.0" in text
     assert "uffd_aio_faults_total 256.0" in text
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+async def test_uffd_aio_serve_command(workload: Path, snapshot: Path, sock_path: str) -> None:
+    async with children() as kids:
+        server = await kids.start(ROOT / ".venv" / "bin" / "python", "-m", "uffd_aio", "-v",
+                                  "serve", "--socket", sock_path, "--backend",
+                                  f"file:{snapshot}", "--readahead", "adaptive",
+                                  "--allow-uid", os.getuid(), "--loop", "asyncio")
+        p = await kids.start(*workload_args(workload, sock_path, 1024, 4, 2))
+        rc, out, err = await kids.finish(p)
+        assert rc == 0 and parse(out)["verified"] is True, (out, err)
+        server.send_signal(signal.SIGTERM)
+        rc, out, err = await kids.finish(server, timeout=10)
+        assert rc == 0, err
+        assert "uffd_aio.client_released" in err and "reason='connection closed'" in err
+        assert not _exists(sock_path)  # removed on close
+
+
+async def test_uffd_aio_serve_bad_backend(sock_path: str) -> None:
+    async with children() as kids:
+        p = await kids.start(ROOT / ".venv" / "bin" / "python", "-m", "uffd_aio", "serve",
+                             "--socket", sock_path, "--backend", "file:/nonexistent/mem")
+        rc, _, err = await kids.finish(p, timeout=20)
+    assert rc == 2 and "cannot open the snapshot file" in err
