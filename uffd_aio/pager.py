@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Literal
 
+import attrs
 import structlog
 
 from uffd_aio import events as ev_mod
@@ -43,6 +44,9 @@ ReadMode = Literal["auto", "multishot", "read", "poll"]
 _READ_BATCH = 64  # uffd_msg per read
 _MAX_EAGAIN_RETRIES = 2000  # x 1 ms
 _CoroType = types.CoroutineType
+_WRITE = ev_mod.PAGEFAULT_FLAG_WRITE
+_WP = ev_mod.PAGEFAULT_FLAG_WP
+_MINOR = ev_mod.PAGEFAULT_FLAG_MINOR
 
 
 _STALL_MESSAGE = """
@@ -56,6 +60,45 @@ loop thread calls fork() (subprocesses too), mremap(), munmap() or madvise() on 
 memory, or a handler blocks the loop this long.  See docs/gil.md.  To see which thread: run with
 PYTHONFAULTHANDLER=1 and send SIGABRT, or py-spy dump --pid {pid}.
 """
+
+
+def _slot_constructor(cls: type[Any]) -> Callable[..., Any]:
+    """``cls(*fields)`` for a frozen attrs class without validators, converters or
+    defaults to apply: the slots' setters called directly, instead of the generated
+    frozen ``__init__`` that goes through ``object.__setattr__`` per field.  Built for
+    the two records made per fault (PageFault, Op); same objects, ~half the cost."""
+    fields = attrs.fields(cls)
+    if any(a.validator is not None or a.converter is not None for a in fields):
+        raise TypeError(f"{cls.__name__} has validators/converters")
+    setters = tuple(cls.__dict__[a.name].__set__ for a in fields)  # slot descriptors
+    new = object.__new__
+    n = len(setters)
+
+    if n == 10:
+        s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = setters
+
+        def make10(a0: Any, a1: Any, a2: Any, a3: Any, a4: Any, a5: Any, a6: Any, a7: Any,
+                   a8: Any, a9: Any) -> Any:
+            o = new(cls)
+            s0(o, a0); s1(o, a1); s2(o, a2); s3(o, a3); s4(o, a4)  # noqa: E702
+            s5(o, a5); s6(o, a6); s7(o, a7); s8(o, a8); s9(o, a9)  # noqa: E702
+            return o
+
+        return make10
+    if n == 5:
+        t0, t1, t2, t3, t4 = setters
+
+        def make5(a0: Any, a1: Any, a2: Any, a3: Any, a4: Any) -> Any:
+            o = new(cls)
+            t0(o, a0); t1(o, a1); t2(o, a2); t3(o, a3); t4(o, a4)  # noqa: E702
+            return o
+
+        return make5
+    raise TypeError(f"no fast constructor for {n} fields")
+
+
+_new_fault: Callable[..., PageFault] = _slot_constructor(PageFault)
+_new_op: Callable[..., Op] = _slot_constructor(Op)
 
 
 class PagerFailed(UffdError):
@@ -172,6 +215,7 @@ class _Inflight:
         "attempts",
         "ctx",
         "dups",
+        "end",
         "fault",
         "msg",
         "page",
@@ -201,6 +245,7 @@ class _Inflight:
         self.timed_out = False
         self.attempts = 0
         self.fault: PageFault | None = None
+        self.end = 0  # end of the extent the fault was in, when its handler started
 
 
 def _default_op(inf: _Inflight) -> Op:
@@ -752,9 +797,11 @@ class Pager:
         self._running += 1
         region = inf.region
         msg = inf.msg
-        fault = PageFault(msg.address, inf.page, x.offset + (inf.page - x.start),
-                          region.page_size, region, msg.is_write, msg.is_wp, msg.is_minor,
-                          msg.thread_id if inf.ctx.thread_ids else None, inf)
+        f = msg.flags
+        inf.end = x.end
+        fault = _new_fault(msg.address, inf.page, x.offset + (inf.page - x.start),
+                           region.page_size, region, f & _WRITE != 0, f & _WP != 0,
+                           f & _MINOR != 0, msg.thread_id if inf.ctx.thread_ids else None, inf)
         inf.fault = fault
         handler = region.fault_handler
         if handler is None:
@@ -839,7 +886,7 @@ class Pager:
         self._queue(inf, op)
 
     def _copy_op(self, inf: _Inflight, result: Any) -> Op:
-        if inf.msg.is_wp or inf.msg.is_minor:
+        if inf.msg.flags & (_WP | _MINOR):
             kind = "write-protect" if inf.msg.is_wp else "minor"
             raise BadHandlerResult(
                 f"handler for a {kind} fault at {inf.page:#x} returned data; the page is "
@@ -856,12 +903,16 @@ class Pager:
             raise BadHandlerResult(
                 f"handler for {inf.fault!r} returned {n} bytes; expected a non-zero multiple "
                 f"of the page size ({ps})")
-        x = inf.ctx.lookup(inf.page)
-        if x is not None and inf.page + n > x.end:
+        if inf.task is None:  # ran eagerly to the end: the extent seen in _start still holds
+            end: int | None = inf.end
+        else:
+            x = inf.ctx.lookup(inf.page)
+            end = None if x is None else x.end
+        if end is not None and inf.page + n > end:
             raise BadHandlerResult(
                 f"handler for {inf.fault!r} returned {n} bytes, which run "
-                f"{inf.page + n - x.end} bytes past the end of {inf.region!r}")
-        return Op(Kind.COPY, inf.page, n, view)
+                f"{inf.page + n - end} bytes past the end of {inf.region!r}")
+        return _new_op(Kind.COPY, inf.page, n, view, False)
 
     def _check_range(self, inf: _Inflight, start: int, length: int, *, what: str) -> None:
         ps = inf.page_size
