@@ -103,3 +103,17 @@ async def test_file_backend_without_fixed_buffers(snap: Path,
 async def test_file_backend_missing_file(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="cannot open the snapshot file"):
         await FileBackend.open(tmp_path / "nope")
+
+
+async def test_file_backend_nowait(snap: Path) -> None:
+    b = await open_backend(f"file:{snap}?nowait")
+    assert isinstance(b, FileBackend)
+    try:
+        assert b.nowait and b.path == str(snap)
+        assert await b.fetch(3 * PS, 2 * PS) == testing.pattern_bytes(3 * PS, 2 * PS)
+        assert await b.fetch(99 * PS, 2 * PS) == testing.pattern_bytes(99 * PS, PS) + bytes(PS)
+        assert b.nowait_bytes > 0  # just written: in the page cache
+    finally:
+        await b.aclose()
+    with pytest.raises(BackendError, match="unknown file backend option"):
+        await FileBackend.open(f"{snap}?direct")

@@ -19,6 +19,13 @@ the pool at once).
   buffer (read-ahead) is read as several buffer-sized pieces in parallel.
 * If the kernel refuses to register the buffers (RLIMIT_MEMLOCK), the same
   pool is used with plain io_uring READs, and a warning says so.
+* ``nowait=True`` (SPEC ``file:PATH?nowait``) first tries ``preadv2(RWF_NOWAIT)``
+  straight into the result: it only copies what the page cache already holds
+  and never blocks (EAGAIN otherwise), so a cached snapshot is served without
+  an io_uring round trip -- and, the handler then never suspending, without a
+  Task per fault.  Whatever is not cached goes through io_uring as above.
+  Off by default: it trades the io_uring-only I/O path for speed on cached
+  files (measured in docs/handoff.md).
 """
 
 from __future__ import annotations
@@ -36,13 +43,29 @@ from uffd_aio.ring import Ring
 PAGE = mmap.PAGESIZE
 
 
+def _split_options(p: str) -> tuple[str, set[str]]:
+    base, sep, query = p.rpartition("?")
+    if not sep or os.path.exists(p):
+        return p, set()
+    opts = set(query.split("&"))
+    unknown = opts - {"nowait"}
+    if unknown:
+        raise BackendError(f"unknown file backend option(s) {sorted(unknown)} in {p!r}: "
+                           "the only one is 'nowait'")
+    return base, opts
+
+
 class FileBackend:
     """Pages of a file; see the module docstring.  Create with :meth:`open` on the loop."""
 
     def __init__(self, path: str, fd: int, size: int, ring: Ring, pool: mmap.mmap,
-                 buffers: int, buffer_size: int, *, writable: bool, fixed: bool) -> None:
+                 buffers: int, buffer_size: int, *, writable: bool, fixed: bool,
+                 nowait: bool = False) -> None:
         self.path = path
-        self.name = f"file:{path}" + (" (rw)" if writable else "")
+        self.name = (f"file:{path}" + ("?nowait" if nowait else "")
+                     + (" (rw)" if writable else ""))
+        self.nowait = nowait
+        self.nowait_bytes = 0
         self.size = size
         self.writable = writable
         self.fixed = fixed
@@ -61,11 +84,18 @@ class FileBackend:
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, writable: bool = False,
-                   buffers: int = 16, buffer_size: int = 256 << 10) -> FileBackend:
-        """Open ``path`` and set up the ring and its registered buffer pool."""
+                   buffers: int = 16, buffer_size: int = 256 << 10,
+                   nowait: bool | None = None) -> FileBackend:
+        """Open ``path`` and set up the ring and its registered buffer pool.
+
+        A string ``PATH?nowait`` (as in the SPEC ``file:PATH?nowait``) sets
+        ``nowait`` when no file of that literal name exists.
+        """
         if buffers < 1 or buffer_size < PAGE or buffer_size % PAGE:
             raise ValueError("need buffers >= 1 and buffer_size a multiple of the page size")
-        p = os.fspath(path)
+        p, opts = _split_options(os.fspath(path))
+        if nowait is None:
+            nowait = "nowait" in opts
         try:
             fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as exc:
@@ -93,7 +123,7 @@ class FileBackend:
             os.close(fd)
             raise
         return cls(p, fd, size, ring, pool, buffers, buffer_size, writable=writable,
-                   fixed=fixed)
+                   fixed=fixed, nowait=bool(nowait))
 
     def _check(self, offset: int, length: int) -> None:
         if self._closed:
@@ -124,6 +154,20 @@ class FileBackend:
             return None
         avail = min(length, self.size - offset)
         out = bytearray(length)
+        if self.nowait:
+            try:
+                got = os.preadv(self._fd, [out], offset, os.RWF_NOWAIT)
+            except BlockingIOError:  # not in the page cache: io_uring below
+                got = 0
+            except OSError as exc:
+                raise BackendError(f"reading {self.path!r} at {offset:#x}+{length:#x}: "
+                                   f"{exc}") from exc
+            self.nowait_bytes += got
+            if got >= avail:
+                return out
+            if got:  # part of it was cached: read the rest
+                await self._read_rest(offset + got, avail - got, out, got)
+                return out
         bs = self.buffer_size
         if avail <= bs:
             await self._read_piece(offset, avail, out, 0)
@@ -131,6 +175,11 @@ class FileBackend:
             await asyncio.gather(*(self._read_piece(offset + at, min(bs, avail - at), out, at)
                                    for at in range(0, avail, bs)))
         return out
+
+    async def _read_rest(self, off: int, n: int, out: bytearray, at: int) -> None:
+        bs = self.buffer_size
+        await asyncio.gather(*(self._read_piece(off + k, min(bs, n - k), out, at + k)
+                               for k in range(0, n, bs)))
 
     async def store(self, offset: int, data: Buffer) -> None:
         """Write ``data`` back at ``offset`` (only when opened ``writable=True``)."""
