@@ -12,7 +12,8 @@
 #    event for the server); every byte is checked against the snapshot file.
 #
 # Environment: UFFD_AIO (the command, default: the repo's .venv), READAHEAD (adaptive),
-# MIB (64), THREADS (4).
+# MIB (64), THREADS (4), NOWAIT=1 (serve page-cache hits with preadv2(RWF_NOWAIT) before
+# falling back to io_uring: file:SNAPSHOT?nowait).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -20,6 +21,7 @@ UFFD_AIO=${UFFD_AIO:-$repo/.venv/bin/uffd-aio}
 READAHEAD=${READAHEAD:-adaptive}
 MIB=${MIB:-64}
 THREADS=${THREADS:-4}
+NOWAIT=${NOWAIT:-0}
 
 make -s -C "$here" vmm
 work=$(mktemp -d /tmp/uffd-aio-snapshot.XXXXXX)
@@ -32,10 +34,12 @@ trap cleanup EXIT INT TERM
 
 snap=$work/mem.snap
 sock=$work/uffd.sock
+backend=file:$snap
+[ "$NOWAIT" = 1 ] && backend="$backend?nowait"
 "$here/vmm" make-snapshot "$snap" $((MIB - 4))
 
-echo "== uffd-aio serve --socket $sock --backend file:$snap --readahead $READAHEAD"
-"$UFFD_AIO" -v serve --socket "$sock" --backend "file:$snap" --readahead "$READAHEAD" \
+echo "== uffd-aio serve --socket $sock --backend $backend --readahead $READAHEAD"
+"$UFFD_AIO" -v serve --socket "$sock" --backend "$backend" --readahead "$READAHEAD" \
 	2>"$work/server.log" &
 server=$!
 i=0
