@@ -129,6 +129,7 @@ class _Client:
         self.handoff: Handoff | None = None
         self.pager: Pager | None = None
         self.attachments: list[Any] = []
+        self.recorder: Any = None
         self.removed = _Ranges()
         self.removes = 0
         self.since = time.monotonic()
@@ -178,6 +179,8 @@ class HandoffServer:
         pager_options: dict[str, Any] | None = None,
         close_backend: bool = False,
         socket_mode: int = 0o600,
+        record: str | os.PathLike[str] | None = None,
+        replay: str | os.PathLike[str] | None = None,
     ) -> None:
         if remove not in ("refetch", "zero"):
             raise ValueError(f"remove must be 'refetch' or 'zero', not {remove!r}")
@@ -199,6 +202,12 @@ class HandoffServer:
         self.pager_options = dict(pager_options or {})
         self.close_backend = close_backend
         self.socket_mode = socket_mode
+        self.record = os.fspath(record) if record is not None else None
+        self._replay: tuple[int, list[int]] | None = None
+        if replay is not None:
+            from uffd_aio.handlers.readahead import read_trace
+
+            self._replay = read_trace(replay)
         self.stats = ServerStats()
         self._clients: dict[int, _Client] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -391,6 +400,11 @@ class HandoffServer:
             raise
         client.pager = pager
         pager.on_event(lambda msg: self._on_event(client, msg))
+        if self.record is not None and self._attach is not None:
+            from uffd_aio.handlers.readahead import FaultRecorder
+
+            # one recorder for all the client's mappings: traces hold store pages
+            client.recorder = FaultRecorder(None, page_size=h.mappings[0].page_size)
         for i, m in enumerate(h.mappings):
             region = pager.adopt(m.base_host_virt_addr, m.size, store_offset=m.offset,
                                  page_size=m.page_size, name=f"client{client.id}.map{i}")
@@ -399,8 +413,13 @@ class HandoffServer:
     def _serve_region(self, client: _Client, region: Any, store_offset: int) -> None:
         backend = self.backend
         if self._attach is not None:
+            opts = dict(self.attach_options)
+            if client.recorder is not None:
+                opts["recorder"] = client.recorder
+            if self._replay is not None and self._replay[0] == region.page_size:
+                opts["replay"] = self._replay[1]  # attach keeps the pages of this mapping
             client.attachments.append(
-                self._attach(region, backend, store_offset=store_offset, **self.attach_options))
+                self._attach(region, backend, store_offset=store_offset, **opts))
         else:
             async def fetch(ev: Any) -> Any:
                 return await backend.fetch(store_offset + ev.offset, ev.page_size)
@@ -497,6 +516,8 @@ class HandoffServer:
         for att in client.attachments:
             with contextlib.suppress(Exception):
                 await att.aclose()
+        if client.recorder is not None and len(client.recorder):
+            self._save_trace(client)
         try:
             await pager.aclose()
         except Exception as exc:  # e.g. a PagerFailed: log, the server keeps going
@@ -512,6 +533,18 @@ class HandoffServer:
                         faults=st.faults, resolved_bytes=st.resolved_bytes, errors=st.errors,
                         removes=client.removes,
                         seconds=round(time.monotonic() - client.since, 3))
+
+
+    def _save_trace(self, client: _Client) -> None:
+        assert self.record is not None
+        tmp = f"{self.record}.tmp{os.getpid()}"
+        try:
+            client.recorder.save(tmp)
+            os.replace(tmp, self.record)  # readers never see half a trace
+        except OSError as exc:
+            client.log.error("uffd_aio.trace_save_failed", path=self.record, error=str(exc))
+            return
+        client.log.info("uffd_aio.trace_saved", path=self.record, pages=len(client.recorder))
 
 
 # ---- Prometheus metrics (optional) ------------------------------------------------
@@ -601,6 +634,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics on 127.0.0.1:N (needs prometheus-client)")
     parser.add_argument("--readahead", metavar="POLICY",
                         help="read-ahead: off, N pages, fixed:N, adaptive, adaptive:MAX")
+    parser.add_argument("--record", metavar="FILE",
+                        help="record the order of each client's first faults to FILE "
+                             "(rewritten whenever a client is released: record one VM)")
+    parser.add_argument("--replay", metavar="FILE",
+                        help="prefetch every client's pages in the order FILE recorded, in "
+                             "the background (real faults go first)")
     parser.add_argument("--remove", choices=["refetch", "zero"], default="refetch",
                         help="after REMOVE (balloon/MADV_DONTNEED): fetch the pages again "
                              "(default) or serve zeros")
@@ -632,12 +671,22 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.readahead is not None:
         attach_options["readahead"] = (int(args.readahead) if args.readahead.isdigit()
                                        else args.readahead)
-    server = HandoffServer(args.socket, backend, allow_uids=args.allow_uid,
-                           handoff_timeout=args.handoff_timeout,
-                           max_mappings=args.max_mappings, max_total=args.max_total,
-                           max_clients=args.max_clients, remove=args.remove,
-                           keep_after_eof=args.keep_after_eof, on_error=args.on_error,
-                           attach_options=attach_options, close_backend=True)
+    try:
+        if "readahead" in attach_options:
+            from uffd_aio.handlers.readahead import policy_from
+
+            policy_from(attach_options["readahead"])  # a bad spec fails now, not per client
+        server = HandoffServer(args.socket, backend, allow_uids=args.allow_uid,
+                               handoff_timeout=args.handoff_timeout,
+                               max_mappings=args.max_mappings, max_total=args.max_total,
+                               max_clients=args.max_clients, remove=args.remove,
+                               keep_after_eof=args.keep_after_eof, on_error=args.on_error,
+                               attach_options=attach_options, close_backend=True,
+                               record=args.record, replay=args.replay)
+    except (OSError, ValueError) as exc:
+        await backend.aclose()
+        print(f"uffd-aio serve: {exc}", file=sys.stderr)
+        return 2
     try:
         await server.start()
     except OSError as exc:
