@@ -507,7 +507,8 @@ class Pager:
         for ctx in self._contexts:
             ctx.uffd.close()
             if ctx.bufring is not None:
-                ctx.bufring = None  # freed with the ring
+                self._ring.free_buffers(ctx.bufring.group)  # the ring may outlive us
+                ctx.bufring = None
         if self._given_ring is None:
             self._ring.close()
         self._closed.set()
@@ -644,13 +645,16 @@ class Pager:
         ring = self.ring
         choice = self._read_mode_choice
         if choice == "auto":
+            # one read per batch.  Multishot (6.7+) saves the re-arm and its submit, but
+            # its completion work moves into the resolving ioctl: measured a wash on
+            # 6.18 (T=1 p50 -1 us, T=4 +5 us; benchmarks/README.md)
             choice = "read"
-        ctx.read_mode = choice
         if choice == "multishot":
             if not ring.supports(ll.OP_READ_MULTISHOT):
                 raise UffdError("this kernel's io_uring has no READ_MULTISHOT (6.7+)")
-            ctx.bufring = ring.provide_buffers(len(self._contexts) & 0xFFFF, 64,
-                                               ev_mod.MSG_SIZE * _READ_BATCH)
+            # a group id of its own: pagers (one per handed-over uffd) may share a ring
+            ctx.bufring = ring.provide_buffers(None, 64, ev_mod.MSG_SIZE * _READ_BATCH)
+        ctx.read_mode = choice
         ctx.reading = True
         self._arm(ctx)
         return ctx

@@ -324,11 +324,26 @@ class Ring:
     def register_files(self, fds: Sequence[int]) -> None:
         self._h.register_files(fds)
 
-    def provide_buffers(self, group: int, nbufs: int, size: int) -> ll.BufRing:
-        """A provided-buffer ring for multishot reads (kernel 5.19+)."""
+    def provide_buffers(self, group: int | None, nbufs: int, size: int) -> ll.BufRing:
+        """A provided-buffer ring for multishot reads (kernel 5.19+).
+
+        ``group`` None: the lowest group id not in use on this ring (several pagers
+        may share one ring).  Release it with :meth:`free_buffers`.
+        """
+        if group is None:
+            group = next((g for g in range(1, 0x10000) if g not in self._bufrings), None)
+            if group is None:
+                raise BlockingIOError(ll.EBUSY, "every buffer group id of the ring is in use")
         br = self._h.bufring_new(group, nbufs, size)
         self._bufrings[group] = br
         return br
+
+    def free_buffers(self, group: int) -> None:
+        """Unregister and free a provided-buffer ring (a read still armed on it then
+        fails with ENOBUFS instead of writing into freed memory)."""
+        br = self._bufrings.pop(group, None)
+        if br is not None and not self._closed:
+            br.close()
 
     # ---- completion --------------------------------------------------
 
