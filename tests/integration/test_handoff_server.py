@@ -486,3 +486,14 @@ async def test_uffd_aio_serve_bad_backend(sock_path: str) -> None:
                              "--socket", sock_path, "--backend", "file:/nonexistent/mem")
         rc, _, err = await kids.finish(p, timeout=20)
     assert rc == 2 and "cannot open the snapshot file" in err
+
+
+def test_snapshot_restore_example(vmm: Path) -> None:
+    """examples/snapshot_restore/run.sh end to end (smaller memory)."""
+    env = {**os.environ, "MIB": "16", "THREADS": "4"}
+    r = subprocess.run([str(ROOT / "examples" / "snapshot_restore" / "run.sh")], env=env,
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "snapshot restore example: OK" in r.stdout
+    assert r.stdout.count("content check against the snapshot: ok") == 4
+    assert "given back and touched again, read as the snapshot: ok" in r.stdout
