@@ -491,9 +491,17 @@ async def test_uffd_aio_serve_bad_backend(sock_path: str) -> None:
 def test_snapshot_restore_example(vmm: Path) -> None:
     """examples/snapshot_restore/run.sh end to end (smaller memory)."""
     env = {**os.environ, "MIB": "16", "THREADS": "4"}
-    r = subprocess.run([str(ROOT / "examples" / "snapshot_restore" / "run.sh")], env=env,
-                       capture_output=True, text=True, timeout=50)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "snapshot restore example: OK" in r.stdout
-    assert r.stdout.count("content check against the snapshot: ok") == 4
-    assert "given back and touched again, read as the snapshot: ok" in r.stdout
+    # its own process group: on a timeout the server and VMMs it started die with it
+    p = subprocess.Popen([str(ROOT / "examples" / "snapshot_restore" / "run.sh")], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=50)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert p.returncode == 0, out + err
+    assert "snapshot restore example: OK" in out
+    assert out.count("content check against the snapshot: ok") == 4
+    assert "given back and touched again, read as the snapshot: ok" in out
