@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -470,8 +471,14 @@ class Attachment:
                 if nxt is None:
                     sem.release()
                     break
-                first = nxt[0] - self._store_page0
-                task = asyncio.get_running_loop().create_task(self._prefetch(first, nxt[1]))
+                first, n = nxt[0] - self._store_page0, nxt[1]
+                # in flight from now on: a fault's window computed before the task runs
+                # must not fetch these pages too
+                fut: asyncio.Future[_Fetched] = asyncio.get_running_loop().create_future()
+                for i in range(first, first + n):
+                    self._pending.setdefault(i, fut)
+                task = asyncio.get_running_loop().create_task(self._prefetch(first, n, fut))
+                task.add_done_callback(functools.partial(self._orphan, first, n, fut))
                 self._replay_tasks.add(task)
                 task.add_done_callback(self._replay_tasks.discard)
                 task.add_done_callback(lambda _t: sem.release())
@@ -482,12 +489,16 @@ class Attachment:
         self._log.info("uffd_aio.replay_finished", prefetches=self._c.prefetches,
                        pages=self._c.prefetched_pages, skipped=plan.skipped)
 
-    async def _prefetch(self, page: int, n: int) -> None:
+    def _orphan(self, page: int, n: int, fut: asyncio.Future[_Fetched], _task: object) -> None:
+        """A prefetch task ended without settling its future (cancelled before it ran):
+        release its pages, and let faults waiting on it fetch for themselves."""
+        if not fut.done():
+            self._release(page, n, fut)
+            fut.set_exception(PagerClosed("prefetch cancelled"))
+            fut.exception()
+
+    async def _prefetch(self, page: int, n: int, fut: asyncio.Future[_Fetched]) -> None:
         ps = self.page_size
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[_Fetched] = loop.create_future()
-        for i in range(page, page + n):
-            self._pending.setdefault(i, fut)
         try:
             try:
                 data = await self.backend.fetch(self.store_offset + page * ps, n * ps)

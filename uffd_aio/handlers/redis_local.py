@@ -21,13 +21,17 @@ from types import TracebackType
 
 import redis
 
-__all__ = ["REDIS_SERVER", "LocalRedis", "RedisUnavailable", "free_port"]
+__all__ = ["REDIS_SERVER", "LocalRedis", "RedisNotInstalled", "RedisUnavailable", "free_port"]
 
 REDIS_SERVER = os.environ.get("UFFD_AIO_REDIS_SERVER", "/usr/bin/redis-server")
 
 
 class RedisUnavailable(RuntimeError):
     """redis-server is not installed or would not start."""
+
+
+class RedisNotInstalled(RedisUnavailable):
+    """There is no redis-server executable."""
 
 
 def free_port() -> int:
@@ -43,13 +47,14 @@ class LocalRedis:
                  persist: bool = False, maxmemory: str | None = None,
                  executable: str = REDIS_SERVER) -> None:
         if not (os.path.exists(executable) or shutil.which(executable)):
-            raise RedisUnavailable(
+            raise RedisNotInstalled(
                 f"{executable} not found: install it with `apt-get install redis-server` "
                 "(or set UFFD_AIO_REDIS_SERVER)")
         self.executable = executable
         self.port = port or free_port()
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="uffd-aio-redis-")
+        os.makedirs(self.directory, exist_ok=True)
         self.persist = persist
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,422 @@
+"""attach() + backends on the real kernel: compressed and Redis end to end, read-ahead,
+dirty tracking and eviction under a budget, Redis restarted mid-run, record/replay.
+
+Memory is touched only by native threads (uffd_aio.testing); Redis tests start a private
+redis-server on a free port in a temporary directory and kill it afterwards (they skip
+when /usr/bin/redis-server is missing: `apt-get install redis-server`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+import uffd_aio
+from uffd_aio import Mode, testing
+from uffd_aio.handlers import attach
+from uffd_aio.handlers.base import BackendError, Buffer
+from uffd_aio.handlers.compressed import CompressedBackend
+from uffd_aio.handlers.dirty import DirtyTracker
+from uffd_aio.handlers.readahead import read_trace
+from uffd_aio.handlers.redis_local import LocalRedis, RedisNotInstalled
+from uffd_aio.handlers.remote import RedisBackend
+from uffd_aio.ring import _lowlevel as ll
+
+from .helpers import PS, scan
+
+MiB = 1 << 20
+SEED_B = 0xB0B
+
+
+def compressed_with_pattern(size: int, seed: int = testing.DEFAULT_SEED) -> CompressedBackend:
+    be = CompressedBackend()
+    for off in range(0, size, 4 * MiB):
+        be.load(off, testing.pattern_bytes(off, min(4 * MiB, size - off), seed=seed))
+    return be
+
+
+async def store_matches(be: CompressedBackend | RedisBackend, size: int, seed: int) -> bool:
+    for off in range(0, size, MiB):
+        data = await be.fetch(off, MiB)
+        if data is None or bytes(data) != testing.pattern_bytes(off, MiB, seed=seed):
+            return False
+    return True
+
+
+class SlowBackend:
+    """Wraps a backend: each fetch sleeps first and is recorded (offset, length)."""
+
+    eager = True
+
+    def __init__(self, inner: CompressedBackend, delay: float) -> None:
+        self.inner, self.delay, self.name = inner, delay, "slow"
+        self.calls: list[tuple[int, int]] = []
+
+    async def fetch(self, offset: int, length: int) -> Buffer | None:
+        self.calls.append((offset, length))
+        await asyncio.sleep(self.delay)
+        return await self.inner.fetch(offset, length)
+
+    async def store(self, offset: int, data: Buffer) -> None:
+        await self.inner.store(offset, data)
+
+    async def aclose(self) -> None:
+        pass
+
+
+# ---- Redis fixtures ----------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[LocalRedis]:
+    """A private redis-server on a free port of 127.0.0.1, killed after the test."""
+    try:
+        srv = LocalRedis(directory=str(tmp_path / "redis"))
+    except RedisNotInstalled as exc:
+        pytest.skip(f"needs redis-server: {exc}")
+    srv.start()  # installed but not starting is a failure, not a skip
+    try:
+        yield srv
+    finally:
+        srv.kill()
+
+
+@pytest.fixture
+async def redis_backend(redis_server: LocalRedis) -> AsyncIterator[RedisBackend]:
+    be = await RedisBackend.open(redis_server.url + "?prefix=t:", retry_for=20)
+    try:
+        yield be
+    finally:
+        await be.aclose()
+
+
+async def load_redis(be: RedisBackend, size: int, seed: int = testing.DEFAULT_SEED) -> None:
+    for off in range(0, size, 4 * MiB):
+        await be.load(off, testing.pattern_bytes(off, min(4 * MiB, size - off), seed=seed))
+
+
+# ---- compressed -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_compressed_end_to_end_with_adaptive_readahead() -> None:
+    size = 16 * MiB
+    be = compressed_with_pattern(size)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size)
+        att = attach(region, be, readahead="adaptive:32")
+        r = await scan(region.address, size, threads=4, op="verify")
+        assert r.mismatches == 0
+        st = att.stats
+        await att.aclose()
+        assert st.pages_fetched >= size // PS
+        assert st.fetches < size // PS // 8  # read-ahead worked
+        assert st.present_pages == size // PS and st.fetch_errors == 0
+        assert pager.stats.errors == 0
+
+
+@pytest.mark.timeout(60)
+async def test_zero_fetches_and_store_offset() -> None:
+    be = CompressedBackend()
+    be.load(8 * PS, testing.pattern_bytes(8 * PS, 8 * PS))  # store pages 8..15 only
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(16 * PS)
+        att = attach(region, be, store_offset=8 * PS, readahead=4)  # region page 0 = store 8
+        r = await scan(region.address, 8 * PS, op="verify", offset=8 * PS)
+        assert r.mismatches == 0
+        await scan(region.address + 8 * PS, 8 * PS)  # store pages 16..23: never written
+        data = await region.read(8 * PS, 8 * PS)
+        assert data == bytes(8 * PS)
+        assert att.stats.zero_fetches >= 1
+        await att.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_concurrent_faults_in_one_window_fetch_once() -> None:
+    be = SlowBackend(compressed_with_pattern(64 * PS), delay=0.05)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(64 * PS)
+        att = attach(region, be, readahead=64)
+        # 4 threads start at pages 0, 16, 32, 48 at once: the first fault's window
+        # covers them all, the others wait for it
+        r = await scan(region.address, region.length, threads=4, op="verify")
+        assert r.mismatches == 0
+        st = att.stats
+        await att.aclose()
+    assert st.fetches + st.readahead_hits >= 1
+    assert st.pages_fetched == 64  # no page fetched twice
+    assert sum(n for _, n in be.calls) == 64 * PS
+
+
+@pytest.mark.timeout(60)
+async def test_backend_failure_applies_the_error_policy() -> None:
+    class Broken(SlowBackend):
+        async def fetch(self, offset: int, length: int) -> Buffer | None:
+            raise BackendError("store unreachable")
+
+    be = Broken(CompressedBackend(), 0)
+    async with uffd_aio.Pager(on_error="zero") as pager:
+        region = pager.map(8 * PS)
+        att = attach(region, be, readahead=4)
+        await scan(region.address, region.length)
+        assert await region.read(0, 8 * PS) == bytes(8 * PS)
+        assert att.stats.fetch_errors >= 1 and pager.stats.errors >= 1
+        await att.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_remove_forgets_the_range_and_refetches() -> None:
+    size = 64 * PS
+    be = compressed_with_pattern(size)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size)
+        att = attach(region, be, readahead=8)
+        await scan(region.address, size, op="verify")
+        assert att.stats.present_pages == 64
+        # MADV_DONTNEED from a worker thread (the kernel holds it until we read REMOVE)
+        await asyncio.to_thread(ll.madvise, region.address + 16 * PS, 16 * PS,
+                                ll.MADV_DONTNEED)
+        await asyncio.sleep(0.05)
+        assert att.stats.present_pages == 48
+        before = att.stats.pages_fetched
+        r = await scan(region.address, size, op="verify")
+        assert r.mismatches == 0
+        assert att.stats.pages_fetched - before == 16
+        await att.aclose()
+
+
+# ---- dirty tracking and eviction ------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_dirty_tracking_and_eviction_under_a_budget_compressed() -> None:
+    size, budget = 32 * MiB, 4 * MiB
+    be = compressed_with_pattern(size)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size, mode=Mode.MISSING | Mode.WP)
+        tracker = DirtyTracker(max_resident=budget, batch_pages=128)
+        att = attach(region, be, readahead="adaptive:16", dirty=tracker)
+        r = await scan(region.address, size, threads=4, op="verify")
+        assert r.mismatches == 0
+        # overwrite the first half with another pattern, then read everything back:
+        # dirty pages must survive eviction (written back, re-fetched)
+        await scan(region.address, size // 2, threads=4, op="write", seed=SEED_B)
+        r = await scan(region.address, size // 2, threads=4, op="verify", seed=SEED_B)
+        assert r.mismatches == 0, r.first_mismatch
+        r = await scan(region.address + size // 2, size // 2, threads=4, op="verify",
+                       offset=size // 2)
+        assert r.mismatches == 0, r.first_mismatch
+        assert tracker.evicted_pages > (size - budget) // PS
+        assert tracker.written_back_pages > 0
+        # the budget held, up to the soft margin: admission stops new faults at 1.25x,
+        # faults already past that check add their windows (4 threads x 16 pages, x2 for
+        # a window that was being waited for when another one started)
+        assert tracker.peak_resident_pages * PS <= budget * 1.25 + 2 * 4 * 16 * PS
+        await tracker.flush()
+        assert tracker.dirty_pages == 0
+        await att.aclose()
+        assert pager.stats.errors == 0
+    for off in range(0, size, MiB):
+        want = testing.pattern_bytes(off, MiB, seed=SEED_B if off < size // 2 else
+                                     testing.DEFAULT_SEED)
+        assert await be.fetch(off, MiB) == want, f"store differs at {off:#x}"
+
+
+@pytest.mark.timeout(60)
+async def test_wp_fault_marks_dirty_and_flush_reprotects() -> None:
+    be = compressed_with_pattern(16 * PS)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(16 * PS, mode=Mode.MISSING | Mode.WP)
+        tracker = DirtyTracker()
+        att = attach(region, be, readahead=16, dirty=tracker)
+        await scan(region.address, 16 * PS, op="verify")  # read: all clean
+        assert tracker.dirty_pages == 0
+        await scan(region.address + 4 * PS, 2 * PS, op="write", seed=SEED_B, offset=4 * PS)
+        assert tracker.dirty_pages == 2 and tracker.is_dirty(4) and tracker.is_dirty(5)
+        assert att.stats.wp_faults == 2
+        assert await tracker.flush() == 2
+        assert tracker.dirty_pages == 0
+        assert await be.fetch(4 * PS, 2 * PS) == testing.pattern_bytes(4 * PS, 2 * PS,
+                                                                       seed=SEED_B)
+        # re-protected: the next write faults (and dirties) again
+        await scan(region.address + 4 * PS, PS, op="write", offset=4 * PS)
+        assert tracker.dirty_pages == 1 and att.stats.wp_faults == 3
+        await att.aclose()
+
+
+async def test_eviction_is_refused_for_handed_off_regions() -> None:
+    async with uffd_aio.Pager() as pager:
+        # adopt() only describes memory another process registered: no faults needed here
+        region = pager.adopt(0x7F0000000000, 64 * PS, mode=Mode.MISSING | Mode.WP)
+        tracker = DirtyTracker(max_resident=16 * PS)
+        with structlog.testing.capture_logs() as logs:
+            att = attach(region, CompressedBackend(), dirty=tracker)
+        assert any(e["event"] == "uffd_aio.eviction_unsupported" for e in logs)
+        assert not tracker._can_evict
+        with pytest.raises(RuntimeError, match="another process"):
+            await tracker.flush()
+        await att.aclose()
+
+
+def test_dirty_tracking_needs_wp() -> None:
+    async def go() -> None:
+        async with uffd_aio.Pager() as pager:
+            region = pager.map(4 * PS)
+            with pytest.raises(ValueError, match=r"Mode\.WP"):
+                attach(region, CompressedBackend(), dirty=DirtyTracker())
+
+    asyncio.run(go())
+
+
+# ---- record / replay ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_record_then_replay_prefetches_in_order(tmp_path: Path) -> None:
+    size = 256 * PS
+    be = compressed_with_pattern(size)
+    trace = tmp_path / "faults.trace"
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size)
+        att = attach(region, be, recorder=trace, store_offset=0)
+        # touch a quarter of the pages in random order
+        r = await scan(region.address, size // 4, op="verify", order="random")
+        assert r.mismatches == 0
+        await att.aclose()
+    ps_, order = read_trace(trace)
+    assert ps_ == PS and sorted(order) == list(range(64))
+
+    slow = SlowBackend(be, delay=0.002)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size)
+        att = attach(region, slow, replay=trace, replay_concurrency=2, replay_batch=4)
+        await asyncio.wait_for(att.wait_replayed(), 20)
+        st = att.stats
+        assert st.prefetched_pages == 64 and st.fetches == 0
+        # the replay fetched in trace order (runs of consecutive pages merged)
+        fetched = [off // PS + i for off, n in slow.calls for i in range(n // PS)]
+        assert fetched == order
+        r = await scan(region.address, size // 4, op="verify")
+        assert r.mismatches == 0
+        assert pager.stats.faults == 0  # everything was there before the workload
+        await att.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_replay_runs_alongside_faults() -> None:
+    size = 512 * PS
+    slow = SlowBackend(compressed_with_pattern(size), delay=0.001)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size)
+        order = list(range(511, -1, -1))  # replay from the end while threads scan forward
+        att = attach(region, slow, replay=order, readahead=8)
+        r = await scan(region.address, size, threads=2, op="verify")
+        assert r.mismatches == 0
+        await asyncio.wait_for(att.wait_replayed(), 20)
+        st = att.stats
+        assert st.fetches > 0 and st.prefetches > 0
+        # nothing fetched twice, except a fault that raced a prefetch's copy (its message
+        # was queued before the copy landed): it fetches its single page again
+        assert st.pages_fetched - st.refetches + st.prefetched_pages == 512
+        await att.aclose()
+
+
+# ---- Redis ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_redis_end_to_end_readahead_off_and_on(redis_backend: RedisBackend) -> None:
+    size = 8 * MiB
+    await load_redis(redis_backend, size)
+    for ra, max_fetches in ((0, size // PS), ("adaptive:64", size // PS // 16)):
+        async with uffd_aio.Pager() as pager:
+            region = pager.map(size)
+            att = attach(region, redis_backend, readahead=ra)
+            r = await scan(region.address, size, threads=4, op="verify")
+            assert r.mismatches == 0
+            st = att.stats
+            await att.aclose()
+        assert st.pages_fetched == size // PS
+        assert st.fetches <= max_fetches
+        assert pager.stats.errors == 0
+
+
+@pytest.mark.timeout(90)
+async def test_redis_window_is_one_mget(redis_backend: RedisBackend) -> None:
+    await load_redis(redis_backend, 64 * PS)
+    calls: list[int] = []
+    inner = redis_backend.client.mget
+
+    async def mget(keys: list[bytes]) -> list[bytes | None]:
+        calls.append(len(keys))
+        return await inner(keys)
+
+    redis_backend.client.mget = mget  # type: ignore[method-assign]
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(64 * PS)
+        att = attach(region, redis_backend, readahead=16)
+        r = await scan(region.address, region.length, op="verify")
+        assert r.mismatches == 0
+        await att.aclose()
+    assert calls == [16, 16, 16, 16]
+
+
+@pytest.mark.timeout(90)
+async def test_redis_restart_mid_run(redis_server: LocalRedis,
+                                     redis_backend: RedisBackend) -> None:
+    size = 16 * MiB
+    await load_redis(redis_backend, size)
+    redis_server.save()  # so the restarted server has the data
+    progress: list[int] = []
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size)
+        att = attach(region, redis_backend, readahead=0)
+        task = asyncio.ensure_future(scan(region.address, size, threads=2, op="verify",
+                                          progress=lambda d, t: progress.append(d),
+                                          progress_interval=0.02, timeout=60))
+        while not progress or progress[-1] < size // PS // 10:
+            await asyncio.sleep(0.01)
+            assert not task.done()
+        redis_server.kill()  # crash mid-run
+        await asyncio.sleep(0.7)
+        stalled = progress[-1]
+        await asyncio.sleep(0.3)
+        assert progress[-1] - stalled <= 2  # faults wait while Redis is down
+        await asyncio.to_thread(redis_server.start)  # restart: loads dump.rdb
+        r = await task
+        assert r.mismatches == 0
+        st = att.stats
+        await att.aclose()
+    assert st.pages_fetched >= size // PS and st.fetch_errors == 0
+    assert redis_backend.outages >= 1 and redis_backend.retries >= 1
+    assert pager.stats.errors == 0
+
+
+@pytest.mark.timeout(90)
+async def test_redis_dirty_eviction_writes_back(redis_backend: RedisBackend) -> None:
+    size, budget = 8 * MiB, 1 * MiB
+    await load_redis(redis_backend, size)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size, mode=Mode.MISSING | Mode.WP)
+        tracker = DirtyTracker(max_resident=budget, batch_pages=64)
+        att = attach(region, redis_backend, readahead="adaptive:16", dirty=tracker)
+        await scan(region.address, size, threads=2, op="write", seed=SEED_B)
+        r = await scan(region.address, size, threads=2, op="verify", seed=SEED_B)
+        assert r.mismatches == 0, r.first_mismatch
+        assert tracker.evicted_pages > 0 and tracker.written_back_pages > 0
+        await tracker.flush()
+        await att.aclose()
+        assert pager.stats.errors == 0
+    assert await store_matches(redis_backend, size, SEED_B)
+
+
+def test_redis_server_fixture_kills_its_process(redis_server: LocalRedis) -> None:
+    pid = redis_server.proc.pid if redis_server.proc else 0
+    assert pid and os.path.exists(f"/proc/{pid}")
+    redis_server.kill()
+    assert redis_server.proc is not None and redis_server.proc.poll() is not None
