@@ -42,6 +42,7 @@ BackendName = Literal["auto", "ioctl", "ring"]
 ReadMode = Literal["auto", "multishot", "read", "poll"]
 
 _READ_BATCH = 64  # uffd_msg per read
+_READ_ON = 16  # direct reads after a dispatched batch before re-arming the ring read
 _MAX_EAGAIN_RETRIES = 2000  # x 1 ms
 _CoroType = types.CoroutineType
 _WRITE = ev_mod.PAGEFAULT_FLAG_WRITE
@@ -713,7 +714,14 @@ class Pager:
         self._counters.reads += 1
         if ctx.read_mode == "read":
             msgs = ev_mod.decode(ctx.buf, res)
-            self._arm(ctx)
+            ctx.read_ud = None
+            try:
+                if msgs:
+                    self._dispatch(ctx, msgs)
+                    self._read_on(ctx)
+            finally:
+                self._arm(ctx)
+            return
         elif ctx.read_mode == "multishot":
             assert ctx.bufring is not None
             bid = flags >> ll.CQE_BUFFER_SHIFT
@@ -727,6 +735,34 @@ class Pager:
             self._arm(ctx)
         if msgs:
             self._dispatch(ctx, msgs)
+
+    def _read_on(self, ctx: _Context) -> None:
+        """After resolving a batch, read the uffd directly while it has messages (at
+        most _READ_ON batches), then let the caller re-arm the io_uring read.
+
+        The resolutions just made woke the faulting threads; when they run on this
+        CPU they have faulted again before the ioctl returned, so the next batch is
+        usually waiting: one read(2) gets it, where re-arming the io_uring read
+        costs a prep, an io_uring_enter and a reap (benchmarks/README.md).  No
+        io_uring read is armed meanwhile (the caller arms after), so nothing else
+        consumes messages; each batch is dispatched before the next read.
+        """
+        fd = ctx.uffd.fd
+        bufs = [ctx.buf]
+        for _ in range(_READ_ON):
+            if not ctx.reading or ctx.uffd.closed:
+                return
+            try:
+                n = os.readv(fd, bufs)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._log.debug("uffd_aio.read_on_failed", uffd=fd, error=str(exc))
+                return
+            if n <= 0:
+                return
+            self._counters.reads += 1
+            self._dispatch(ctx, ev_mod.decode(ctx.buf, n))
 
     def _read_now(self, ctx: _Context) -> list[ev_mod.Msg]:
         out: list[ev_mod.Msg] = []
