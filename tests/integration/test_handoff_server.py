@@ -410,6 +410,42 @@ async def test_client_killed_mid_run_frees_its_state(workload: Path, sock_path: 
     assert released[0]["faults"] > 0
 
 
+class FailingBackend:
+    """The pattern, except that store offsets from ``bad`` on fail."""
+
+    name = "failing-pattern"
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+
+    async def fetch(self, offset: int, length: int) -> Buffer | None:
+        await asyncio.sleep(0)
+        if offset + length > self.bad:
+            from uffd_aio.handlers.base import BackendError
+
+            raise BackendError(f"simulated I/O error at {offset:#x}")
+        return testing.pattern_bytes(offset, length)
+
+    async def store(self, offset: int, data: Buffer) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_backend_error_poisons_only_that_client(workload: Path, sock_path: str) -> None:
+    async with serving(sock_path, FailingBackend(600 * PS)) as server, children() as kids:
+        # this one touches store pages past 600: SIGBUS (on_error="poison"), not a hang
+        doomed = await kids.start(*workload_args(workload, sock_path, 1024, 2, 1))
+        fine = await kids.start(*workload_args(workload, sock_path, 512, 2, 1))
+        rc, out, err = await kids.finish(fine)
+        assert rc == 0 and parse(out)["verified"] is True, (out, err)
+        rc, out, err = await kids.finish(doomed)
+        assert rc == -signal.SIGBUS, (rc, out, err)
+        await server.wait_clients(0)
+        assert server.stats.errors >= 1 and server.stats.closed == 2
+
+
 async def test_keep_after_eof_serves_until_the_process_exits(workload: Path,
                                                              sock_path: str) -> None:
     # --close-uffd-style VMMs that drop the socket after the handoff: simulated by a
