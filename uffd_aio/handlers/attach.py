@@ -276,17 +276,22 @@ class Attachment:
 
     def _mark_present(self, first: int, count: int) -> None:
         p = self._present
-        for i in range(first, first + count):
-            if not p[i]:
-                p[i] = 1
+        end = first + count
+        if count == 1:
+            if not p[first]:
+                p[first] = 1
                 self._present_count += 1
+            return
+        self._present_count += count - p.count(1, first, end)
+        p[first:end] = b"\x01" * count
 
     def _mark_absent(self, first: int, end: int) -> None:
         p = self._present
-        for i in range(max(first, 0), min(end, self.npages)):
-            if p[i]:
-                p[i] = 0
-                self._present_count -= 1
+        first, end = max(first, 0), min(end, self.npages)
+        if first >= end:
+            return
+        self._present_count -= p.count(1, first, end)
+        p[first:end] = bytes(end - first)
 
     def _zero_buffer(self, n: int) -> bytes:
         if len(self._zeros) < n:
