@@ -249,6 +249,10 @@ class _Inflight:
         self.end = 0  # end of the extent the fault was in, when its handler started
 
 
+def _op_address(item: tuple[_Inflight | None, Op, _Context]) -> int:
+    return item[1].address
+
+
 def _default_op(inf: _Inflight) -> Op:
     msg = inf.msg
     if msg.is_wp:
@@ -981,6 +985,19 @@ class Pager:
         if len(pending) == 1:
             inf, op, ctx = pending[0]
             self._execute(ctx, op, [inf] if inf is not None else [])
+            return
+        # common with several faulting threads: one uffd, ranges that neither overlap
+        # nor touch: merging would return them unchanged, so run them in address order
+        ctx0 = pending[0][2]
+        pending.sort(key=_op_address)
+        end = -1
+        for _, op, ctx in pending:
+            if ctx is not ctx0 or op.address <= end:
+                break
+            end = op.address + op.length
+        else:
+            for inf, op, ctx in pending:
+                self._execute(ctx, op, [inf] if inf is not None else [])
             return
         by_ctx: dict[int, tuple[_Context, list[tuple[_Inflight | None, Op]]]] = {}
         for inf, op, ctx in pending:
