@@ -343,7 +343,10 @@ int main(int argc, char **argv)
 	uffd = uffd_open(UFFD_FEATURE_EVENT_REMOVE);
 	guest_create(&g, uffd, mib, (int)nreg);
 	sock = handoff(sock_path, uffd, &g);
-	close(uffd); /* the server holds it now (Firecracker keeps its copy; either works) */
+	/* Keep our copy of the uffd open, as Firecracker does.  Were it closed, and the
+	 * server's copy closed too (bad handoff, server exit), the kernel would unregister
+	 * the memory and the vCPUs would silently read zero pages instead of the snapshot;
+	 * with it open they wait, and the alarm reports the timeout. */
 	printf("vmm: pid %d restored %lu MiB in %lu regions from %s (%zu MiB), "
 	       "pages served by %s\n", getpid(), mib, nreg, snap_path, g.snap_size / MIB, sock_path);
 
