@@ -465,6 +465,43 @@ async def test_keep_after_eof_serves_until_the_process_exits(workload: Path,
     assert server.stats.closed == 1  # released when the server closed
 
 
+_EARLY_CLOSER = """
+import json, socket, sys, time
+from uffd_aio.uffd import Userfaultfd
+uffd = Userfaultfd.open()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+m = [{"base_host_virt_addr": 0x7f0000000000, "size": 65536, "offset": 0, "page_size": 4096}]
+socket.send_fds(s, [json.dumps(m).encode()], [uffd.fd])
+s.close()            # like a VMM that drops the socket after the handoff
+print("sent", flush=True)
+sys.stdin.read()     # live until the test closes our stdin
+"""
+
+
+async def test_keep_after_eof_releases_on_process_exit(sock_path: str) -> None:
+    with capture_logs() as logs:
+        async with serving(sock_path, ZeroBackend(), keep_after_eof=True) as server, \
+                children() as kids:
+            p = await asyncio.create_subprocess_exec(
+                str(ROOT / ".venv" / "bin" / "python"), "-c", _EARLY_CLOSER, sock_path,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            kids.procs.append(p)
+            assert p.stdout is not None and p.stdin is not None
+            async with asyncio.timeout(20):
+                while (line := await p.stdout.readline()) != b"sent\n":  # structlog prints too
+                    assert line, "the child exited before sending"
+            await server.wait_clients(1)
+            await asyncio.sleep(0.3)
+            assert len(server.clients) == 1  # socket closed, process alive: still served
+            p.stdin.close()
+            await p.wait()
+            await server.wait_clients(0)  # the pidfd saw the exit
+    released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
+    assert released and released[0]["reason"] == "process exited"
+    assert any(e["event"] == "uffd_aio.client_eof_kept" for e in logs)
+
+
 # ---- metrics ------------------------------------------------------------------------------
 
 
