@@ -694,8 +694,9 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"uffd-aio serve: cannot listen on {args.socket}: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
+    closing: list[asyncio.Task[None]] = []  # a reference keeps the task alive
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: loop.create_task(server.aclose()))
+        loop.add_signal_handler(sig, lambda: closing.append(loop.create_task(server.aclose())))
     if args.metrics_port is not None:
         start_metrics(server, args.metrics_port)
     print(f"uffd-aio serve: listening on {args.socket}, backend {backend.name}",
