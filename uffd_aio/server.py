@@ -627,7 +627,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", required=True, metavar="PATH",
                         help="Unix socket to listen on (Firecracker's uffd socket path)")
     parser.add_argument("--backend", required=True, metavar="SPEC",
-                        help="zero | file:PATH | compressed: | redis://host:port/db?prefix=P")
+                        help="zero | file:PATH[?nowait] | compressed: | "
+                             "redis://host:port/db?prefix=P")
     parser.add_argument("--allow-uid", type=int, action="append", metavar="UID",
                         help="accept only peers with this uid (repeatable; default: any)")
     parser.add_argument("--metrics-port", type=int, metavar="N",

@@ -578,3 +578,14 @@ def test_snapshot_restore_example(vmm: Path) -> None:
     assert "snapshot restore example: OK" in out
     assert out.count("content check against the snapshot: ok") == 4
     assert "given back and touched again, read as the snapshot: ok" in out
+
+
+async def test_metrics_without_prometheus_client(sock_path: str,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
+    async with serving(sock_path, ZeroBackend()) as server:
+        assert start_metrics(server, _free_port()) is False
+    assert "pip install 'uffd-aio[metrics]'" in capsys.readouterr().err
