@@ -18,12 +18,12 @@ import structlog
 
 import uffd_aio
 from uffd_aio import Mode, testing
-from uffd_aio.handlers import attach
+from uffd_aio.handlers import attach, open_backend
 from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.handlers.compressed import CompressedBackend
 from uffd_aio.handlers.dirty import DirtyTracker
 from uffd_aio.handlers.readahead import read_trace
-from uffd_aio.handlers.redis_local import LocalRedis, RedisNotInstalled
+from uffd_aio.handlers.redis_local import LocalRedis, LocalRedisCluster, RedisNotInstalled
 from uffd_aio.handlers.remote import RedisBackend
 from uffd_aio.ring import _lowlevel as ll
 
@@ -413,6 +413,34 @@ async def test_redis_dirty_eviction_writes_back(redis_backend: RedisBackend) -> 
         await att.aclose()
         assert pager.stats.errors == 0
     assert await store_matches(redis_backend, size, SEED_B)
+
+
+@pytest.mark.timeout(90)
+async def test_redis_cluster_url_uses_the_cluster_client(tmp_path: Path) -> None:
+    try:
+        cluster = LocalRedisCluster(masters=3, directory=str(tmp_path / "cluster"))
+    except RedisNotInstalled as exc:
+        pytest.skip(f"needs redis-server and redis-cli: {exc}")
+    await asyncio.to_thread(cluster.start)
+    try:
+        be = await open_backend(cluster.url + "?prefix=c:")
+        assert isinstance(be, RedisBackend) and be.cluster
+        try:
+            size = 2 * MiB
+            await load_redis(be, size)
+            async with uffd_aio.Pager() as pager:
+                region = pager.map(size)
+                att = attach(region, be, readahead=32)  # one MGET per node per window
+                r = await scan(region.address, size, threads=2, op="verify")
+                assert r.mismatches == 0
+                assert att.stats.fetches == size // PS // 32
+                await att.aclose()
+            await be.store(0, testing.pattern_bytes(0, 2 * PS, seed=SEED_B))
+            assert await be.fetch(0, 2 * PS) == testing.pattern_bytes(0, 2 * PS, seed=SEED_B)
+        finally:
+            await be.aclose()
+    finally:
+        cluster.close()
 
 
 def test_redis_server_fixture_kills_its_process(redis_server: LocalRedis) -> None:

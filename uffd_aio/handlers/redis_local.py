@@ -21,7 +21,8 @@ from types import TracebackType
 
 import redis
 
-__all__ = ["REDIS_SERVER", "LocalRedis", "RedisNotInstalled", "RedisUnavailable", "free_port"]
+__all__ = ["REDIS_SERVER", "LocalRedis", "LocalRedisCluster", "RedisNotInstalled",
+           "RedisUnavailable", "free_port"]
 
 REDIS_SERVER = os.environ.get("UFFD_AIO_REDIS_SERVER", "/usr/bin/redis-server")
 
@@ -157,3 +158,81 @@ class LocalRedis:
     def __exit__(self, et: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    for _ in range(200):
+        p = free_port()
+        if p > 55535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        return p
+    raise RedisUnavailable("no free port pair for a cluster node")
+
+
+class LocalRedisCluster:
+    """``masters`` redis-servers in cluster mode on free ports, joined with
+    ``redis-cli --cluster create`` (no replicas); for tests of ``redis+cluster://``."""
+
+    def __init__(self, *, masters: int = 3, directory: str | None = None,
+                 executable: str = REDIS_SERVER, cli: str | None = None) -> None:
+        self._own_dir = directory is None
+        self.directory = directory or tempfile.mkdtemp(prefix="uffd-aio-redis-cluster-")
+        cli = cli or os.path.join(os.path.dirname(executable), "redis-cli")
+        if not os.path.exists(cli):
+            raise RedisNotInstalled(f"{cli} not found (Debian package redis-tools)")
+        self.cli = cli
+        self.nodes = [_ClusterNode(port=_free_cluster_port(),
+                                   directory=os.path.join(self.directory, f"node{i}"),
+                                   executable=executable)
+                      for i in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self, timeout: float = 20.0) -> LocalRedisCluster:
+        try:
+            for n in self.nodes:
+                n.start()
+            subprocess.run([self.cli, "--cluster", "create",
+                            *[f"127.0.0.1:{n.port}" for n in self.nodes], "--cluster-yes"],
+                           check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while True:
+                with redis.Redis(host="127.0.0.1", port=self.nodes[0].port) as c:
+                    info = c.execute_command("CLUSTER", "INFO")
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" in text:
+                    return self
+                if time.monotonic() > deadline:
+                    raise RedisUnavailable(f"cluster not ready after {timeout} s: {text[:200]}")
+                time.sleep(0.05)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.kill()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> LocalRedisCluster:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class _ClusterNode(LocalRedis):
+    def _args(self) -> list[str]:
+        return [*super()._args(), "--cluster-enabled", "yes", "--cluster-config-file",
+                os.path.join(self.directory, "nodes.conf")]
