@@ -1,9 +1,10 @@
 #!/bin/bash
-# The main demo: set up (bootstrap.sh), then page a 256 MiB region through an asyncio
-# handler while native threads read it, on asyncio and on uvloop.  Extra arguments go
-# to `uffd-aio demo` (see --help).
+# The main demo: set up (bootstrap.sh), then remote memory in Redis: a private
+# redis-server holds 256 MiB of pages; a region faults them in through an asyncio
+# handler while native threads read and verify every byte, with read-ahead off and
+# adaptive.  Extra arguments go to examples/remote_memory/remote_memory.py (--help).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 scripts/bootstrap.sh
-exec .venv/bin/uffd-aio demo "$@"
+exec .venv/bin/python examples/remote_memory/remote_memory.py "$@"
