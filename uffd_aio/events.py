@@ -157,6 +157,10 @@ def decode(buf: bytes | bytearray | memoryview, nbytes: int | None = None) -> li
         raise DecodeError(f"{n} bytes is not a multiple of the {MSG_SIZE}-byte uffd_msg")
     # fast path (this runs per read on the fault path): one C-level unpack of every
     # record with the PAGEFAULT layout; other events are decoded again properly
+    if n == MSG_SIZE:  # one fault per read: the common case with one faulting thread
+        event, flags, address, ptid = _PF_ALL.unpack_from(buf)
+        return [_pagefault(address, flags, ptid) if event == EVENT_PAGEFAULT
+                else decode_one(buf, 0)]
     view = buf if n == len(buf) else memoryview(buf)[:n]
     out: list[Msg] = []
     append = out.append

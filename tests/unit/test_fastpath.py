@@ -20,6 +20,10 @@ def test_decode_fast_path_matches_decode_one() -> None:
     assert type(out[0]) is PageFaultMsg and hash(out[0]) == hash(PageFaultMsg(0, 0, 0))
     assert events.decode(bytearray(buf) + bytearray(64), len(buf)) == out
     assert events.decode(b"") == []
+    one = bytearray(2048)
+    for msg in (PageFaultMsg(0x5000, 1, 7), events.Remove(0x1000, 0x2000), events.Fork(9)):
+        one[: events.MSG_SIZE] = events.encode(msg)
+        assert events.decode(one, events.MSG_SIZE) == [msg]
 
 
 def test_slot_constructors_match_attrs_init() -> None:
