@@ -321,6 +321,25 @@ def main(args: argparse.Namespace) -> int:
         n += 1
         _progress(n, total, t0, r)
 
+    def handoff_runs(rnd: int, contender: str, ra: int, label: str) -> None:
+        try:
+            proc, sock = h.start_handler(contender, ra)
+        except (OSError, RuntimeError) as exc:  # recorded as failed runs; go on
+            for order in args.orders:
+                for t in args.threads:
+                    record({"error": f"handler: {exc}", "threads": t, "order": order}, rnd,
+                           contender, ra, "handoff")
+            return
+        try:
+            for order in args.orders:
+                for t in args.threads:
+                    r = h.workload(sock, t, order, label)
+                    r.setdefault("threads", t)
+                    r.setdefault("order", order)
+                    record(r, rnd, contender, ra, "handoff")
+        finally:
+            h.stop_handler(proc)
+
     try:
         for rnd in range(1, args.rounds + 1):
             rot = (rnd - 1) % len(contenders)
@@ -329,16 +348,7 @@ def main(args: argparse.Namespace) -> int:
                 for contender in order_c:
                     label = f"{contender}-ra{ra}-{args.pin}"
                     if "handoff" in args.modes:
-                        proc, sock = h.start_handler(contender, ra)
-                        try:
-                            for order in args.orders:
-                                for t in args.threads:
-                                    r = h.workload(sock, t, order, label)
-                                    r.setdefault("threads", t)
-                                    r.setdefault("order", order)
-                                    record(r, rnd, contender, ra, "handoff")
-                        finally:
-                            h.stop_handler(proc)
+                        handoff_runs(rnd, contender, ra, label)
                     if "inproc" in args.modes:
                         for order in args.orders:
                             for r in h.inproc(contender, ra, args.threads, order, label):
