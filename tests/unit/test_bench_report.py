@@ -57,3 +57,9 @@ def test_tables_render() -> None:
     assert md.count("\n") == 4 and "| handoff | seq | 1 | 1 | 5 |" in md
     assert "MET" in report.targets_text(report.targets(s, ["c", "asyncio"]))
     assert report.text_table(head, rows).splitlines()[0].split()[0] == "mode"
+
+
+def test_fewer_than_five_rounds_is_flagged() -> None:
+    s = report.summarize([r for r in RUNS if r["round"] < 3])
+    text = report.targets_text(report.targets(s, ["c", "asyncio"]))
+    assert "only 3 rounds" in text

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+MIN_ROUNDS = 5  # the targets are medians of at least 5 rounds
 FIELDS = ("p50_us", "p90_us", "p99_us", "mean_us", "mib_per_s", "wall_s")
 C = "c"
 
@@ -90,10 +91,13 @@ def targets(summary: dict[Key, dict[str, dict[str, float]]],
         r3 = None
         if h64 in summary and py in summary[h64] and C in summary.get(h1, {}):
             r3 = summary[h64][py]["mib_per_s"] / summary[h1][C]["mib_per_s"]
-        for (name, goal), val, ok in zip(TARGETS, (r1, r2, r3), checks, strict=True):
+        keys = ((h1,), (h4,), (h64, h1))
+        for (name, goal), val, ok, ks in zip(TARGETS, (r1, r2, r3), checks, keys, strict=True):
+            n = min((int(summary[k][c]["n"]) for k in ks for c in (py, C)
+                     if c in summary.get(k, {})), default=0)
             out.append({"contender": py, "target": name, "goal": goal,
                         "ratio": None if val is None else round(val, 3),
-                        "met": None if val is None else bool(ok(val))})
+                        "met": None if val is None else bool(ok(val)), "rounds": n})
     return out
 
 
@@ -148,6 +152,8 @@ def targets_text(ts: list[dict[str, Any]], md: bool = False) -> str:
         lines += ["| contender | target | goal | ratio | verdict |", "|---|---|---|---|---|"]
     for t in ts:
         verdict = "n/a" if t["met"] is None else "MET" if t["met"] else "missed"
+        if t["met"] is not None and t.get("rounds", MIN_ROUNDS) < MIN_ROUNDS:
+            verdict += f" (only {t['rounds']} rounds: a verdict needs {MIN_ROUNDS})"
         r = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
         if md:
             lines.append(f"| {t['contender']} | {t['target']} | {t['goal']} | {r} | {verdict} |")
