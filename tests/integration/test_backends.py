@@ -366,6 +366,30 @@ async def test_redis_window_is_one_mget(redis_backend: RedisBackend) -> None:
     assert calls == [16, 16, 16, 16]
 
 
+@pytest.mark.timeout(60)
+async def test_redis_concurrent_fetches_share_mgets(redis_backend: RedisBackend) -> None:
+    await load_redis(redis_backend, 64 * PS)
+    calls: list[int] = []
+    inner = redis_backend.client.mget
+
+    async def mget(keys: list[bytes]) -> list[bytes | None]:
+        calls.append(len(keys))
+        return await inner(keys)
+
+    redis_backend.client.mget = mget  # type: ignore[method-assign]
+    # 16 fetches issued in the same loop iteration: one MGET carries them all
+    got = await asyncio.gather(*(redis_backend.fetch(i * 4 * PS, 4 * PS) for i in range(16)))
+    assert calls == [64]
+    for i, data in enumerate(got):
+        assert data == testing.pattern_bytes(i * 4 * PS, 4 * PS)
+    assert redis_backend.coalesced == 15
+    # off: one request per fetch
+    redis_backend.coalesce = False
+    calls.clear()
+    await asyncio.gather(*(redis_backend.fetch(i * 4 * PS, 4 * PS) for i in range(4)))
+    assert calls == [4, 4, 4, 4]
+
+
 @pytest.mark.timeout(90)
 async def test_redis_restart_mid_run(redis_server: LocalRedis,
                                      redis_backend: RedisBackend) -> None:

@@ -6,8 +6,13 @@ value is zero-padded.  A read-ahead window is fetched with ONE ``MGET``
 (one round trip); on a cluster, redis-py's ``mget_nonatomic`` groups the
 keys by slot and pipelines one MGET per node.
 
+Fetches issued together (several faulting threads) are *coalesced*: those
+queued in the same loop iteration, or while ``max_batches`` (4) MGETs are
+already out, share the next MGET (auto-pipelining; ``coalesce=0`` turns it
+off).  A read-ahead window is still never split.
+
 URL: ``redis://[user:pass@]host:port/db?prefix=P&page_size=N&max_connections=N
-&retry_for=SECONDS`` (``prefix`` defaults to ``uffd:``).  ``redis+cluster://host:port``
+&retry_for=SECONDS&coalesce=0|1&max_batches=N`` (``prefix`` defaults to ``uffd:``).  ``redis+cluster://host:port``
 uses :class:`redis.asyncio.cluster.RedisCluster`.
 
 While Redis is unreachable (down, restarting, loading its dataset) every
@@ -24,6 +29,7 @@ import asyncio
 import functools
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -54,7 +60,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
     """(URL for redis-py, our options) from a backend URL."""
     parts = urlsplit(url)
-    ours = {"prefix", "page_size", "max_connections", "retry_for"}
+    ours = {"prefix", "page_size", "max_connections", "retry_for", "coalesce", "max_batches"}
     q = parse_qsl(parts.query, keep_blank_values=True)
     opts = {k: v for k, v in q if k in ours}
     rest = [(k, v) for k, v in q if k not in ours]
@@ -70,7 +76,8 @@ class RedisBackend:
 
     def __init__(self, client: Any, *, prefix: str = "uffd:", page_size: int = _PAGE,
                  cluster: bool = False, retry_for: float | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, coalesce: bool = True,
+                 max_batches: int = 4) -> None:
         if page_size <= 0 or page_size & (page_size - 1):
             raise ValueError(f"page size {page_size} is not a power of two")
         self.client = client
@@ -82,6 +89,17 @@ class RedisBackend:
         self._zero = bytes(page_size)
         self._log = structlog.get_logger("uffd_aio").bind(component="redis", backend=self.name)
         self._down_since: float | None = None
+        #: coalesce concurrent fetches into shared MGETs (``coalesce=0`` in the URL: off)
+        self.coalesce = coalesce
+        #: MGETs out at once before fetches queue up (and then share the next one)
+        self.max_batches = max_batches
+        self.batch_keys = 1024
+        self._queue: deque[tuple[list[bytes], asyncio.Future[list[bytes | None]]]] = deque()
+        self._flush_scheduled = False
+        self._batches = 0
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.coalesced = 0
         #: counters
         self.requests = 0
         self.retries = 0
@@ -104,6 +122,9 @@ class RedisBackend:
         max_conn = int(kw.pop("max_connections", opts.get("max_connections", 16)))
         rf = kw.pop("retry_for", opts.get("retry_for"))
         retry_for = None if rf in (None, "", "none") else float(rf)
+        co = kw.pop("coalesce", opts.get("coalesce", True))
+        coalesce = co not in ("0", "false", "no", "off", False)
+        max_batches = int(kw.pop("max_batches", opts.get("max_batches", 4)))
         common: dict[str, Any] = {"socket_timeout": 10.0, "socket_connect_timeout": 2.0,
                                   "decode_responses": False}
         common.update(kw)
@@ -120,8 +141,8 @@ class RedisBackend:
             where += f":{parts.port}"
         kind = "redis-cluster" if cluster else "redis"
         return cls(client, prefix=prefix, page_size=page_size, cluster=cluster,
-                   retry_for=retry_for, name=f"{kind}://{where}{parts.path or ''}"
-                   f"?prefix={prefix}")
+                   retry_for=retry_for, coalesce=coalesce, max_batches=max_batches,
+                   name=f"{kind}://{where}{parts.path or ''}?prefix={prefix}")
 
     # ---- keys ----------------------------------------------------------------
 
@@ -171,16 +192,11 @@ class RedisBackend:
 
     async def fetch(self, offset: int, length: int) -> Buffer | None:
         pages = self._pages(offset, length)
-        client = self.client
-        if len(pages) == 1:
-            k = self.key(pages[0])
-            v = await self._retry("GET", lambda: client.get(k))
-            return None if v is None else self._fit(v, pages[0])
         keys = [self.key(p) for p in pages]
-        if self.cluster:
-            values = await self._retry("MGET", lambda: client.mget_nonatomic(keys))
-        else:
-            values = await self._retry("MGET", lambda: client.mget(keys))
+        values = await (self._coalesced(keys) if self.coalesce else self._mget(keys))
+        if len(pages) == 1:
+            v = values[0]
+            return None if v is None else self._fit(v, pages[0])
         if all(v is None for v in values):
             return None
         ps = self.page_size
@@ -189,6 +205,67 @@ class RedisBackend:
             if v is not None:
                 out[i * ps:(i + 1) * ps] = self._fit(v, pages[i])
         return out
+
+    async def _mget(self, keys: list[bytes]) -> list[bytes | None]:
+        client = self.client
+        if len(keys) == 1:
+            k = keys[0]
+            return [await self._retry("GET", lambda: client.get(k))]
+        if self.cluster:
+            return list(await self._retry("MGET", lambda: client.mget_nonatomic(keys)))
+        return list(await self._retry("MGET", lambda: client.mget(keys)))
+
+    # ---- coalescing: fetches issued together share one MGET ------------------------
+
+    def _coalesced(self, keys: list[bytes]) -> asyncio.Future[list[bytes | None]]:
+        """Queue ``keys``; fetches queued in the same loop iteration, or while
+        ``max_batches`` MGETs are already out, go together in the next MGET."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[bytes | None]] = loop.create_future()
+        self._queue.append((keys, fut))
+        if not self._flush_scheduled and self._batches < self.max_batches:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._queue and self._batches < self.max_batches:
+            batch: list[tuple[list[bytes], asyncio.Future[list[bytes | None]]]] = []
+            n = 0
+            while self._queue and (not batch or n + len(self._queue[0][0]) <= self.batch_keys):
+                item = self._queue.popleft()
+                batch.append(item)
+                n += len(item[0])
+            self._batches += 1
+            self.batches += 1
+            self.coalesced += len(batch) - 1
+            task = asyncio.get_running_loop().create_task(self._run_batch(batch))
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    async def _run_batch(self, batch: list[tuple[list[bytes],
+                                                 asyncio.Future[list[bytes | None]]]]) -> None:
+        try:
+            keys = [k for ks, _ in batch for k in ks]
+            try:
+                values = await self._mget(keys)
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc if isinstance(exc, Exception)
+                                          else BackendError(f"{self.name}: fetch cancelled"))
+                raise
+            i = 0
+            for ks, fut in batch:
+                if not fut.done():
+                    fut.set_result(values[i:i + len(ks)])
+                i += len(ks)
+        finally:
+            self._batches -= 1
+            if self._queue and not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def _fit(self, v: bytes, page: int) -> bytes:
         ps = self.page_size
@@ -256,6 +333,8 @@ class RedisBackend:
         return bool(await self._retry("PING", self.client.ping))
 
     async def aclose(self) -> None:
+        for t in list(self._batch_tasks):
+            t.cancel()
         client = self.client
         if hasattr(client, "aclose"):
             await client.aclose()
