@@ -169,16 +169,18 @@ class DirtyTracker:
 
     async def on_wp_fault(self, ev: PageFault, page: int) -> None:
         self.wp_faults += 1
+        att = self._att
+        assert att is not None
         fut = self._evicting.get(page)
         if fut is not None:
             await asyncio.shield(fut)
-        att = self._att
-        assert att is not None
-        if not att.is_present(page):
-            # evicted (or dropped) while the writer waited: wake it; it faults the page
-            # back in as a write fault, which maps it writable and dirty
-            await ev.unprotect()
-            return
+            if not att.is_present(page):
+                # evicted (or dropped) while the writer waited: wake it; it faults the
+                # page back in as a write fault, which maps it writable and dirty
+                await ev.unprotect()
+                return
+        # a WP fault means the page is mapped, whoever mapped it
+        att._mark_present(page, 1)
         self._dirty.add(page)
         lru = self._lru
         lru[page] = None
