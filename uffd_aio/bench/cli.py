@@ -379,6 +379,9 @@ def main(args: argparse.Namespace) -> int:
     print(report.text_table(head, rows))
     print()
     print(report.targets_text(tgt))
+    if args.pages < 16384:
+        print(f"(runs of {args.pages * PAGE >> 20} MiB: read-ahead runs last a few ms, so the "
+              "throughput verdicts are rough; the README's come from 64 MiB runs)")
     if failures:
         print(f"\n{len(failures)} failed run(s): see {rundir / 'results.json'}")
 
