@@ -342,10 +342,19 @@ class DirtyTracker:
                 victims = self._pick()
                 if not victims:
                     break
-                ok = await self._evict(victims)
+                try:
+                    ok = await self._evict(victims)
+                except Exception as exc:  # the region went away under us (pager closed)
+                    att = self._att
+                    gone = att is not None and (att.region.closed or att.region.pager._closing)
+                    if not gone:
+                        self._log.error("uffd_aio.eviction_failed", exc_info=exc)
+                    self._can_evict = False
+                    return
                 self._progress.set()
-                if not ok:
-                    await asyncio.sleep(1.0)  # write-back failing: back off
+                if not ok:  # write-back failing: back off (aclose() cuts it short)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), 1.0)
                     break
 
     def _pick(self) -> list[int]:
