@@ -9,6 +9,7 @@ when /usr/bin/redis-server is missing: `apt-get install redis-server`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -261,6 +262,19 @@ async def test_eviction_is_refused_for_handed_off_regions() -> None:
         with pytest.raises(RuntimeError, match="another process"):
             await tracker.flush()
         await att.aclose()
+
+
+async def test_dirty_factory_gives_each_region_its_tracker() -> None:
+    be = compressed_with_pattern(8 * PS)
+    factory = functools.partial(DirtyTracker, max_resident=4 * PS)
+    async with uffd_aio.Pager() as pager:
+        atts = [attach(pager.map(8 * PS, mode=Mode.MISSING | Mode.WP), be, dirty=factory)
+                for _ in range(2)]
+        a, b = (att.dirty for att in atts)
+        assert isinstance(a, DirtyTracker) and isinstance(b, DirtyTracker) and a is not b
+        assert a.max_resident == 4 * PS
+        for att in atts:
+            await att.aclose()
 
 
 def test_dirty_tracking_needs_wp() -> None:

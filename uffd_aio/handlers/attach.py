@@ -36,8 +36,8 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
 import structlog
@@ -559,7 +559,7 @@ def attach(
     *,
     store_offset: int | None = None,
     readahead: ReadaheadPolicy | int | str | None = None,
-    dirty: DirtyPolicy | None = None,
+    dirty: DirtyPolicy | Callable[[], DirtyPolicy] | None = None,
     recorder: FaultRecorder | str | os.PathLike[str] | None = None,
     replay: Sequence[int] | str | os.PathLike[str] | None = None,
     replay_concurrency: int = 2,
@@ -575,7 +575,9 @@ def attach(
       ``"fixed:N"`` / ``"off"``.
     * ``dirty``: a :class:`~uffd_aio.handlers.dirty.DirtyTracker` (needs a
       WP-registered region): pages go in write-protected, writes mark them
-      dirty, and a ``max_resident`` budget evicts with write-back.
+      dirty, and a ``max_resident`` budget evicts with write-back.  A tracker
+      serves one region: to share options between several ``attach`` calls
+      pass a factory, e.g. ``functools.partial(DirtyTracker, max_resident=N)``.
     * ``recorder``: a :class:`FaultRecorder` or a path: the order of first
       faults, saved on ``aclose()``.
     * ``replay``: a trace path or a sequence of store page indexes to prefetch
@@ -585,6 +587,11 @@ def attach(
       backend's ``eager`` attribute, else the pager's setting).  Backends whose
       client needs a running Task (``asyncio.timeout`` inside) say ``eager = False``.
     """
+    tracker: DirtyPolicy | None
+    if dirty is None or hasattr(dirty, "bind"):
+        tracker = cast("DirtyPolicy | None", dirty)
+    else:
+        tracker = dirty()  # a factory: one tracker per region
     if isinstance(recorder, (str, os.PathLike)):
         recorder = FaultRecorder(recorder, page_size=region.page_size)
     if isinstance(replay, (str, os.PathLike)):
@@ -597,14 +604,14 @@ def attach(
         region, backend,
         store_offset=region.store_offset if store_offset is None else store_offset,
         readahead=policy_from(readahead),
-        dirty=dirty,
+        dirty=tracker,
         recorder=recorder,
         replay=replay,
         replay_concurrency=replay_concurrency,
         replay_batch=replay_batch,
     )
-    if dirty is not None:
-        dirty.bind(att)
+    if tracker is not None:
+        tracker.bind(att)
     if eager is None:
         be: Any = backend
         eager = getattr(be, "eager", None)
