@@ -224,6 +224,7 @@ class _Inflight:
         "pager",
         "region",
         "resolved",
+        "resolving",
         "t0",
         "task",
         "timed_out",
@@ -241,6 +242,9 @@ class _Inflight:
         self.t0 = time.perf_counter_ns()
         self.dups = 0
         self.resolved = False
+        # a resolution covering the page went to the ring (a write not completed yet):
+        # the kernel may already have woken the thread, which may fault again
+        self.resolving = False
         self.task: asyncio.Task[Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
@@ -365,6 +369,7 @@ class Pager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ring: Ring | None = None
         self._backend: Backend = IoctlBackend()
+        self._sync_backend: Backend = self._backend  # resolutions done when execute returns
         self._warned_default = False
         #: new faults on a page whose inflight was resolved but not finished (_on_fault)
         self._deferred: dict[_Inflight, list[PageFaultMsg]] = {}
@@ -389,6 +394,7 @@ class Pager:
         try:
             uffd = self._given_uffd or Userfaultfd.open(self._features, required=self._required)
             self._backend = self._make_backend(uffd)
+            self._sync_backend = getattr(self._backend, "sync", self._backend)
             if self._poll:
                 self._start_polling(uffd)
             self._main = self._add_context(uffd, "main")
@@ -469,6 +475,7 @@ class Pager:
         ioctls = getattr(self._backend, "ioctls", 0)
         c.ioctls = ioctls
         c.ring_writes = getattr(self._backend, "ring_writes", 0)
+        c.pwrites = getattr(self._backend, "pwrites", 0)
         return c.snapshot(inflight=self._running, backlog=len(self._backlog),
                           backend=self._backend.name)
 
@@ -808,7 +815,7 @@ class Pager:
         page = msg.address & ~(region.page_size - 1)
         inf = ctx.inflight.get(page)
         if inf is not None:
-            if inf.resolved:
+            if inf.resolved or inf.resolving:
                 # Resolved explicitly (ev.copy...), its handler not finished yet: the
                 # faulting thread was already woken, so this is a NEW fault on the page
                 # (say a write after a read resolved write-protected), not a duplicate.
@@ -978,6 +985,20 @@ class Pager:
             self._loop.call_soon(self._flush_pending)
 
     def _flush_pending(self) -> None:
+        backend: Any = self._backend
+        if backend.name != "ring":
+            self._flush_pending_now()
+            return
+        # ring writes: one io_uring_enter for the whole batch (with the re-armed read),
+        # still before any other code runs, so they keep their order with ioctls
+        backend.hold = True
+        try:
+            self._flush_pending_now()
+        finally:
+            backend.hold = False
+            self.ring.flush()
+
+    def _flush_pending_now(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, []
         if not pending:
@@ -1028,6 +1049,8 @@ class Pager:
         if isinstance(res, int):
             self._resolved(op, infs)
         else:
+            for inf in infs:
+                inf.resolving = True
             res.add_done_callback(lambda f: self._execute_done(ctx, op, infs, f))
 
     def _execute_done(self, ctx: _Context, op: Op, infs: list[_Inflight],
@@ -1096,13 +1119,16 @@ class Pager:
         """ev.copy()/zero()/...: run now, outside batching; the fault counts as resolved."""
         ctx = inf.ctx
         try:
-            res = self._backend.execute(ctx.uffd, op)
+            # done when this returns (a handler may rely on it): ring writes -> pwrite
+            res = self._sync_backend.execute(ctx.uffd, op)
         except MmChanging:
             assert self._loop is not None
             return asyncio.ensure_future(self._explicit_retry(inf, op), loop=self._loop)
         if isinstance(res, int):
             self._mark_explicit(inf, op, res)
             return res
+        if op.address <= inf.page < op.end:
+            inf.resolving = True
         # a ring write: EAGAIN arrives in the future; retried as with the ioctl backend
         return asyncio.ensure_future(self._explicit_await(inf, op, res), loop=self._loop)
 
@@ -1119,7 +1145,7 @@ class Pager:
             self._counters.eagain_retries += 1
             await asyncio.sleep(0.001)
             try:
-                res = self._backend.execute(inf.ctx.uffd, op)
+                res = self._sync_backend.execute(inf.ctx.uffd, op)
                 n = res if isinstance(res, int) else await res
             except MmChanging:
                 continue
@@ -1173,7 +1199,7 @@ class Pager:
             ops = [Op(Kind.POISON, page, size), Op(Kind.ZERO, page, size)]
         if msg.is_wp and self._on_error != "zero":
             ops.insert(0, Op(Kind.POISON, page, size))
-        backend = getattr(self._backend, "fallback", self._backend)  # synchronous (ioctls)
+        backend = getattr(self._backend, "sync", self._backend)  # synchronous resolutions
         for op in ops:
             try:
                 res = backend.execute(ctx.uffd, op)

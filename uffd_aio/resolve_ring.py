@@ -12,14 +12,18 @@ Semantics are those of :class:`uffd_aio.resolve.IoctlBackend`:
 * a short count (partial progress) is continued with the rest of the range;
 * ``-EEXIST`` (COPY, ZEROPAGE, CONTINUE, POISON): that page is already there,
   skip it and go on; the kernel does not wake on a failing write, so a
-  range with skipped pages is woken with one ``OP_WAKE`` write at the end;
+  range with skipped pages is woken with one ``OP_WAKE`` write at the end
+  (both done at once with ``pwrite``, in the completion of the ring write);
 * ``-EAGAIN`` (the mm is changing: a non-cooperative event is pending):
   :class:`~uffd_aio.uffd.MmChanging`, which the pager retries after the
   events were read;
 * ``-ENOENT`` / ``-ESRCH``: :class:`~uffd_aio.uffd.RangeGone`;
 * anything else: :class:`~uffd_aio.errors.ResolveError`.
 
-:meth:`RingWriteBackend.execute` returns a future of the bytes covered.
+:meth:`RingWriteBackend.execute` returns a future of the bytes covered.  The
+write is submitted before ``execute`` returns (or, for the pager's batches,
+right after the batch), so resolutions keep their order with the uffd ioctls
+other code issues; the write executes inline in that ``io_uring_enter``.
 
 Poll mode (``Feature.POLL``): :func:`set_poll_budget` sets a context's spin
 budget with ``UFFDIO_POLL``.  :func:`probe_write_path` and
@@ -40,7 +44,7 @@ import structlog
 from uffd_aio import modes, wpos
 from uffd_aio.errors import FeatureUnavailable, ResolveError
 from uffd_aio.modes import Feature
-from uffd_aio.resolve import IoctlBackend, Kind, Op
+from uffd_aio.resolve import Kind, Op
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring.ring import _FutureOp
 from uffd_aio.uffd import PAGE_SIZE, MmChanging, RangeGone, available_features
@@ -228,12 +232,64 @@ def _error(res: int, what: str, address: int, length: int, done: int) -> Resolve
     return ResolveError(err, os.strerror(err), op=what, address=address, length=length)
 
 
+class PwriteBackend:
+    """The write interface used synchronously: ``pwrite(2)`` on the writer fd.
+
+    Same contract and semantics as :class:`~uffd_aio.resolve.IoctlBackend`
+    (returns the bytes covered; skips existing pages and wakes the range once;
+    :class:`MmChanging` / :class:`RangeGone` / :class:`ResolveError`).  The pager
+    uses it where a resolution must be done when the call returns: explicit
+    resolutions (``await ev.copy()`` ... a handler may rely on the page being in
+    when it continues) and its error policy; :class:`RingWriteBackend` uses it to
+    finish a ring write that came back short.
+    """
+
+    name = "pwrite"
+
+    def __init__(self) -> None:
+        self.pwrites = 0
+
+    def execute(self, uffd: Userfaultfd, op: Op) -> int:
+        wop = _KIND_OP[op.kind]
+        if op.kind is Kind.COPY:
+            src, keep = ll.buffer_address(op.data)
+        else:
+            src, keep = 0, None
+        n = self.run(writer_fd(uffd), wop, op.address, op.length, src,
+                     op.wp and wop in wpos.MODE_WP_OPS)
+        del keep
+        return n
+
+    def run(self, wfd: int, wop: WriteOp, address: int, length: int, src: int,
+            mode_wp: bool, done: int = 0, skipped: bool = False) -> int:
+        """Resolve ``[address + done, address + length)``; wake the whole range if pages
+        were skipped (now or, ``skipped``, by the caller before)."""
+        bits = int(wop) | (wpos.MODE_WP if mode_wp else 0)
+        while done < length:
+            n = min(length - done, MAX_WRITE)
+            rc, got = ll.pwrite(wfd, src + done if src else 0, n, (address + done) | bits)
+            self.pwrites += 1
+            if rc == 0 and got > 0:
+                done += got
+            elif rc == -E.EEXIST and wop in _EEXIST_SKIPS:
+                done += PAGE_SIZE
+                skipped = True
+            else:
+                raise _error(rc if rc < 0 else -E.EIO, f"UFFDIO_WRITE {wop.name}",
+                             address + done, length - done, done)
+        if skipped:
+            rc, _ = ll.pwrite(wfd, 0, length, address | WriteOp.WAKE)
+            self.pwrites += 1
+            if rc < 0 and rc not in (-E.ENOENT, -E.ESRCH):
+                raise _error(rc, "UFFDIO_WRITE WAKE", address, length, length)
+        return length
+
+
 class _Write(_FutureOp):
     """One resolution driven to the end through the ring: continues short counts,
     skips pages that exist, wakes once at the end if it skipped any."""
 
-    __slots__ = ("address", "backend", "done", "length", "mode_wp", "op", "skipped", "src",
-                 "waking", "wfd")
+    __slots__ = ("address", "backend", "length", "mode_wp", "op", "src", "wfd")
 
     def __init__(self, backend: RingWriteBackend, fut: asyncio.Future[int], wfd: int,
                  op: WriteOp, address: int, length: int, src: int, keep: Any,
@@ -246,78 +302,61 @@ class _Write(_FutureOp):
         self.length = length
         self.src = src
         self.mode_wp = mode_wp
-        self.done = 0
-        self.skipped = False
-        self.waking = False
 
     def submit(self) -> None:
-        if self.waking:
-            pos = wpos.encode(self.address, WriteOp.WAKE)
-            self.backend._submit(self.wfd, 0, self.length, pos, self)
-            return
-        done = self.done
-        n = min(self.length - done, MAX_WRITE)
-        pos = (self.address + done) | self.op | (wpos.MODE_WP if self.mode_wp else 0)
-        self.backend._submit(self.wfd, self.src + done if self.src else 0, n, pos, self)
+        n = min(self.length, MAX_WRITE)
+        pos = self.address | self.op | (wpos.MODE_WP if self.mode_wp else 0)
+        self.backend._submit(self.wfd, self.src, n, pos, self)
 
     def __call__(self, res: int, flags: int) -> None:
         fut = self.fut
         if fut.done():
             return
-        if self.waking:  # the final wake after skipped pages; a vanished range is fine
-            if res < 0 and res not in (-E.ENOENT, -E.ESRCH):
-                fut.set_exception(_error(res, "UFFDIO_WRITE WAKE", self.address, self.length,
-                                         self.done))
-            else:
-                fut.set_result(self.done)
+        if res == self.length:  # the common case: all resolved (and woken) in one write
+            fut.set_result(res)
             return
+        # a short count or EEXIST: finish the range now, synchronously, with pwrite
         if res > 0:
-            self.done += res
+            done, skipped = res, False
         elif res == -E.EEXIST and self.op in _EEXIST_SKIPS:
-            self.done += PAGE_SIZE
-            self.skipped = True
+            done, skipped = PAGE_SIZE, True
         else:
-            left = self.length - self.done
-            fut.set_exception(_error(res if res < 0 else -E.EIO, self.what,
-                                     self.address + self.done, left, self.done))
+            fut.set_exception(_error(res if res < 0 else -E.EIO, self.what, self.address,
+                                     self.length, 0))
             return
-        if self.done < self.length:
-            try:
-                self.submit()
-            except BaseException as exc:
-                fut.set_exception(exc)
+        try:
+            n = self.backend.sync.run(self.wfd, self.op, self.address, self.length, self.src,
+                                      self.mode_wp, done, skipped)
+        except BaseException as exc:
+            fut.set_exception(exc)
             return
-        self.done = self.length
-        if self.skipped:
-            self.waking = True
-            try:
-                self.submit()
-            except BaseException as exc:
-                fut.set_exception(exc)
-            return
-        fut.set_result(self.length)
+        fut.set_result(n)
 
 
 class RingWriteBackend:
     """Resolve with io_uring WRITEs on the uffd's writer fd (patched kernels).
 
-    ``ring_writes`` counts the WRITE SQEs (continuations and wakes included);
-    ``ioctls`` counts what went through :attr:`fallback`, the ioctl backend the
-    pager uses where it needs a synchronous answer (its error policy).
+    ``ring_writes`` counts the WRITE SQEs; ``pwrites`` the synchronous writes
+    of :attr:`sync` (the pager's explicit resolutions and error policy, the rest
+    of a ring write that came back short); ``ioctls`` stays 0.
     """
 
     name = "ring"
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
+        #: set by the pager while it executes a batch (it flushes the ring after it)
+        self.hold = False
         self.ring_writes = 0
-        self.fallback = IoctlBackend()
+        self.sync = PwriteBackend()
         self._log = structlog.get_logger("uffd_aio").bind(component="resolve_ring",
                                                          ring_fd=ring.fd)
 
     @property
-    def ioctls(self) -> int:
-        return self.fallback.ioctls
+    def pwrites(self) -> int:
+        return self.sync.pwrites
+
+    ioctls = 0
 
     @classmethod
     def create(cls, ring: Ring, uffd: Userfaultfd) -> RingWriteBackend:
@@ -350,4 +389,9 @@ class RingWriteBackend:
         w = _Write(self, fut, wfd, wop, op.address, op.length, src, keep,
                    op.wp and wop in wpos.MODE_WP_OPS)
         w.submit()
+        if not self.hold:
+            # submit now: the write reaches the kernel before any other code runs, in
+            # order with the uffd ioctls that code may issue (a handler's WP after an
+            # unprotect...); with the next read if one is prepared
+            self.ring.flush()
         return fut

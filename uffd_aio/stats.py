@@ -76,6 +76,7 @@ class Counters:
     poisons: int = 0
     wakes: int = 0
     ring_writes: int = 0
+    pwrites: int = 0
     ioctls: int = 0
     eagain_retries: int = 0
     errors: int = 0
@@ -111,6 +112,7 @@ class PagerStats:
     poisons: int
     wakes: int
     ring_writes: int
+    pwrites: int
     ioctls: int
     eagain_retries: int
     errors: int

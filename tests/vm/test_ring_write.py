@@ -32,10 +32,12 @@ from ..integration.helpers import PS, child, pattern_handler, scan
 pytestmark = pytest.mark.patched_kernel
 
 
-def _ring_only(pager: uffd_aio.Pager) -> None:
+def _ring_only(pager: uffd_aio.Pager, *, explicit: bool = False) -> None:
+    """Every resolution went through the write interface: io_uring WRITEs for what
+    handlers return, pwrite for explicit ones (ev.copy()...: done when they return)."""
     st = pager.stats
     assert pager.backend == "ring" and st.backend == "ring"
-    assert st.ring_writes >= 1
+    assert (st.pwrites if explicit else st.ring_writes) >= 1, st
     assert st.ioctls == 0, "a resolution went through an ioctl"
 
 
@@ -86,7 +88,7 @@ async def test_explicit_zero_range_and_read_ahead_copy() -> None:
         await scan(region.address + 8 * PS, 8 * PS)
         assert await region.read(8 * PS, 8 * PS) == bytes(8 * PS)
         assert pager.stats.handler_calls == 2
-        _ring_only(pager)
+        _ring_only(pager, explicit=True)
 
 
 async def test_shmem_missing_through_the_ring() -> None:
@@ -136,7 +138,8 @@ async def test_copy_wp_then_unprotect_through_the_ring() -> None:
         await scan(region.address, region.length, op="write-word")
         assert kinds.count("wp") == 8
         assert pager.stats.unprotects >= 1
-        _ring_only(pager)
+        _ring_only(pager)  # the unprotects (returned None)
+        _ring_only(pager, explicit=True)  # the COPY|WP (ev.copy)
 
 
 async def test_poison_through_the_ring_gives_sigbus() -> None:
@@ -150,7 +153,7 @@ async def test_poison_through_the_ring_gives_sigbus() -> None:
         status = await child(region.address, region.length, op="read")
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
         assert pager.stats.poisons == 1
-        _ring_only(pager)
+        _ring_only(pager, explicit=True)
 
 
 async def test_fork_child_gets_its_own_writer_fd() -> None:
@@ -217,14 +220,20 @@ async def test_eexist_pages_are_skipped_and_the_range_woken(direct: _Direct) -> 
     assert await d.run(Kind.ZERO, 1, 1) == PS  # page 1 exists
     before = d.backend.ring_writes
     data = bytes(testing.pattern_bytes(0, 4 * PS))
-    # write 1: short count (page 0), write 2: EEXIST (page 1), write 3: pages 2-3, + WAKE
+    # ring write: short count (page 0); then at once with pwrite: EEXIST (page 1),
+    # pages 2-3, and a WAKE of the range
     assert await d.run(Kind.COPY, 0, 4, data) == 4 * PS
-    assert d.backend.ring_writes - before == 4
+    assert d.backend.ring_writes - before == 1 and d.backend.pwrites == 3
     got = await testing.read(d.addr, 4 * PS)
     assert got[:PS] == data[:PS] and got[PS:2 * PS] == bytes(PS) and got[2 * PS:] == data[2 * PS:]
     # all pages there already: every write is EEXIST, still "resolved"
     assert await d.run(Kind.ZERO, 0, 4) == 4 * PS
     assert await d.run(Kind.COPY, 0, 1, data[:PS]) == PS
+    # the synchronous twin, as the pager uses it for ev.copy() & co.
+    assert d.backend.sync.execute(d.uffd, Op(Kind.COPY, d.addr, 4 * PS, data)) == 4 * PS
+    assert d.backend.sync.execute(d.uffd, Op(Kind.ZERO, d.addr + 4 * PS, 2 * PS)) == 2 * PS
+    with pytest.raises(RangeGone):
+        d.backend.sync.execute(d.uffd, Op(Kind.ZERO, PS, PS))
 
 
 async def test_errors_map_to_the_ioctl_backends_exceptions(direct: _Direct) -> None:
