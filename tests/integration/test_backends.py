@@ -13,6 +13,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -337,6 +338,34 @@ async def test_replay_runs_alongside_faults() -> None:
         # nothing fetched twice, except a fault that raced a prefetch's copy (its message
         # was queued before the copy landed): it fetches its single page again
         assert st.pages_fetched - st.refetches + st.prefetched_pages == 512
+        await att.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_replay_yields_to_fault_fetches() -> None:
+    size = 128 * PS
+    inner = compressed_with_pattern(size)
+    holder: list[Any] = []
+    starts: list[tuple[int, int]] = []  # (offset, fault fetches in flight) per prefetch
+
+    class Probe(SlowBackend):
+        async def fetch(self, offset: int, length: int) -> Buffer | None:
+            if offset >= 64 * PS:  # the replayed half
+                starts.append((offset, holder[0]._fault_fetches))
+            return await super().fetch(offset, length)
+
+    be = Probe(inner, delay=0.003)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(size)
+        att = attach(region, be, replay=list(range(64, 128)), replay_concurrency=1,
+                     replay_batch=1, replay_max_wait=30)
+        holder.append(att)
+        r = await scan(region.address, 64 * PS, op="verify")  # faults on the other half
+        assert r.mismatches == 0
+        await asyncio.wait_for(att.wait_replayed(), 20)
+        assert len(starts) == 64
+        # no prefetch ever started while a fault's fetch was in flight
+        assert all(n == 0 for _, n in starts), starts
         await att.aclose()
 
 

@@ -161,6 +161,7 @@ class Attachment:
         replay: Sequence[int] | None,
         replay_concurrency: int,
         replay_batch: int,
+        replay_max_wait: float = 0.005,
     ) -> None:
         ps = region.page_size
         if store_offset % ps:
@@ -184,10 +185,14 @@ class Attachment:
         self._present = bytearray(self.npages)
         self._present_count = 0
         self._pending: dict[int, asyncio.Future[_Fetched]] = {}
+        #: in-flight fetches that a fault is waiting for (prefetches stop yielding)
+        self._wanted: set[asyncio.Future[_Fetched]] = set()
         self._c = _Counters()
         self._fault_fetches = 0  # fault-path fetches in flight (replay yields to them)
-        self._no_faults = asyncio.Event()
-        self._no_faults.set()
+        #: set (and replaced) when fault fetches drop to zero or a fault starts waiting
+        #: for a prefetch: yielding prefetches re-check then
+        self._changed = asyncio.Event()
+        self._yielding = 0
         self._zeros = b""
         self._closed = False
         self._replay_task: asyncio.Task[None] | None = None
@@ -201,6 +206,7 @@ class Attachment:
         else:
             self._plan = None
         self._replay_concurrency = replay_concurrency
+        self._replay_max_wait = replay_max_wait
 
     # ---- public ------------------------------------------------------------
 
@@ -319,6 +325,9 @@ class Attachment:
         fut = self._pending.get(page)
         if fut is not None:
             self._c.readahead_hits += 1
+            if fut not in self._wanted:
+                self._wanted.add(fut)
+                self._notify()
             try:
                 first, data = await asyncio.shield(fut)
             except Exception:  # that fetch failed or was cancelled: fetch ourselves
@@ -364,7 +373,6 @@ class Attachment:
         for i in range(page, page + n):
             pending.setdefault(i, fut)
         self._fault_fetches += 1
-        self._no_faults.clear()
         c.fetches += 1
         c.pages_fetched += n
         c.bytes_fetched += n * ps
@@ -377,7 +385,7 @@ class Attachment:
             finally:
                 self._fault_fetches -= 1
                 if not self._fault_fetches:
-                    self._no_faults.set()
+                    self._notify()
             if data is None:
                 c.zero_fetches += 1
             elif len(data) != n * ps:
@@ -396,6 +404,7 @@ class Attachment:
         fut.set_result((page, data))
 
     def _release(self, page: int, n: int, fut: asyncio.Future[_Fetched]) -> None:
+        self._wanted.discard(fut)
         pending = self._pending
         for i in range(page, page + n):
             if pending.get(i) is fut:
@@ -466,11 +475,6 @@ class Attachment:
         self._log.info("uffd_aio.replay_started", pages=len(plan.order))
         try:
             while not self._closed:
-                # real faults first: wait (bounded) until no fault fetch is in flight
-                if self._fault_fetches:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(0.005):
-                            await self._no_faults.wait()
                 await sem.acquire()
                 nxt = plan.next_batch(self._skip)
                 if nxt is None:
@@ -502,10 +506,36 @@ class Attachment:
             fut.set_exception(PagerClosed("prefetch cancelled"))
             fut.exception()
 
+    async def _yield_to_faults(self, fut: asyncio.Future[_Fetched]) -> None:
+        """Real faults first: wait (at most replay_max_wait) until no fault fetch is in
+        flight.  Checked again after every wake-up: the caller's fetch follows at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._replay_max_wait
+        # a fault that starts waiting for this very prefetch (_wanted) ends the yielding
+        # at once: no priority inversion
+        while self._fault_fetches and fut not in self._wanted:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            changed = self._changed
+            self._yielding += 1
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await changed.wait()
+            finally:
+                self._yielding -= 1
+
+    def _notify(self) -> None:
+        if self._yielding:  # nobody to wake otherwise: no Event churn on the fault path
+            self._changed.set()
+            self._changed = asyncio.Event()
+
     async def _prefetch(self, page: int, n: int, fut: asyncio.Future[_Fetched]) -> None:
         ps = self.page_size
         try:
             try:
+                await self._yield_to_faults(fut)
                 data = await self.backend.fetch(self.store_offset + page * ps, n * ps)
                 if data is not None and len(data) != n * ps:
                     raise BackendError(f"{self.backend.name} returned {len(data)} bytes for "
@@ -564,6 +594,7 @@ def attach(
     replay: Sequence[int] | str | os.PathLike[str] | None = None,
     replay_concurrency: int = 2,
     replay_batch: int = 16,
+    replay_max_wait: float = 0.005,
     eager: bool | None = None,
 ) -> Attachment:
     """Serve ``region``'s faults from ``backend``; returns the :class:`Attachment`.
@@ -582,7 +613,8 @@ def attach(
       faults, saved on ``aclose()``.
     * ``replay``: a trace path or a sequence of store page indexes to prefetch
       in the background (``replay_concurrency`` fetches at a time, runs of
-      at most ``replay_batch`` pages); real faults go first.
+      at most ``replay_batch`` pages); real faults go first: a prefetch starts
+      only when no fault fetch is in flight, or after ``replay_max_wait`` seconds.
     * ``eager``: run the handler inline until it first suspends (default: the
       backend's ``eager`` attribute, else the pager's setting).  Backends whose
       client needs a running Task (``asyncio.timeout`` inside) say ``eager = False``.
@@ -609,6 +641,7 @@ def attach(
         replay=replay,
         replay_concurrency=replay_concurrency,
         replay_batch=replay_batch,
+        replay_max_wait=replay_max_wait,
     )
     if tracker is not None:
         tracker.bind(att)
