@@ -2,6 +2,11 @@
 """Micro-benchmarks of uffd_aio's pure fault-path pieces (not part of the test suite).
 
     .venv/bin/python benchmarks/micro.py [--loop asyncio|uvloop] [--repeat 7] [--json]
+    .venv/bin/python benchmarks/micro.py --compare benchmarks/micro-baseline.json  # regressions
+
+``--save FILE`` writes a baseline; ``--compare FILE`` prints each line's ratio to it and
+exits 1 when one is slower by more than ``--tolerance`` (15%).  Baselines are per machine:
+``benchmarks/micro-baseline.json`` was taken on the project's 2-vCPU machine (see the README).
 
 Each line: the best of ``--repeat`` batches, per-call cost in microseconds of this thread's
 CPU time (syscalls included, preemption by other processes not).
@@ -159,16 +164,35 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("-n", type=int, default=4000, help="calls per batch")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--save", metavar="FILE", help="write the results as a baseline")
+    p.add_argument("--compare", metavar="FILE",
+                   help="compare with a baseline; exit 1 if a line is slower by > --tolerance")
+    p.add_argument("--tolerance", type=float, default=0.15, help="fraction (0.15 = 15%%)")
     args = p.parse_args()
     quiet_logging()
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as r:
         out = r.run(run(args))
+    rounded = {k: round(v, 3) for k, v in out.items()}
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(rounded, f, indent=1)
     if args.json:
-        print(json.dumps({k: round(v, 3) for k, v in out.items()}))
-    else:
-        for k, v in out.items():
-            print(f"{k:<36} {v:8.3f} us")
-    return 0
+        print(json.dumps(rounded))
+        return 0
+    base: dict[str, float] = {}
+    if args.compare:
+        with open(args.compare) as f:
+            base = json.load(f)
+    worse = 0
+    for k, v in out.items():
+        line = f"{k:<44} {v:8.3f} us"
+        if base.get(k):
+            ratio = v / base[k]
+            slow = ratio > 1 + args.tolerance
+            worse += slow
+            line += f"   baseline {base[k]:8.3f}  {ratio:5.2f}x" + ("  SLOWER" if slow else "")
+        print(line)
+    return 1 if worse else 0
 
 
 if __name__ == "__main__":
