@@ -230,6 +230,28 @@ async def test_dirty_tracking_and_eviction_under_a_budget_compressed() -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_failing_write_back_keeps_dirty_pages_and_evicts_clean_ones() -> None:
+    class NoStore(SlowBackend):
+        async def store(self, offset: int, data: Buffer) -> None:
+            raise BackendError("store is read-only")
+
+    be = NoStore(compressed_with_pattern(64 * PS), 0)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(64 * PS, mode=Mode.MISSING | Mode.WP)
+        tracker = DirtyTracker(max_resident=16 * PS, batch_pages=8, admission_wait=5)
+        att = attach(region, be, dirty=tracker)
+        await scan(region.address, 24 * PS, op="write", seed=SEED_B)  # 24 dirty > budget
+        r = await scan(region.address + 24 * PS, 40 * PS, op="verify", offset=24 * PS)
+        assert r.mismatches == 0
+        r = await scan(region.address, 24 * PS, op="verify", seed=SEED_B)
+        assert r.mismatches == 0  # nothing written was lost
+        assert tracker.writeback_failures > 0 and tracker.evicted_pages > 0
+        assert tracker.dirty_pages == 24
+        await att.aclose()
+        assert pager.stats.errors == 0
+
+
+@pytest.mark.timeout(60)
 async def test_wp_fault_marks_dirty_and_flush_reprotects() -> None:
     be = compressed_with_pattern(16 * PS)
     async with uffd_aio.Pager() as pager:

@@ -34,9 +34,10 @@ faults back in: correct, just slower).  Each batch:
    the written-back content; a blocked writer is woken, faults the page back
    in as a write fault and dirties it again.
 
-If the write-back fails the batch is aborted: the pages stay resident,
-dirty and write-protected (a later write just faults once more), and the
-evictor backs off.
+If a write-back fails, the dirty pages it could not store stay resident,
+dirty and write-protected (a later write just faults once more) and move to
+the hot end, so clean pages are evicted first; a round that can evict
+nothing backs off (1 s), and admission stops waiting for it meanwhile.
 
 The budget is soft: fetches in flight can exceed it by their windows.  When
 resident pages exceed ``max_resident * hard_limit_factor``, new faults wait
@@ -126,6 +127,9 @@ class DirtyTracker:
         self.admission_waits = 0
         self.evict_seconds = 0.0
         self.peak_resident_pages = 0
+        self._last_failure_log = -1e9
+        #: the last eviction round could evict nothing (write-back failing)
+        self._stalled = False
 
     # ---- DirtyPolicy -----------------------------------------------------------
 
@@ -261,7 +265,7 @@ class DirtyTracker:
         self.admission_waits += 1
         self._wakeup.set()
         deadline = time.monotonic() + self.admission_wait
-        while self._over_hard_limit() and not self._closing:
+        while self._over_hard_limit() and not self._closing and not self._stalled:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -351,6 +355,7 @@ class DirtyTracker:
                         self._log.error("uffd_aio.eviction_failed", exc_info=exc)
                     self._can_evict = False
                     return
+                self._stalled = not ok
                 self._progress.set()
                 if not ok:  # write-back failing: back off (aclose() cuts it short)
                     with contextlib.suppress(TimeoutError):
@@ -375,33 +380,55 @@ class DirtyTracker:
         return out
 
     async def _evict(self, pages: list[int]) -> bool:
+        """Evict ``pages``; False when nothing could be evicted (the caller backs off)."""
         att = self._att
         assert att is not None
         t0 = time.perf_counter()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for p in pages:
             self._evicting[p] = fut
-        runs = _runs(pages)
         ps = att.page_size
         base = att.region.address
+        lru = self._lru
         ok = False
         try:
             try:
-                self._protect(runs)
-                dirty_runs = _runs([p for p in pages if p in self._dirty])
-                if dirty_runs:
-                    await self._write_back(dirty_runs)
+                self._protect(_runs(pages))
             except RangeGone:
                 return True  # the region went away: nothing to evict
             except Exception as exc:
-                self.writeback_failures += 1
-                self._log.error("uffd_aio.writeback_failed", pages=len(pages),
-                                error=f"{type(exc).__name__}: {exc}",
-                                hint="pages stay resident and dirty; eviction backs off")
+                self._log.error("uffd_aio.eviction_failed", pages=len(pages),
+                                error=f"{type(exc).__name__}: {exc}")
                 for p in pages:  # back to the cold end, still resident
-                    self._lru[p] = None
-                    self._lru.move_to_end(p, last=False)
+                    lru[p] = None
+                    lru.move_to_end(p, last=False)
                 return False
+            keep: set[int] = set()
+            dirty_pages = [p for p in pages if p in self._dirty]
+            if dirty_pages:
+                try:
+                    await self._write_back(_runs(dirty_pages))
+                except RangeGone:
+                    return True
+                except Exception as exc:
+                    # the runs stored before the failure are clean now; the others stay
+                    # resident, dirty and write-protected, at the hot end so that the
+                    # clean pages go first next time
+                    keep = {p for p in dirty_pages if p in self._dirty}
+                    self.writeback_failures += 1
+                    now = time.monotonic()
+                    if now - self._last_failure_log > 10:
+                        self._last_failure_log = now
+                        self._log.error("uffd_aio.writeback_failed", pages=len(keep),
+                                        error=f"{type(exc).__name__}: {exc}",
+                                        hint="dirty pages stay resident; clean ones are "
+                                        "still evicted")
+                    for p in keep:
+                        lru[p] = None
+            victims = [p for p in pages if p not in keep]
+            if not victims:
+                return False
+            runs = _runs(victims)
             advice = self._advice
 
             def drop() -> None:
@@ -410,12 +437,12 @@ class DirtyTracker:
 
             await asyncio.to_thread(drop)
             dropped = self._dropped
-            for p in pages:
+            for p in victims:
                 if p in dropped:  # forgotten meanwhile: maybe re-fetched already
                     continue
                 att._mark_absent(p, p + 1)
                 self._dirty.discard(p)
-            self.evicted_pages += len(pages)
+            self.evicted_pages += len(victims)
             self.eviction_batches += 1
             ok = True
             return True
