@@ -50,6 +50,15 @@ def test_adaptive_resets_on_random_access() -> None:
     assert p.resets == 3
 
 
+def test_adaptive_fault_inside_last_window_continues_the_stream() -> None:
+    p = AdaptiveWindow(1, 64)
+    assert [p.window(0), p.window(1), p.window(3)] == [1, 2, 4]  # next expected: 7
+    assert p.window(5) == 8  # the window [3, 7) was clipped at 5: still sequential
+    assert p.window(13) == 16  # [5, 13) -> 13
+    assert p.window(12) == 1  # before the last window's end but not inside: new stream
+    assert p.resets == 2
+
+
 def test_adaptive_tracks_interleaved_streams() -> None:
     p = AdaptiveWindow(1, 16, streams=4)
     a, b = 0, 10_000

@@ -74,7 +74,8 @@ class AdaptiveWindow:
 
     Each stream remembers the page right after its last window (where the
     next fault of a sequential scan lands) and its window size.  A fault
-    there doubles the window (``growth``), bounded by ``max_pages``; a fault
+    there, or inside that last window (it was clipped, or pages were dropped
+    since), doubles the window (``growth``), bounded by ``max_pages``; a fault
     anywhere else opens a new stream with ``min_pages``.  At most ``streams``
     streams are kept (least recently used dropped), so memory is bounded and
     several threads scanning different parts each get their own window.
@@ -99,6 +100,14 @@ class AdaptiveWindow:
 
     def window(self, page: int) -> int:
         size = self._streams.pop(page, None)
+        if size is None:
+            # a fault inside a stream's last window also continues it: the window was
+            # clipped (pages already present) or some of its pages were dropped since
+            for nxt, sz in self._streams.items():
+                if nxt - sz < page < nxt:
+                    size = sz
+                    del self._streams[nxt]
+                    break
         if size is None:
             self.resets += 1
             size = self.min_pages
