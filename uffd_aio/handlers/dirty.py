@@ -94,7 +94,7 @@ class DirtyTracker:
     """
 
     def __init__(self, *, max_resident: int | None = None, batch_pages: int = 256,
-                 headroom: int | None = None, hard_limit_factor: float = 1.25,
+                 headroom: int | None = None, hard_limit_factor: float = 1.1,
                  admission_wait: float = 1.0) -> None:
         if max_resident is not None and max_resident <= 0:
             raise ValueError("max_resident must be > 0 bytes")
