@@ -52,6 +52,8 @@ class LocalRedis:
                 f"{executable} not found: install it with `apt-get install redis-server` "
                 "(or set UFFD_AIO_REDIS_SERVER)")
         self.executable = executable
+        self._auto_port = port is None
+        self._started_once = False
         self.port = port or free_port()
         self._own_dir = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="uffd-aio-redis-")
@@ -78,7 +80,22 @@ class LocalRedis:
         return args
 
     def start(self, timeout: float = 10.0) -> LocalRedis:
-        """Start (or restart) the server and wait until it answers PING (dataset loaded)."""
+        """Start (or restart) the server and wait until it answers PING (dataset loaded).
+
+        A port picked automatically that another process grabbed meanwhile is replaced
+        by a new free one (a few times)."""
+        for attempt in range(5):
+            try:
+                return self._start(timeout)
+            except RedisUnavailable:
+                # a restart keeps its port: clients know it
+                if not (self._auto_port and not self._started_once and attempt < 4 and
+                        "Address already in use" in self._log_tail()):
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> LocalRedis:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.proc = subprocess.Popen(self._args(), stdin=subprocess.DEVNULL,
@@ -94,6 +111,7 @@ class LocalRedis:
                                            f"log: {self._log_tail()}")
                 try:
                     if client.ping():
+                        self._started_once = True
                         return self
                 except redis.exceptions.BusyLoadingError:
                     pass
