@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import functools
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,27 +47,6 @@ class DemoResult:
         return self.wall_s * 1e6 / self.faults if self.faults else 0.0
 
 
-def _progress_printer(out: Any, label: str, page_size: int) -> Callable[[int, int], None]:
-    """A redrawn bar on a terminal; a line every second otherwise (CI logs)."""
-    t0 = time.perf_counter()
-    tty = out.isatty()
-    last = [-1.0, -1.0]  # time, pages at the last line
-
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done == last[1] or (not tty and done < total and now - last[0] < 1.0):
-            return
-        last[0], last[1] = now, done
-        pct = 100 * done // total if total else 100
-        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-        rate = done * page_size / MiB / max(now - t0, 1e-9)
-        line = f"  {label:8} [{bar}] {pct:3d}%  {rate:7.1f} MiB/s"
-        out.write("\r" + line if tty else line + "\n")
-        out.flush()
-
-    return show
-
-
 async def run_once(size: int, *, threads: int, readahead: int, order: testing.Order,
                    loop_name: str, show_progress: bool = True) -> DemoResult:
     """One demo pass on the running loop; returns what it measured."""
@@ -86,14 +64,13 @@ async def run_once(size: int, *, threads: int, readahead: int, order: testing.Or
             await ev.copy(testing.pattern_bytes(start, length), offset=start)
 
 
-        progress = _progress_printer(sys.stdout, loop_name, ps) if show_progress else None
+        progress = (testing.progress_printer(loop_name, page_size=ps, width=8)
+                    if show_progress else None)
         res = await testing.scan(region.address, size, threads=threads, op="verify",
                                  order=order, progress=progress,
                                  progress_interval=0.1)
         if progress is not None:
             progress(res.pages, res.pages)
-            if sys.stdout.isatty():
-                sys.stdout.write("\n")
         st = pager.stats
     return DemoResult(loop=loop_name, size=size, threads=threads, faults=st.faults,
                       handler_calls=st.handler_calls, resolved_bytes=st.resolved_bytes,

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TextIO
 
 import attrs
 
@@ -152,3 +154,33 @@ async def wait_child(pid: int) -> int:
     """Wait for a child without blocking the loop; returns the raw wait status."""
     _, status = await asyncio.to_thread(os.waitpid, pid, 0)
     return status
+
+
+def progress_printer(label: str, *, page_size: int | None = None, out: TextIO | None = None,
+                     width: int = 22) -> Callable[[int, int], None]:
+    """A ``progress(done_pages, total_pages)`` callback for :func:`scan` that draws a bar.
+
+    On a terminal the bar is redrawn in place; otherwise (CI logs) it prints a
+    line a second.
+    """
+    stream = out if out is not None else sys.stdout
+    ps = page_size or os.sysconf("SC_PAGE_SIZE")
+    tty = stream.isatty()
+    t0 = time.perf_counter()
+    last = [0.0, -1.0]  # time and pages of the last line
+
+    def show(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == last[1] or (not tty and done < total and now - last[0] < 1.0):
+            return
+        last[0], last[1] = now, done
+        pct = 100 * done // total if total else 100
+        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+        rate = done * ps / (1 << 20) / max(now - t0, 1e-9)
+        line = f"  {label:<{width}} [{bar}] {pct:3d}%  {rate:8.1f} MiB/s"
+        stream.write("\r" + line if tty else line + "\n")
+        if tty and done >= total:
+            stream.write("\n")
+        stream.flush()
+
+    return show

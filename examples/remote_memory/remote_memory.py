@@ -30,7 +30,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -46,35 +45,11 @@ MiB = 1 << 20
 PS = os.sysconf("SC_PAGE_SIZE")
 
 
-def progress_printer(label: str) -> Callable[[int, int], None]:
-    """A redrawn bar on a terminal, a line per second otherwise (logs)."""
-    out = sys.stdout
-    tty = out.isatty()
-    t0 = time.perf_counter()
-    last = [0.0, -1]
-
-    def show(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done == last[1] or (not tty and done < total and now - last[0] < 1.0):
-            return
-        last[0], last[1] = now, done
-        pct = 100 * done // total if total else 100
-        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-        rate = done * PS / MiB / max(now - t0, 1e-9)
-        line = f"  {label:<22} [{bar}] {pct:3d}%  {rate:8.1f} MiB/s"
-        out.write("\r" + line if tty else line + "\n")
-        if tty and done >= total:
-            out.write("\n")
-        out.flush()
-
-    return show
-
-
 async def load_dataset(backend: RedisBackend, size: int, seed: int) -> float:
     """Put ``size`` bytes of pattern in Redis; seconds it took."""
     t0 = time.perf_counter()
     chunk = 16 * MiB
-    show = progress_printer("loading")
+    show = testing.progress_printer("loading")
     for off in range(0, size, chunk):
         n = min(chunk, size - off)
         await backend.load(off, testing.pattern_bytes(off, n, seed=seed))
@@ -88,7 +63,7 @@ async def run_pass(backend: RedisBackend, size: int, *, readahead: str, threads:
     async with uffd_aio.Pager() as pager:
         region = pager.map(size, name="remote")
         att = attach(region, backend, readahead=readahead)
-        show = progress_printer(f"read-ahead {readahead}") if progress else None
+        show = testing.progress_printer(f"read-ahead {readahead}") if progress else None
         res = await testing.scan(region.address, size, threads=threads, op="verify",
                                  order=order, seed=seed, progress=show, progress_interval=0.1)
         if show is not None:
