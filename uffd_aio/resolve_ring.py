@@ -20,7 +20,8 @@ Semantics are those of :class:`uffd_aio.resolve.IoctlBackend`:
 * ``-ENOENT`` / ``-ESRCH``: :class:`~uffd_aio.uffd.RangeGone`;
 * anything else: :class:`~uffd_aio.errors.ResolveError`.
 
-:meth:`RingWriteBackend.execute` returns a future of the bytes covered.  The
+:meth:`RingWriteBackend.execute` returns a future of the bytes covered (a
+light one whose done callbacks run as soon as the completion is reaped).  The
 write is submitted before ``execute`` returns (or, for the pager's batches,
 right after the batch), so resolutions keep their order with the uffd ioctls
 other code issues; the write executes inline in that ``io_uring_enter``.
@@ -37,7 +38,8 @@ import asyncio
 import errno as E
 import functools
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
@@ -286,34 +288,50 @@ class PwriteBackend:
 
 
 class _Write(_FutureOp):
-    """One resolution driven to the end through the ring: continues short counts,
-    skips pages that exist, wakes once at the end if it skipped any."""
+    """One resolution through the ring, and its result.
 
-    __slots__ = ("address", "backend", "length", "mode_wp", "op", "src", "wfd")
+    It is its own future (``fut`` is ``self``), with the part of the
+    :class:`asyncio.Future` API the pager uses (``add_done_callback``,
+    ``result``, ``exception``, ``done``, ``cancelled``, ``await``), but done
+    callbacks run at once when the completion is reaped, not one loop iteration
+    later: the pager learns that a fault is resolved in the same pass over the
+    completion queue (no extra ``epoll_wait`` and callback round per fault).
+    A short count or EEXIST is finished synchronously with ``pwrite``.
+    """
 
-    def __init__(self, backend: RingWriteBackend, fut: asyncio.Future[int], wfd: int,
-                 op: WriteOp, address: int, length: int, src: int, keep: Any,
-                 mode_wp: bool) -> None:
-        super().__init__(fut, keep, f"UFFDIO_WRITE {op.name}")
+    __slots__ = ("_callbacks", "_done", "_exc", "_res", "address", "backend", "length",
+                 "loop", "mode_wp", "op", "src", "wfd")
+
+    def __init__(self, backend: RingWriteBackend, wfd: int, op: WriteOp, address: int,
+                 length: int, src: int, keep: Any, mode_wp: bool) -> None:
+        self.fut = self  # type: ignore[assignment]  # what Ring.close() fails on teardown
+        self.keep = keep
+        self.what = f"UFFDIO_WRITE {op.name}"
         self.backend = backend
+        self.loop = backend.ring.loop
         self.wfd = wfd
         self.op = op
         self.address = address
         self.length = length
         self.src = src
         self.mode_wp = mode_wp
+        self._done = False
+        self._res = 0
+        self._exc: BaseException | None = None
+        self._callbacks: list[Callable[[Any], object]] | None = None
 
     def submit(self) -> None:
         n = min(self.length, MAX_WRITE)
         pos = self.address | self.op | (wpos.MODE_WP if self.mode_wp else 0)
         self.backend._submit(self.wfd, self.src, n, pos, self)
 
+    # ---- completion (from the ring) -------------------------------------------------
+
     def __call__(self, res: int, flags: int) -> None:
-        fut = self.fut
-        if fut.done():
+        if self._done:
             return
         if res == self.length:  # the common case: all resolved (and woken) in one write
-            fut.set_result(res)
+            self.set_result(res)
             return
         # a short count or EEXIST: finish the range now, synchronously, with pwrite
         if res > 0:
@@ -321,16 +339,75 @@ class _Write(_FutureOp):
         elif res == -E.EEXIST and self.op in _EEXIST_SKIPS:
             done, skipped = PAGE_SIZE, True
         else:
-            fut.set_exception(_error(res if res < 0 else -E.EIO, self.what, self.address,
-                                     self.length, 0))
+            self.set_exception(_error(res if res < 0 else -E.EIO, self.what, self.address,
+                                      self.length, 0))
             return
         try:
             n = self.backend.sync.run(self.wfd, self.op, self.address, self.length, self.src,
                                       self.mode_wp, done, skipped)
-        except BaseException as exc:
-            fut.set_exception(exc)
+        except Exception as exc:
+            self.set_exception(exc)
             return
-        fut.set_result(n)
+        self.set_result(n)
+
+    def set_result(self, res: int) -> None:
+        self._res = res
+        self._finish()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc = exc
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self.keep = None
+        cbs, self._callbacks = self._callbacks, None
+        for cb in cbs or ():
+            try:
+                cb(self)
+            except Exception as exc:  # as asyncio does: report, go on
+                self.loop.call_exception_handler(
+                    {"message": "uffd_aio ring-write done callback failed", "exception": exc})
+
+    # ---- the future API -------------------------------------------------------------
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def result(self) -> int:
+        if not self._done:
+            raise asyncio.InvalidStateError("ring write not completed yet")
+        if self._exc is not None:
+            raise self._exc
+        return self._res
+
+    def exception(self) -> BaseException | None:
+        if not self._done:
+            raise asyncio.InvalidStateError("ring write not completed yet")
+        return self._exc
+
+    def add_done_callback(self, cb: Callable[[Any], object]) -> None:
+        if self._done:
+            self.loop.call_soon(cb, self)
+        elif self._callbacks is None:
+            self._callbacks = [cb]
+        else:
+            self._callbacks.append(cb)
+
+    def __await__(self) -> Generator[Any, None, int]:
+        if not self._done:
+            fut: asyncio.Future[None] = self.loop.create_future()
+
+            def wake(_: object) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            self.add_done_callback(wake)
+            yield from fut
+        return self.result()
 
 
 class RingWriteBackend:
@@ -384,9 +461,8 @@ class RingWriteBackend:
             src, keep = ll.buffer_address(op.data)
         else:
             src, keep = 0, None
-        fut: asyncio.Future[int] = self.ring.loop.create_future()
         # like the ioctl backend, ``wp`` only means something for COPY and CONTINUE
-        w = _Write(self, fut, wfd, wop, op.address, op.length, src, keep,
+        w = _Write(self, wfd, wop, op.address, op.length, src, keep,
                    op.wp and wop in wpos.MODE_WP_OPS)
         w.submit()
         if not self.hold:
@@ -394,4 +470,5 @@ class RingWriteBackend:
             # order with the uffd ioctls that code may issue (a handler's WP after an
             # unprotect...); with the next read if one is prepared
             self.ring.flush()
-        return fut
+        # duck-typed future: see _Write (callbacks run when the completion is reaped)
+        return cast("asyncio.Future[int]", w)
