@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from uffd_aio.modes import PATCHED_FEATURES, Feature
+from uffd_aio.modes import PATCHED_FEATURES, Feature, feature_names
 from uffd_aio.uffd import available_features
 
 
@@ -58,7 +58,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         return
     skip = pytest.mark.skip(
         reason=f"needs the uffd_aio kernel patches (this kernel {os.uname().release} lacks "
-        f"{missing!s}); run `make -C kernel_patches kernel-test`")
+        f"{' and '.join(feature_names(int(missing)))}); run `make -C kernel_patches kernel-test`")
     for item in items:
         if "patched_kernel" in item.keywords:
             item.add_marker(skip)
