@@ -112,7 +112,9 @@ async def test_file_backend_nowait(snap: Path) -> None:
         assert b.nowait and b.path == str(snap)
         assert await b.fetch(3 * PS, 2 * PS) == testing.pattern_bytes(3 * PS, 2 * PS)
         assert await b.fetch(99 * PS, 2 * PS) == testing.pattern_bytes(99 * PS, PS) + bytes(PS)
-        assert b.nowait_bytes > 0  # just written: in the page cache
+        # just written, so in the page cache; unless this filesystem has no RWF_NOWAIT
+        # (the VM's tmpfs), where the backend falls back to io_uring reads for good
+        assert b.nowait_bytes > 0 or not b.nowait
     finally:
         await b.aclose()
     with pytest.raises(BackendError, match="unknown file backend option"):

@@ -546,6 +546,10 @@ async def test_uffd_aio_serve_command(workload: Path, snapshot: Path, sock_path:
                                   "serve", "--socket", sock_path, "--backend",
                                   f"file:{snapshot}", "--readahead", "adaptive",
                                   "--allow-uid", os.getuid(), "--loop", "asyncio")
+        async with asyncio.timeout(60):  # start-up is slow under TCG (the VM lane)
+            while not _exists(sock_path):
+                assert server.returncode is None, "uffd-aio serve exited at start-up"
+                await asyncio.sleep(0.05)
         p = await kids.start(*workload_args(workload, sock_path, 1024, 4, 2))
         rc, out, err = await kids.finish(p)
         assert rc == 0 and parse(out)["verified"] is True, (out, err)

@@ -31,6 +31,7 @@ the pool at once).
 from __future__ import annotations
 
 import asyncio
+import errno
 import mmap
 import os
 from typing import Any
@@ -160,8 +161,14 @@ class FileBackend:
             except BlockingIOError:  # not in the page cache: io_uring below
                 got = 0
             except OSError as exc:
-                raise BackendError(f"reading {self.path!r} at {offset:#x}+{length:#x}: "
-                                   f"{exc}") from exc
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise BackendError(f"reading {self.path!r} at {offset:#x}+{length:#x}: "
+                                       f"{exc}") from exc
+                # this filesystem has no RWF_NOWAIT (tmpfs before 6.x, 9p...): io_uring only
+                self.nowait = False
+                structlog.get_logger("uffd_aio").bind(component="file_backend").warning(
+                    "uffd_aio.nowait_unsupported", path=self.path, error=str(exc))
+                got = 0
             self.nowait_bytes += got
             if got >= avail:
                 return out

@@ -10,6 +10,7 @@
 #include <liburing.h>
 #include <linux/ioctl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -662,6 +663,10 @@ int ua_fork_touch(uint64_t addr, uint64_t len, uint64_t page_size, int op, uint6
 	if (pid == 0) {
 		struct ua_scan s;
 
+		/* a poisoned page must kill the child quietly: not through the parent's
+		 * SIGBUS/SIGSEGV handlers (faulthandler would dump Python stacks) */
+		signal(SIGBUS, SIG_DFL);
+		signal(SIGSEGV, SIG_DFL);
 		memset(&s, 0, sizeof(s));
 		s.addr = addr;
 		s.len = len;
