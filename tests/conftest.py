@@ -23,6 +23,13 @@ import uvloop
 from uffd_aio.modes import PATCHED_FEATURES, Feature, feature_names
 from uffd_aio.uffd import available_features
 
+if os.environ.get("UFFD_AIO_IN_VM"):
+    # the guest sees the repository read-only: no example database on disk
+    from hypothesis import settings
+
+    settings.register_profile("vm", database=None)
+    settings.load_profile("vm")
+
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Any]:
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
