@@ -55,7 +55,10 @@ class PageFault:
 
         ``len(data)`` must be a multiple of the page size and stay inside the
         region; it may cover several pages (read-ahead).  ``wp=True`` maps
-        the pages write-protected (for dirty tracking).
+        the pages write-protected (for dirty tracking).  The kernel copies
+        fastest from a page-aligned source (an ``mmap`` buffer, a registered
+        buffer); ``bytes``/``bytearray`` are never page-aligned, which costs
+        about 20 % on large copies (benchmarks/README.md).
         """
         start = self.page if offset is None else self.region.address_of(offset)
         view = memoryview(data).cast("B")
