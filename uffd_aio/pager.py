@@ -512,10 +512,16 @@ class Pager:
             await asyncio.sleep(0)
             self._flush_pending()
         assert self._ring is not None
+        # Unregister, then unmap our own mappings from a worker thread while the reads
+        # are still armed: munmap of a range the kernel still counts as registered
+        # (EVENT_UNMAP) waits until an UNMAP event is read, and only this loop reads.
+        owned = [r for r in self._regions if r.owned and not r.closed]
+        for region in self._regions:
+            self._release_region(region, unmap=False)
+        if owned:
+            await asyncio.to_thread(lambda: [self._unmap(r) for r in owned])
         for ctx in self._contexts:
             self._stop_reading(ctx)
-        for region in self._regions:
-            self._release_region(region)
         for ctx in self._contexts:
             ctx.uffd.close()
             if ctx.bufring is not None:
@@ -615,10 +621,13 @@ class Pager:
         while any(inf.region is region for c in self._contexts  # noqa: ASYNC110
                   for inf in c.inflight.values()):
             await asyncio.sleep(0.001)
-        self._release_region(region)
+        owned = region.owned and not region.closed
+        self._release_region(region, unmap=False)
         self._regions.remove(region)
+        if owned:  # off the loop thread: see aclose
+            await asyncio.to_thread(self._unmap, region)
 
-    def _release_region(self, region: Region) -> None:
+    def _release_region(self, region: Region, *, unmap: bool = True) -> None:
         if region.closed:
             return
         region.closed = True
@@ -629,7 +638,7 @@ class Pager:
                 self._main.uffd.unregister(region.address, region.length)
             except OSError as exc:
                 self._log.debug("uffd_aio.unregister_failed", region=region.name, error=str(exc))
-        if region.owned:
+        if region.owned and unmap:
             self._unmap(region)
 
     @staticmethod

@@ -142,7 +142,7 @@ run_pytest() {  # <kernel dir>
     local inner=$(( SUITE_TIMEOUT > 120 ? SUITE_TIMEOUT - 60 : SUITE_TIMEOUT ))
     RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
         "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" \
-        "cd $REPO_DIR && UFFD_AIO_IN_VM=1 timeout -s KILL $inner $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q -ra ${PYTEST_ARGS:-}" || rc=$?
+        "cd $REPO_DIR && UFFD_AIO_IN_VM=1 timeout -s KILL $inner $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q -ra -o timeout_method=thread ${PYTEST_ARGS:-}" || rc=$?
     local last
     # pytest's last line, e.g. "40 passed, 2 skipped in 12.3s"
     last=$(grep -E '(passed|failed|errors?|skipped|no tests ran).* in [0-9.]+s' "$dir/output.log" 2>/dev/null \
