@@ -15,6 +15,8 @@
 #   PATCHES=none       test the unpatched kernel instead (no comparison)
 #   SUITE_TIMEOUT=900  per-boot hard timeout in seconds
 #   PYTEST_ARGS="..."  extra arguments for pytest
+#   STALL_SECONDS=300  the Python suite counts as hung after this long without
+#                      output: task states and stacks go to <run>/pytest/hang-*
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -137,12 +139,15 @@ run_pytest() {  # <kernel dir>
         record pytest FAIL "$py missing: create the project venv first (see README)"
         return 0
     fi
-    # An inner timeout (60 s before the boot's) stops a hung suite inside the
-    # guest, so the output so far and a status still come back.
-    local inner=$(( SUITE_TIMEOUT > 120 ? SUITE_TIMEOUT - 60 : SUITE_TIMEOUT ))
+    # An inner limit (90 s before the boot's) stops a hung suite inside the
+    # guest, so the output so far and a status still come back; the stall
+    # guard also stops it, with every task's stack, after STALL_SECONDS
+    # without a line of output (pytest-timeout ends a slow test after 120 s
+    # by itself, unless every thread of the process is blocked).
+    local inner=$(( SUITE_TIMEOUT > 180 ? SUITE_TIMEOUT - 90 : SUITE_TIMEOUT ))
     RESULT_DIR=$dir VM_TIMEOUT=$SUITE_TIMEOUT VM_QUIET=1 \
         "$KP_SCRIPTS_DIR/vm-run.sh" "$kdir" \
-        "cd $REPO_DIR && UFFD_AIO_IN_VM=1 timeout -s KILL $inner $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q -ra -o timeout_method=thread ${PYTEST_ARGS:-}" || rc=$?
+        "cd $REPO_DIR && UFFD_AIO_IN_VM=1 bash $KP_SCRIPTS_DIR/guest-stall-guard.sh $dir/output.log ${STALL_SECONDS:-300} $inner $dir $py -m pytest $REPO_DIR/tests -p no:cacheprovider -q -ra -o timeout_method=thread ${PYTEST_ARGS:-}" || rc=$?
     local last
     # pytest's last line, e.g. "40 passed, 2 skipped in 12.3s"
     last=$(grep -E '(passed|failed|errors?|skipped|no tests ran).* in [0-9.]+s' "$dir/output.log" 2>/dev/null \
@@ -151,7 +156,8 @@ run_pytest() {  # <kernel dir>
         record pytest PASS "${last:-?}"
     else
         local why="exit $rc"
-        [ "$rc" != 137 ] || why="killed after ${inner}s in the guest (hung? rerun with PYTEST_ARGS=-v)"
+        [ "$rc" != 137 ] || why="killed after ${inner}s in the guest (too slow? rerun with PYTEST_ARGS=-v)"
+        [ "$rc" != 90 ] || why="HUNG (no output for ${STALL_SECONDS:-300}s): stacks in $(ls -d "$dir"/hang-* 2>/dev/null | tail -n1)"
         [ "$rc" != 124 ] || why="guest timeout (${SUITE_TIMEOUT}s)"
         record pytest FAIL "$why; ${last:-no summary} [$dir/output.log]"
     fi
