@@ -60,14 +60,6 @@ def _close_leftover_uffds() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    if available_features() & Feature.WRITE and not os.environ.get("UFFD_AIO_RUN_KNOWN_HANGS"):
-        known = pytest.mark.skip(
-            reason="KNOWN BUG, open: poisoning a fork child's page through the write path hangs "
-            "the guest intermittently (2 of 7 VM runs, 2026-11-26); kernel_patches/README.md, "
-            "Known problems")
-        for item in items:
-            if "vm_known_hang" in item.keywords:
-                item.add_marker(known)
     missing = Feature(int(PATCHED_FEATURES) & ~int(available_features()))
     if not missing:
         return

@@ -58,7 +58,9 @@ and the pager needs the GIL to resolve it, so the process is deadlocked.  Touch 
 memory from native code that releases the GIL (uffd_aio.testing, C extensions) or from
 another process; never from Python code or on the loop thread.  The same happens when the
 loop thread calls fork() (subprocesses too), mremap(), munmap() or madvise() on registered
-memory, or a handler blocks the loop this long.  See docs/gil.md.  To see which thread: run with
+memory, when any thread forks through glibc's fork() (it holds malloc's locks until the
+pager has read the FORK event; use _Fork(), posix_spawn, or leave EVENT_FORK out), or a
+handler blocks the loop this long.  See docs/gil.md.  To see which thread: run with
 PYTHONFAULTHANDLER=1 and send SIGABRT, or py-spy dump --pid {pid}.
 """
 

@@ -144,7 +144,9 @@ async def fork_touch(address: int, length: int, *, op: Op = "verify", offset: in
 
     The fork runs in a worker thread: with UFFD_FEATURE_EVENT_FORK the kernel
     holds fork() until the pager has read the FORK event, so forking on the
-    loop thread that runs the pager would deadlock.
+    loop thread that runs the pager would deadlock.  It uses ``_Fork()``, not
+    glibc's ``fork()``, which would hold malloc's locks through that wait while
+    the loop thread may need them (docs/gil.md, "fork").
     """
     ps = page_size or os.sysconf("SC_PAGE_SIZE")
     return await asyncio.to_thread(ll.fork_touch, address, length, ps, _OPS[op], offset, seed)

@@ -19,7 +19,6 @@ def boom(ev: uffd_aio.PageFault) -> bytes:
     raise RuntimeError("backend exploded")
 
 
-@pytest.mark.vm_known_hang
 async def test_poison_policy_gives_sigbus_to_the_faulting_child() -> None:
     async with uffd_aio.Pager(on_error="poison") as pager:
         region = pager.map(4 * PS)
@@ -29,7 +28,6 @@ async def test_poison_policy_gives_sigbus_to_the_faulting_child() -> None:
         assert pager.stats.errors == 1 and pager.stats.poisons == 1
 
 
-@pytest.mark.vm_known_hang
 async def test_raise_policy_poisons_and_stops_the_pager() -> None:
     with pytest.raises(uffd_aio.PagerFailed) as ei:
         async with uffd_aio.Pager(on_error="raise") as pager:

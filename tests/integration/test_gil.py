@@ -65,6 +65,53 @@ def test_watchdog_explains_a_gil_deadlock(where: str) -> None:
     assert "while holding the GIL" in text and "'gil-test'" in text, text
 
 
+FORK_CHILD = r"""
+import asyncio, mmap, os, sys
+import uffd_aio
+from uffd_aio import testing
+from uffd_aio.ring import _lowlevel as ll
+
+# many mappings: the fork copies them before it queues the FORK event, and a
+# loop thread that blocks on a malloc lock in that window is not woken by io_uring
+maps = [mmap.mmap(-1, 4096) for _ in range(int(sys.argv[2]))]
+
+async def main() -> None:
+    async with uffd_aio.Pager(stall_warning=2.0, name="fork-test") as pager:
+        region = pager.map(4096)
+        region.on_fault(lambda ev: bytes(4096))
+
+        async def forks() -> None:
+            for _ in range(int(sys.argv[1])):
+                pid = await testing.fork_touch(region.address, 4096, op="read")
+                status = await testing.wait_child(pid)
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+        # two workers fork at once: one FORK event keeps the loop busy (its read not
+        # re-armed yet, allocating) while the other fork holds glibc's malloc locks
+        task = asyncio.gather(forks(), forks())
+        while not task.done():
+            ll.malloc_churn(500)  # the loop thread allocates while the workers fork
+            await asyncio.sleep(0)
+        await task
+        print("forks ok", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_fork_from_a_worker_while_the_loop_allocates() -> None:
+    """glibc's fork() holds malloc's locks until the pager reads the FORK event, and the
+    loop thread that would read it may be waiting for one: fork_touch uses _Fork()."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", FORK_CHILD, "150", "3000"],
+                              capture_output=True, timeout=100)
+    except subprocess.TimeoutExpired as exc:
+        err = (exc.stderr or b"").decode(errors="replace")
+        pytest.fail(f"fork deadlocked with the allocating loop thread; stderr: {err[-2000:]}")
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert b"forks ok" in proc.stdout
+
+
 async def test_no_stall_report_while_serving_normally() -> None:
     async with uffd_aio.Pager(stall_warning=2.0) as pager:  # TCG in the VM lane is slow
         region = pager.map(256 * PS)

@@ -142,7 +142,6 @@ async def test_copy_wp_then_unprotect_through_the_ring() -> None:
         _ring_only(pager, explicit=True)  # the COPY|WP (ev.copy)
 
 
-@pytest.mark.vm_known_hang
 async def test_poison_through_the_ring_gives_sigbus() -> None:
     async with uffd_aio.Pager(backend="ring") as pager:
         region = pager.map(4 * PS)

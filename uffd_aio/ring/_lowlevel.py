@@ -352,3 +352,7 @@ def fork_touch(addr: int, length: int, page_size: int, op: int, offset: int, see
 
 def gettid() -> int:
     return int(lib.ua_gettid())
+
+
+def malloc_churn(n: int) -> None:
+    lib.ua_malloc_churn(n)

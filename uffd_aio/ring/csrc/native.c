@@ -653,10 +653,28 @@ int ua_scan_run(struct ua_scan *s)
 	return ret;
 }
 
+/*
+ * fork() without libc's fork locks.  glibc's fork() holds every malloc arena
+ * lock and the stdio list lock across the fork system call, and with
+ * UFFD_FEATURE_EVENT_FORK that call waits until the pager has read the FORK
+ * event: an in-process pager whose loop thread mallocs in that window waits
+ * for those locks (holding the GIL), and the fork waits for it, forever.
+ * _Fork() (glibc 2.34) takes no lock; the child only runs async-signal-safe
+ * code (scan_main without a permutation does not allocate) and _exit()s.
+ */
+static pid_t fork_without_libc_locks(void)
+{
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
+	return _Fork();
+#else
+	return (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
+#endif
+}
+
 int ua_fork_touch(uint64_t addr, uint64_t len, uint64_t page_size, int op, uint64_t offset,
 		  uint64_t seed)
 {
-	pid_t pid = fork();
+	pid_t pid = fork_without_libc_locks();
 
 	if (pid < 0)
 		return -errno;
@@ -683,3 +701,19 @@ int ua_fork_touch(uint64_t addr, uint64_t len, uint64_t page_size, int op, uint6
 }
 
 long ua_gettid(void) { return syscall(SYS_gettid); }
+
+uint64_t ua_malloc_churn(uint64_t n)
+{
+	uint64_t i, sum = 0;
+
+	for (i = 0; i < n; i++) {
+		volatile char *p = malloc(2048 + (i % 7) * 1111);
+
+		if (!p)
+			break;
+		p[0] = (char)i;
+		sum += (unsigned char)p[0];
+		free((void *)p);
+	}
+	return sum;
+}

@@ -95,3 +95,6 @@ int ua_scan_run(struct ua_scan *s);
 int ua_fork_touch(uint64_t addr, uint64_t len, uint64_t page_size, int op,
                   uint64_t offset, uint64_t seed);
 long ua_gettid(void);
+/* n malloc/free pairs of sizes past glibc's per-thread cache, so each takes an
+ * arena lock (tests: the thread that allocates while another one forks) */
+uint64_t ua_malloc_churn(uint64_t n);
