@@ -114,8 +114,10 @@ async def serving(sock_path: str, backend: Any, **kw: Any) -> AsyncIterator[Hand
 
 def workload_args(workload: Path, sock_path: str, pages: int, threads: int = 4,
                   regions: int = 2, *extra: Any) -> list[Any]:
+    # --timeout is the workload's alarm for its whole run (a hung fault fails it): 25 s was
+    # too short under TCG with two guests sharing 2 cores; 90 s stays under pytest-timeout's 120
     return [workload, "--socket", sock_path, "--pages", pages, "--threads", threads,
-            "--regions", regions, "--timeout", 25, "--connect-timeout", 5, *extra]
+            "--regions", regions, "--timeout", 90, "--connect-timeout", 5, *extra]
 
 
 def parse(out: str) -> dict[str, Any]:
