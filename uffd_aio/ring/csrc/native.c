@@ -658,7 +658,8 @@ int ua_scan_run(struct ua_scan *s)
  * lock and the stdio list lock across the fork system call, and with
  * UFFD_FEATURE_EVENT_FORK that call waits until the pager has read the FORK
  * event: an in-process pager whose loop thread mallocs in that window waits
- * for those locks (holding the GIL), and the fork waits for it, forever.
+ * for those locks (holding the GIL), and unless io_uring's task_work reads the
+ * event for it (only when a read is armed), the fork waits for it forever.
  * _Fork() (glibc 2.34) takes no lock; the child only runs async-signal-safe
  * code (scan_main without a permutation does not allocate) and _exit()s.
  */
