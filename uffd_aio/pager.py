@@ -517,9 +517,7 @@ class Pager:
         # Unregister, then unmap our own mappings from a worker thread while the reads
         # are still armed: munmap of a range the kernel still counts as registered
         # (EVENT_UNMAP) waits until an UNMAP event is read, and only this loop reads.
-        owned = [r for r in self._regions if r.owned and not r.closed]
-        for region in self._regions:
-            self._release_region(region, unmap=False)
+        owned = [r for r in self._regions if self._release_region(r)]
         if owned:
             await asyncio.to_thread(lambda: [self._unmap(r) for r in owned])
         for ctx in self._contexts:
@@ -623,15 +621,15 @@ class Pager:
         while any(inf.region is region for c in self._contexts  # noqa: ASYNC110
                   for inf in c.inflight.values()):
             await asyncio.sleep(0.001)
-        owned = region.owned and not region.closed
-        self._release_region(region, unmap=False)
+        owned = self._release_region(region)
         self._regions.remove(region)
         if owned:  # off the loop thread: see aclose
             await asyncio.to_thread(self._unmap, region)
 
-    def _release_region(self, region: Region, *, unmap: bool = True) -> None:
+    def _release_region(self, region: Region) -> bool:
+        """Unregister; True if the mapping is ours to unmap (off the loop thread)."""
         if region.closed:
-            return
+            return False
         region.closed = True
         for ctx in self._contexts:
             ctx.remove_range(region.address, region.end)
@@ -640,8 +638,7 @@ class Pager:
                 self._main.uffd.unregister(region.address, region.length)
             except OSError as exc:
                 self._log.debug("uffd_aio.unregister_failed", region=region.name, error=str(exc))
-        if region.owned and unmap:
-            self._unmap(region)
+        return region.owned
 
     @staticmethod
     def _unmap(region: Region) -> None:

@@ -71,8 +71,8 @@ import uffd_aio
 from uffd_aio import testing
 from uffd_aio.ring import _lowlevel as ll
 
-# many mappings: the fork copies them before it queues the FORK event, and a
-# loop thread that blocks on a malloc lock in that window is not woken by io_uring
+# many mappings: the fork copies them while it holds glibc's malloc locks, which
+# widens the window in which the loop thread can block on one
 maps = [mmap.mmap(-1, 4096) for _ in range(int(sys.argv[2]))]
 
 async def main() -> None:
