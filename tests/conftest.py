@@ -7,7 +7,11 @@
   wakes every thread still waiting on a fault, so a pager bug cannot leave a
   native helper thread hanging past its test.
 * Tests that need the uffd_aio kernel patches are marked ``patched_kernel``
-  and skip elsewhere, with the reason.
+  and skip elsewhere, with the reason.  On the patched kernel of the VM lane
+  (``UFFD_AIO_EXPECT_PATCHED=1``) such a skip is a failure, and the summary
+  says how many of them ran.
+* Every pytest-timeout limit is scaled by the VM lane's measured speed factor
+  (tests/limits.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from tests import limits
 from uffd_aio.modes import PATCHED_FEATURES, Feature, feature_names
 from uffd_aio.uffd import available_features
 
@@ -59,9 +64,18 @@ def _close_leftover_uffds() -> Iterator[None]:
     assert not leaked, f"test left userfaultfd fds open: {leaked}"
 
 
+EXPECT_PATCHED = os.environ.get("UFFD_AIO_EXPECT_PATCHED") == "1"
+_patched_ids: set[str] = set()
+_patched_outcomes: dict[str, str] = {}
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    _scale_timeouts(config, items)
+    _patched_ids.update(item.nodeid for item in items if "patched_kernel" in item.keywords)
     missing = Feature(int(PATCHED_FEATURES) & ~int(available_features()))
-    if not missing:
+    if not missing or EXPECT_PATCHED:
+        # Expected patched but the features are missing: the tests run and fail
+        # (pytest_runtest_makereport below), never turn into quiet skips.
         return
     skip = pytest.mark.skip(
         reason=f"needs the uffd_aio kernel patches (this kernel {os.uname().release} lacks "
@@ -69,3 +83,43 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if "patched_kernel" in item.keywords:
             item.add_marker(skip)
+
+
+def _scale_timeouts(config: Any, items: list[Any]) -> None:
+    if limits.TIME_FACTOR == 1.0 and not limits.TIMEOUT_CAP:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        base = float(mark.args[0]) if mark is not None and mark.args else \
+            float(mark.kwargs.get("timeout", default)) if mark is not None else default
+        if base > 0:
+            item.add_marker(pytest.mark.timeout(limits.timeout(base)), append=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if item.nodeid not in _patched_ids:
+        return
+    if EXPECT_PATCHED and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"patched_kernel test skipped on the patched kernel "
+                           f"({os.uname().release}): {reason}")
+    if report.when == "call" or report.outcome != "passed":
+        prev = _patched_outcomes.get(item.nodeid)
+        if prev is None or prev == "passed":
+            _patched_outcomes[item.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
+    if not _patched_ids:
+        return
+    counts = {k: sum(1 for v in _patched_outcomes.values() if v == k)
+              for k in ("passed", "failed", "skipped")}
+    terminalreporter.write_line(
+        f"uffd_aio patched_kernel tests: {counts['passed']} passed / {counts['failed']} failed"
+        f" / {counts['skipped']} skipped of {len(_patched_ids)} collected"
+        + (" (patched kernel expected)" if EXPECT_PATCHED else ""))

@@ -7,14 +7,16 @@ import os
 import signal
 from typing import Any
 
+from tests.limits import limit
 from uffd_aio import testing
 
 PS = os.sysconf("SC_PAGE_SIZE")
 
 
 async def scan(address: int, length: int, *, timeout: float = 30, **kw: Any) -> testing.ScanResult:
-    """testing.scan with a deadline: a pager bug fails the test instead of hanging it."""
-    async with asyncio.timeout(timeout):
+    """testing.scan with a deadline (scaled to the machine): a pager bug fails the test
+    instead of hanging it."""
+    async with asyncio.timeout(limit(timeout)):
         return await testing.scan(address, length, **kw)
 
 
@@ -22,7 +24,7 @@ async def child(address: int, length: int, *, timeout: float = 30, **kw: Any) ->
     """Fork a native child that touches the range; returns its wait status (killed on timeout)."""
     pid = await testing.fork_touch(address, length, **kw)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit(timeout)):
             return await testing.wait_child(pid)
     except TimeoutError:
         os.kill(pid, signal.SIGKILL)

@@ -19,6 +19,8 @@ import pytest
 import structlog
 
 import uffd_aio
+from tests.limits import limit
+from tests.limits import size as scaled
 from uffd_aio import Mode, testing
 from uffd_aio.handlers import attach, open_backend
 from uffd_aio.handlers.base import BackendError, Buffer
@@ -107,7 +109,7 @@ async def load_redis(be: RedisBackend, size: int, seed: int = testing.DEFAULT_SE
 
 @pytest.mark.timeout(60)
 async def test_compressed_end_to_end_with_adaptive_readahead() -> None:
-    size = 16 * MiB
+    size = scaled(16 * MiB)
     be = compressed_with_pattern(size)
     async with uffd_aio.Pager() as pager:
         region = pager.map(size)
@@ -197,7 +199,7 @@ async def test_remove_forgets_the_range_and_refetches() -> None:
 
 @pytest.mark.timeout(90)
 async def test_dirty_tracking_and_eviction_under_a_budget_compressed() -> None:
-    size, budget = 32 * MiB, 4 * MiB
+    size, budget = scaled(32 * MiB), scaled(4 * MiB)
     be = compressed_with_pattern(size)
     async with uffd_aio.Pager() as pager:
         region = pager.map(size, mode=Mode.MISSING | Mode.WP)
@@ -334,7 +336,7 @@ async def test_record_then_replay_prefetches_in_order(tmp_path: Path) -> None:
     async with uffd_aio.Pager() as pager:
         region = pager.map(size)
         att = attach(region, slow, replay=trace, replay_concurrency=2, replay_batch=4)
-        await asyncio.wait_for(att.wait_replayed(), 20)
+        await asyncio.wait_for(att.wait_replayed(), limit(20))
         st = att.stats
         assert st.prefetched_pages == 64 and st.fetches == 0
         # the replay fetched in trace order (runs of consecutive pages merged)
@@ -356,7 +358,7 @@ async def test_replay_runs_alongside_faults() -> None:
         att = attach(region, slow, replay=order, readahead=8)
         r = await scan(region.address, size, threads=2, op="verify")
         assert r.mismatches == 0
-        await asyncio.wait_for(att.wait_replayed(), 20)
+        await asyncio.wait_for(att.wait_replayed(), limit(20))
         st = att.stats
         assert st.fetches > 0 and st.prefetches > 0
         # nothing fetched twice, except a fault that raced a prefetch's copy (its message
@@ -386,7 +388,7 @@ async def test_replay_yields_to_fault_fetches() -> None:
         holder.append(att)
         r = await scan(region.address, 64 * PS, op="verify")  # faults on the other half
         assert r.mismatches == 0
-        await asyncio.wait_for(att.wait_replayed(), 20)
+        await asyncio.wait_for(att.wait_replayed(), limit(20))
         assert len(starts) == 64
         # no prefetch ever started while a fault's fetch was in flight
         assert all(n == 0 for _, n in starts), starts
@@ -398,7 +400,7 @@ async def test_replay_yields_to_fault_fetches() -> None:
 
 @pytest.mark.timeout(90)
 async def test_redis_end_to_end_readahead_off_and_on(redis_backend: RedisBackend) -> None:
-    size = 8 * MiB
+    size = scaled(8 * MiB)
     await load_redis(redis_backend, size)
     for ra, max_fetches in ((0, size // PS), ("adaptive:64", size // PS // 16)):
         async with uffd_aio.Pager() as pager:
@@ -460,7 +462,7 @@ async def test_redis_concurrent_fetches_share_mgets(redis_backend: RedisBackend)
 @pytest.mark.timeout(90)
 async def test_redis_restart_mid_run(redis_server: LocalRedis,
                                      redis_backend: RedisBackend) -> None:
-    size = 16 * MiB
+    size = scaled(16 * MiB)
     await load_redis(redis_backend, size)
     redis_server.save()  # so the restarted server has the data
     progress: list[int] = []
@@ -490,7 +492,7 @@ async def test_redis_restart_mid_run(redis_server: LocalRedis,
 
 @pytest.mark.timeout(90)
 async def test_redis_dirty_eviction_writes_back(redis_backend: RedisBackend) -> None:
-    size, budget = 8 * MiB, 1 * MiB
+    size, budget = scaled(8 * MiB), scaled(1 * MiB)
     await load_redis(redis_backend, size)
     async with uffd_aio.Pager() as pager:
         region = pager.map(size, mode=Mode.MISSING | Mode.WP)

@@ -10,6 +10,7 @@ import asyncio
 import os
 
 import uffd_aio
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.ring import _lowlevel as ll
 
@@ -41,7 +42,7 @@ async def test_mremap_moves_the_region() -> None:
             region.on_event(lambda ev: remaps.append(ev))
             await scan(old, 4 * PS, op="verify")
             moved = await asyncio.wait_for(asyncio.to_thread(
-                ll.mremap, old, n, n, ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, new), 10)
+                ll.mremap, old, n, n, ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, new), limit(10))
             assert moved == new
             r = await scan(new, n, op="verify")  # offsets still relative to the region
             assert r.mismatches == 0
@@ -59,7 +60,7 @@ async def test_madv_dontneed_removes_and_pages_fault_again() -> None:
         region.on_event(lambda ev: removes.append(ev))
         await scan(region.address, region.length, op="verify")
         await asyncio.wait_for(asyncio.to_thread(
-            ll.madvise, region.address + 2 * PS, 3 * PS, ll.MADV_DONTNEED), 10)
+            ll.madvise, region.address + 2 * PS, 3 * PS, ll.MADV_DONTNEED), limit(10))
         assert removes == [uffd_aio.Remove(region.address + 2 * PS, region.address + 5 * PS)]
         r = await scan(region.address, region.length, op="verify")
         assert r.mismatches == 0
@@ -73,7 +74,7 @@ async def test_munmap_reports_unmap_and_forgets_the_range() -> None:
         unmaps: list[uffd_aio.Unmap] = []
         region.on_event(lambda ev: unmaps.append(ev))
         await asyncio.wait_for(asyncio.to_thread(
-            ll.munmap, region.address + 4 * PS, 4 * PS), 10)
+            ll.munmap, region.address + 4 * PS, 4 * PS), limit(10))
         assert unmaps == [uffd_aio.Unmap(region.address + 4 * PS, region.address + 8 * PS)]
         assert (await scan(region.address, 4 * PS, op="verify")).mismatches == 0
         assert pager.stats.unmaps == 1
@@ -92,6 +93,6 @@ async def test_async_event_handler() -> None:
 
         await scan(region.address, region.length)
         await asyncio.wait_for(asyncio.to_thread(
-            ll.madvise, region.address, PS, ll.MADV_DONTNEED), 10)
-        await asyncio.wait_for(got.wait(), 5)
+            ll.madvise, region.address, PS, ll.MADV_DONTNEED), limit(10))
+        await asyncio.wait_for(got.wait(), limit(5))
         assert testing.verify_sync(region.address + PS, PS, PS) == -1

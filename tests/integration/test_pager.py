@@ -8,6 +8,8 @@ import os
 import pytest
 
 import uffd_aio
+from tests.limits import limit
+from tests.limits import size as scaled
 from uffd_aio import Mode, testing
 from uffd_aio.ring import _lowlevel as ll
 
@@ -72,7 +74,7 @@ async def test_suspending_handler_continues_in_a_task() -> None:
         async def on_fault(ev: uffd_aio.PageFault) -> bytes:
             await asyncio.sleep(0.001)
             seen.append(asyncio.current_task())
-            async with asyncio.timeout(5):  # needs a real task after the first await
+            async with asyncio.timeout(limit(5)):  # needs a real task after the first await
                 await asyncio.sleep(0)
             return pattern_handler(ev)
 
@@ -87,7 +89,7 @@ async def test_non_eager_handler_can_use_timeout_before_first_await() -> None:
 
         @region.on_fault
         async def on_fault(ev: uffd_aio.PageFault) -> bytes:
-            async with asyncio.timeout(5):  # needs a current task: eager=False
+            async with asyncio.timeout(limit(5)):  # needs a current task: eager=False
                 await asyncio.sleep(0)
                 return pattern_handler(ev)
 
@@ -153,13 +155,14 @@ async def test_in_flight_handlers_are_bounded() -> None:
 
 
 async def test_eight_threads_64_mib_verified_byte_for_byte() -> None:
+    size = scaled(64 << 20)  # 16 MiB in the VM lane
     async with uffd_aio.Pager() as pager:
-        region = pager.map(64 << 20)
+        region = pager.map(size)
         region.on_fault(pattern_handler)
         r = await scan(region.address, region.length, threads=8, op="verify", order="random",
                        timeout=120)
         assert r.mismatches == 0 and r.first_mismatch is None
-        assert pager.stats.resolved_pages == (64 << 20) // PS
+        assert pager.stats.resolved_pages == size // PS
         # and byte for byte, from a different path than the per-word verify
         assert await testing.read(region.address + (5 << 20), 3 * PS) == \
             testing.pattern_bytes(5 << 20, 3 * PS)

@@ -8,6 +8,7 @@ import select
 
 import pytest
 
+from tests.limits import limit
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 
@@ -72,7 +73,7 @@ async def test_pipe_read_waits_and_cancel(ring: Ring) -> None:
         t = asyncio.ensure_future(ring.read(r, buf))
         await asyncio.sleep(0.01)
         os.write(w, b"data")
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(limit(5)):
             assert await t == 4
         assert buf[:4] == b"data"
     finally:
@@ -87,7 +88,7 @@ async def test_poll(ring: Ring) -> None:
         await asyncio.sleep(0.01)
         assert not t.done()
         os.write(w, b"x")
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(limit(5)):
             assert await t & select.POLLIN
     finally:
         os.close(r)
@@ -139,7 +140,7 @@ async def test_multishot_read_with_provided_buffers(ring: Ring) -> None:
         for chunk in (b"one", b"two", b"three"):
             os.write(w, chunk)
             await asyncio.sleep(0.01)
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(limit(5)):
             await done.wait()
         assert got == [b"one", b"two", b"three"]
     finally:

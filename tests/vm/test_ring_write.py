@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import uffd_aio
+from tests.limits import limit
 from uffd_aio import Feature, Mode, resolve_ring, testing
 from uffd_aio.resolve import Kind, Op
 from uffd_aio.resolve_ring import RingWriteBackend
@@ -185,7 +186,7 @@ class _Direct:
                   wp: bool = False) -> int:
         fut = self.backend.execute(self.uffd, Op(kind, self.addr + page * PS, npages * PS,
                                                  data, wp))
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(limit(10)):
             return await fut
 
     def close(self) -> None:
@@ -242,13 +243,13 @@ async def test_errors_map_to_the_ioctl_backends_exceptions(direct: _Direct) -> N
     try:
         fut = d.backend.execute(d.uffd, Op(Kind.ZERO, outside, PS))
         with pytest.raises(RangeGone) as gone:
-            await asyncio.wait_for(fut, 10)
+            await asyncio.wait_for(fut, limit(10))
         assert gone.value.errno == errno.ENOENT
     finally:
         ll.munmap(outside, PS)
     fut = d.backend.execute(d.uffd, Op(Kind.ZERO, d.addr, PS // 2))  # length not page-sized
     with pytest.raises(uffd_aio.ResolveError) as bad:
-        await asyncio.wait_for(fut, 10)
+        await asyncio.wait_for(fut, limit(10))
     assert bad.value.errno == errno.EINVAL and not isinstance(bad.value, RangeGone)
     assert "UFFDIO_WRITE ZEROPAGE" in str(bad.value)
 
@@ -261,13 +262,13 @@ async def test_eagain_while_an_event_is_pending_is_mm_changing() -> None:
         backend = RingWriteBackend.create(ring, uffd)
         uffd.register(addr, 4 * PS)
         fut0 = backend.execute(uffd, Op(Kind.ZERO, addr, 4 * PS))
-        assert await asyncio.wait_for(fut0, 10) == 4 * PS
+        assert await asyncio.wait_for(fut0, limit(10)) == 4 * PS
         # MADV_DONTNEED reports REMOVE and waits (in a worker thread) until it is read;
         # meanwhile the mm is "changing" and writes fail with EAGAIN, also through io_uring
         madv = asyncio.ensure_future(asyncio.to_thread(ll.madvise, addr + 2 * PS, PS,
                                                        ll.MADV_DONTNEED))
         seen = None
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(limit(20)):
             while seen is None:
                 try:
                     await backend.execute(uffd, Op(Kind.ZERO, addr, PS))
@@ -283,7 +284,7 @@ async def test_eagain_while_an_event_is_pending_is_mm_changing() -> None:
                     await asyncio.sleep(0.005)
             await madv
         assert await asyncio.wait_for(backend.execute(uffd, Op(Kind.ZERO, addr + 2 * PS, PS)),
-                                      10) == PS
+                                      limit(10)) == PS
     finally:
         uffd.close()
         ring.close()

@@ -1,0 +1,40 @@
+"""Limits and sizes that follow the machine the suite runs on.
+
+The host runs the suite at full size with the limits written in the tests.  In the VM lane
+(QEMU TCG) the guest is several times slower, by an amount that depends on the machine and
+on its load: kernel_patches/scripts/guest-pytest.sh times a fixed workload in the guest and
+on the host and exports the ratio as ``UFFD_AIO_TIME_FACTOR``; conftest.py scales every
+pytest-timeout limit by it and tests scale their own waits with :func:`limit`.
+``UFFD_AIO_TEST_SCALE=guest`` makes the heavy tests run at the sizes that :func:`size`
+gives: the same code paths and checks, less data.
+"""
+
+from __future__ import annotations
+
+import os
+
+TIME_FACTOR = max(1.0, float(os.environ.get("UFFD_AIO_TIME_FACTOR") or 1.0))
+# pytest-timeout limits are capped here so that pytest reports a slow test before the
+# guest's stall guard (which allows this plus a margin) ends the whole suite.
+TIMEOUT_CAP = float(os.environ.get("UFFD_AIO_TIMEOUT_CAP") or 0) or None
+IN_GUEST_SCALE = os.environ.get("UFFD_AIO_TEST_SCALE") == "guest"
+# Heavy sizes are divided by this in the guest (never below the size's floor).
+GUEST_SIZE_DIVISOR = 4
+
+
+def limit(seconds: float) -> float:
+    """A wait written for the host, stretched by the measured speed factor."""
+    return seconds * TIME_FACTOR
+
+
+def timeout(seconds: float) -> float:
+    """A per-test pytest-timeout limit on this machine (scaled, capped)."""
+    t = seconds * TIME_FACTOR
+    return min(t, TIMEOUT_CAP) if TIMEOUT_CAP else t
+
+
+def size(n: int, *, floor: int = 1 << 20, align: int = 1 << 20) -> int:
+    """A heavy test's data size: ``n`` on the host, ``n / 4`` (aligned, >= floor) in the guest."""
+    if not IN_GUEST_SCALE:
+        return n
+    return max(floor, (n // GUEST_SIZE_DIVISOR) // align * align)
