@@ -43,9 +43,12 @@ dump() {  # <pid of the command>
     echo w >/proc/sysrq-trigger 2>/dev/null
     dmesg >"$out/dmesg.txt" 2>&1
     if command -v gdb >/dev/null; then
-        for p in $(pgrep -f python); do
+        # Only the suite's own Python processes (by process name, not command line: the
+        # guard's bash mentions python too), 20 s each: a thread in a killable kernel
+        # wait can stall gdb's attach, and the dump must finish before the boot's limit.
+        for p in $(pgrep -s "$(ps -o sid= -p "$top" | tr -d ' ')" '^python'); do
             # py-bt needs python3.X-gdb.py next to the interpreter (pyenv, -dbg packages)
-            timeout 60 gdb -p "$p" -batch -iex "add-auto-load-safe-path /" \
+            timeout 20 gdb -p "$p" -batch -iex "add-auto-load-safe-path /" \
                 -ex "info threads" -ex "thread apply all bt" -ex "thread apply all py-bt" \
                 >"$out/gdb-$p.txt" 2>&1
         done
