@@ -213,7 +213,7 @@ async def test_file_source_cached(tmp_path: Path) -> None:
 async def test_file_source_open_file_and_offset(tmp_path: Path) -> None:
     snap = _snapshot(tmp_path / "mem.snap", LENGTH + 4 * PS, evict=False)
     snap.read_bytes()
-    with open(snap, "rb") as f:
+    with open(snap, "rb") as f:  # noqa: ASYNC230 - a test fixture file
         async with Pager() as pager:
             region = pager.map(LENGTH)
             region.serve_from(f, offset=4 * PS, readahead=4)

@@ -28,7 +28,7 @@ ffibuilder.set_source(
     include_dirs=[str(_CSRC)],
     libraries=["uring", "pthread"],
     # UA_CFLAGS: extra flags (scripts/asan.sh builds with -fsanitize=address)
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function",
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function",
                         *os.environ.get("UA_CFLAGS", "").split()],
     extra_link_args=os.environ.get("UA_LDFLAGS", "").split(),
     define_macros=[("_GNU_SOURCE", "1")],
