@@ -311,3 +311,25 @@ async def test_file_source_bad_input(tmp_path: Path) -> None:
             region.serve_from(snap, offset=100)
         with pytest.raises(ValueError, match="regular file"):
             region.serve_from(tmp_path)
+
+
+@pytest.mark.parametrize("read_mode", ["multishot", "poll"])
+async def test_other_read_modes(read_mode: str) -> None:
+    src = _pattern_mmap(LENGTH)
+    async with Pager(read_mode=read_mode) as pager:  # type: ignore[arg-type]
+        region = pager.map(LENGTH)
+        region.serve_from(src, readahead=(1, 8))
+        assert (await scan(region.address, LENGTH, threads=2, op="verify")).mismatches == 0
+        st = pager.stats
+        assert st.native_faults > 0 and st.errors == 0
+
+
+async def test_fork_child_served_by_the_fallback() -> None:
+    """A fork child's uffd has no engine: the Python fallback serves the same source."""
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(_pattern_mmap(LENGTH))
+        assert (await scan(region.address, LENGTH // 2, op="verify")).mismatches == 0
+        status = await child(region.address, LENGTH, op="verify", timeout=60)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert pager.stats.forks == 1 and pager.stats.python_faults > 0
