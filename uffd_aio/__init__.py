@@ -17,6 +17,7 @@ from uffd_aio.errors import (
 from uffd_aio.events import Fork, Remap, Remove, Unmap
 from uffd_aio.fault import PageFault
 from uffd_aio.modes import Feature, Mode
+from uffd_aio.native import ZERO
 from uffd_aio.pager import HandlerTimeout, Pager, PagerFailed
 from uffd_aio.region import Region
 from uffd_aio.ring import Ring
@@ -26,6 +27,7 @@ from uffd_aio.uffd import Userfaultfd, available_features
 __version__ = "0.1.0"
 
 __all__ = [
+    "ZERO",
     "BadHandlerResult",
     "Feature",
     "FeatureUnavailable",

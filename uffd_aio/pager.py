@@ -34,6 +34,7 @@ from uffd_aio.region import EventHandler, Region
 from uffd_aio.resolve import Backend, IoctlBackend, Kind, Op, covering, merge
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.ring._engine import Engine, EngineStats
 from uffd_aio.stats import Counters, PagerStats
 from uffd_aio.uffd import PAGE_SIZE, MmChanging, RangeGone, Userfaultfd
 
@@ -177,6 +178,7 @@ class _Context:
         self.reading = False
         self.errors_in_row = 0
         self.thread_ids = uffd.has(Feature.THREAD_ID)
+        self.engine: Engine | None = None  # native fault engine (region.serve_from)
 
     def add_extent(self, start: int, end: int, region: Region, offset: int) -> None:
         i = bisect.bisect_left(self.starts, start)
@@ -294,6 +296,11 @@ class Pager:
     * ``stall_warning``: seconds after which a native watchdog writes to stderr
       that faults wait while the loop is stuck (typically a Python thread that
       touched registered memory holding the GIL: docs/gil.md); None disables.
+    * ``native_reads`` / ``native_budget_us``: after a batch the native engine
+      served entirely (``region.serve_from``), it reads the uffd again in C at
+      most ``native_reads`` times and, with a budget, keeps polling an empty
+      uffd (yielding the CPU) for up to ``native_budget_us`` before returning
+      to the loop (0: return as soon as the uffd is empty).
     """
 
     def __init__(
@@ -314,6 +321,8 @@ class Pager:
         read_mode: ReadMode = "auto",
         close_timeout: float = 5.0,
         stall_warning: float | None = 10.0,
+        native_reads: int = 16,
+        native_budget_us: float = 0.0,
         name: str = "pager",
     ) -> None:
         if on_error not in ("poison", "zero", "raise"):
@@ -351,6 +360,13 @@ class Pager:
         if stall_warning is not None and stall_warning <= 0:
             raise ValueError("stall_warning must be positive or None")
         self._stall_warning = stall_warning
+        if native_reads < 0 or not 0 <= native_budget_us <= 10_000:
+            raise ValueError("native_reads must be >= 0 and native_budget_us in 0..10000")
+        self._native_reads = native_reads
+        self._native_budget_ns = int(native_budget_us * 1000)
+        #: regions served by the native engine -> (context, engine region id, source)
+        self._native: dict[Region, tuple[_Context, int, Any]] = {}
+        self._native_retired = EngineStats()  # counters of engines already freed
         self._log = structlog.get_logger("uffd_aio").bind(component="pager", pager=name)
         self._counters = Counters()
         self._contexts: list[_Context] = []
@@ -478,8 +494,9 @@ class Pager:
         c.ioctls = ioctls
         c.ring_writes = getattr(self._backend, "ring_writes", 0)
         c.pwrites = getattr(self._backend, "pwrites", 0)
-        return c.snapshot(inflight=self._running, backlog=len(self._backlog),
+        snap = c.snapshot(inflight=self._running, backlog=len(self._backlog),
                           backend=self._backend.name)
+        return self._native_stats(snap)
 
     async def wait_closed(self) -> None:
         """Wait until the pager is closed; raises PagerFailed after an ``on_error="raise"``."""
@@ -631,6 +648,7 @@ class Pager:
         if region.closed:
             return False
         region.closed = True
+        self._native_drop(region)
         for ctx in self._contexts:
             ctx.remove_range(region.address, region.end)
         if not region.remote and self._main is not None and not self._main.uffd.closed:
@@ -698,6 +716,7 @@ class Pager:
 
     def _stop_reading(self, ctx: _Context) -> None:
         ctx.reading = False
+        self._native_close(ctx)
         if ctx.read_ud is not None and self._ring is not None and not self._ring.closed:
             self._ring.cancel(ctx.read_ud)
             self._ring.flush()
@@ -732,6 +751,8 @@ class Pager:
         ctx.errors_in_row = 0
         self._counters.reads += 1
         if ctx.read_mode == "read":
+            if ctx.engine is not None:
+                res = self._native_pass(ctx, res)
             msgs = ev_mod.decode(ctx.buf, res)
             ctx.read_ud = None
             try:
@@ -744,7 +765,8 @@ class Pager:
         elif ctx.read_mode == "multishot":
             assert ctx.bufring is not None
             bid = flags >> ll.CQE_BUFFER_SHIFT
-            msgs = ev_mod.decode(ctx.bufring.view(bid, res)) if res else []
+            data = ctx.bufring.view(bid, res) if res else b""
+            msgs = ev_mod.decode(self._native_filter(ctx, data) if ctx.engine else data)
             ctx.bufring.recycle(bid)
             if not more:
                 ctx.read_ud = None
@@ -781,6 +803,10 @@ class Pager:
             if n <= 0:
                 return
             self._counters.reads += 1
+            if ctx.engine is not None:
+                n = self._native_pass(ctx, n)
+                if not n:
+                    continue
             self._dispatch(ctx, ev_mod.decode(ctx.buf, n))
 
     def _read_now(self, ctx: _Context) -> list[ev_mod.Msg]:
@@ -793,9 +819,87 @@ class Pager:
             except OSError as exc:
                 self._log.error("uffd_aio.read_failed", uffd=ctx.uffd.fd, error=str(exc))
                 return out
-            out.extend(ev_mod.decode(data))
+            out.extend(ev_mod.decode(self._native_filter(ctx, data) if ctx.engine else data))
             if len(data) < len(ctx.buf):
                 return out
+
+    # ---- native engine (issue 12: region.serve_from) -----------------------------
+    # The hot path of native sources is C (uffd_aio/ring/csrc/engine.c); these hooks
+    # pass each read buffer through the context's engine and drop/close it with the
+    # regions.  Everything the engine passes up is dispatched as before.
+
+    def _serve_from(self, region: Region, source: Any, *, offset: int,
+                    readahead: Any) -> None:
+        from uffd_aio import native
+
+        ctx = self._check_open()
+        if region.pager is not self or region.closed:
+            raise ValueError(f"{region!r} is not an open region of pager {self.name!r}")
+        if not region.mode & Mode.MISSING or region.mode & Mode.MINOR:
+            raise ValueError(f"{region!r}: a native source serves MISSING faults; the region "
+                             f"is registered {region.mode!s}")
+        src = native.make_source(region, source, offset=offset, readahead=readahead)
+        self._native_drop(region)  # serving a new source replaces the old one
+        if ctx.engine is None:
+            ctx.engine = Engine(ctx.uffd.fd)
+        try:
+            rid = ctx.engine.add(region.address, region.length, region.page_size, src.kind,
+                                 src.src, src.src_len, *src.ra)
+        except BaseException:
+            src.close()
+            raise
+        self._native[region] = (ctx, rid, src)
+        region.fault_handler = src.fallback
+        region.eager = None
+        self._log.debug("uffd_aio.native_region", region=region.name, source=src.description,
+                        readahead=src.ra)
+
+    def _native_drop(self, region: Region) -> None:
+        entry = self._native.pop(region, None)
+        if entry is None:
+            return
+        ctx, rid, src = entry
+        if ctx.engine is not None:
+            ctx.engine.drop(rid)
+        src.close()
+
+    def _native_close(self, ctx: _Context) -> None:
+        if ctx.engine is None:
+            return
+        for region in [r for r, (c, _, _) in self._native.items() if c is ctx]:
+            self._native_drop(region)
+        self._native_retired += ctx.engine.stats()
+        ctx.engine.close()
+        ctx.engine = None
+
+    def _native_pass(self, ctx: _Context, nbytes: int) -> int:
+        """Run the engine on the nbytes read into ctx.buf; the bytes left for Python."""
+        assert ctx.engine is not None
+        left = ctx.engine.run(ctx.buf_addr, nbytes, len(ctx.buf), self._native_reads,
+                              self._native_budget_ns)
+        return left * ev_mod.MSG_SIZE
+
+    def _native_filter(self, ctx: _Context, data: bytes) -> bytes:
+        """Multishot/poll reads: the engine on a copy in ctx.buf (unused in those modes)."""
+        n = len(data)
+        ctx.buf[:n] = data
+        assert ctx.engine is not None
+        left = ctx.engine.run(ctx.buf_addr, n, len(ctx.buf)) * ev_mod.MSG_SIZE
+        return bytes(ctx.buf[:left])
+
+    def _native_stats(self, snap: PagerStats) -> PagerStats:
+        es = self._native_retired
+        for ctx in self._contexts:
+            if ctx.engine is not None:
+                es += ctx.engine.stats()
+        if not es.native_faults and not es.passed_up:
+            return attrs.evolve(snap, python_faults=snap.faults)
+        return attrs.evolve(
+            snap, faults=snap.faults + es.native_faults, python_faults=snap.faults,
+            native_faults=es.native_faults, native_pages=es.pages_copied + es.zero_pages,
+            native_readahead_pages=es.readahead_pages, native_wakes=es.wakes,
+            native_cache_misses=es.cache_misses, native_passed_up=es.passed_up,
+            native_reads=es.reads, native_ioctls=es.ioctls)
 
     # ---- dispatch ---------------------------------------------------------
 

@@ -104,6 +104,21 @@ class Region:
         self.event_handlers.append(fn)
         return fn
 
+    def serve_from(self, source: Any, *, offset: int = 0, readahead: Any = None) -> None:
+        """Serve this region's MISSING faults from ``source`` in the native engine (C).
+
+        ``source``: a buffer (bytes, bytearray, mmap, numpy...; kept alive by the
+        region), a path or open file (a snapshot, mapped read-only; page-cache
+        misses go to Python), or :data:`uffd_aio.ZERO`.  ``offset``: where the
+        region starts in the source.  ``readahead``: None (one page), pages (int,
+        fixed window), ``(min, max)`` (adaptive) or a policy from
+        :mod:`uffd_aio.handlers.readahead`.  Sets :meth:`on_fault` to a Python
+        fallback serving the same source, for what the engine passes up (misses,
+        EAGAIN retries, errors; the pager's error policy applies).  See
+        :mod:`uffd_aio.native`.
+        """
+        self.pager._serve_from(self, source, offset=offset, readahead=readahead)
+
     @property
     def handler_is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fault_handler)

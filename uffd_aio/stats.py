@@ -127,3 +127,16 @@ class PagerStats:
     backlog: int
     backend: str
     latency: LatencySnapshot
+    #: faults seen by Python (handlers, policies); ``faults`` = python + native
+    python_faults: int = attrs.field(default=0, kw_only=True)
+    #: native engine (``region.serve_from``): faults it resolved in C, pages it placed
+    #: (read-ahead included), EEXIST wakes, file pages not cached (passed up), messages
+    #: it passed up to Python, its own read(2) calls, its ioctls
+    native_faults: int = attrs.field(default=0, kw_only=True)
+    native_pages: int = attrs.field(default=0, kw_only=True)
+    native_readahead_pages: int = attrs.field(default=0, kw_only=True)
+    native_wakes: int = attrs.field(default=0, kw_only=True)
+    native_cache_misses: int = attrs.field(default=0, kw_only=True)
+    native_passed_up: int = attrs.field(default=0, kw_only=True)
+    native_reads: int = attrs.field(default=0, kw_only=True)
+    native_ioctls: int = attrs.field(default=0, kw_only=True)

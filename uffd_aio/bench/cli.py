@@ -9,6 +9,11 @@ Interleaved rounds: in every round, for every read-ahead window, each contender 
 * ``inproc``: ``benchmarks/c/build/inproc`` (handler thread) or
   ``python -m uffd_aio.bench.inproc`` (Pager on the loop, native threads faulting).
 
+Contenders: ``c``; ``asyncio`` and ``uvloop`` (the Python handler, ``--handler``);
+``native`` and ``native-uvloop`` (the same Pager with ``region.serve_from(buffer)``:
+faults served by the native engine in C; in-process runs only, ``uffd-aio serve`` is
+not wired to the engine yet).
+
 Ratios to the C handler are medians over the rounds of the same run.  Pinning
 (``--pin``) is the one of ``benchmarks/c/smoke.sh``: ``same`` puts the handler and the
 faulting threads on one CPU (the stable floor on 2 vCPUs), ``split`` on two, ``none``
@@ -34,7 +39,13 @@ from typing import Any
 
 from uffd_aio.bench import report
 
-CONTENDERS = ("c", "asyncio", "uvloop")
+CONTENDERS = ("c", "asyncio", "uvloop", "native", "native-uvloop")
+DEFAULT_CONTENDERS = ("c", "asyncio", "uvloop", "native")
+#: contender -> (loop, handler) of python -m uffd_aio.bench.inproc; None: --handler
+_PY_CONTENDERS: dict[str, tuple[str, str | None]] = {
+    "asyncio": ("asyncio", None), "uvloop": ("uvloop", None),
+    "native": ("asyncio", "native"), "native-uvloop": ("uvloop", "native")}
+INPROC_ONLY = ("native", "native-uvloop")
 MODES = ("handoff", "inproc")
 PAGE = 4096
 README_BEGIN = "<!-- bench:begin -->"
@@ -73,8 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='touch orders ("seq"; "seq random")')
     p.add_argument("--modes", type=_names(MODES), default=None,
                    help='"handoff inproc" (default both)')
-    p.add_argument("--contenders", type=_names(CONTENDERS), default=list(CONTENDERS),
-                   help='"c asyncio uvloop"')
+    p.add_argument("--contenders", type=_names(CONTENDERS), default=list(DEFAULT_CONTENDERS),
+                   help=f'"{" ".join(DEFAULT_CONTENDERS)}" (also: native-uvloop)')
     p.add_argument("--pin", choices=("same", "split", "none"), default="same",
                    help="CPU placement as benchmarks/c/smoke.sh PIN (default same)")
     p.add_argument("--handler", choices=("async", "sync"), default="async",
@@ -186,10 +197,11 @@ class Harness:
                 r = self._run(cmd)
                 out.append(r[0] if r else {"error": "no output", "threads": t})
             return out
-        cmd = [sys.executable, "-m", "uffd_aio.bench.inproc", "--loop", contender, "--readahead",
+        loop, handler = _PY_CONTENDERS[contender]
+        cmd = [sys.executable, "-m", "uffd_aio.bench.inproc", "--loop", loop, "--readahead",
                str(ra), "--pages", str(self.args.pages), "--threads",
-               " ".join(map(str, threads)), "--order", order, "--handler", self.args.handler,
-               "--label", label]
+               " ".join(map(str, threads)), "--order", order, "--handler",
+               handler or self.args.handler, "--label", label]
         if self.hcpu is not None:
             cmd += ["--handler-cpu", str(self.hcpu), "--fault-cpu", str(self.fcpu)]
         out = self._run(cmd)
@@ -300,8 +312,9 @@ def main(args: argparse.Namespace) -> int:
     }
     per_round = 0
     for _ in args.readahead:
-        for _ in contenders:
-            per_round += len(args.orders) * len(args.threads) * len(args.modes)
+        for c in contenders:
+            modes = [m for m in args.modes if m == "inproc" or c not in INPROC_ONLY]
+            per_round += len(args.orders) * len(args.threads) * len(modes)
     total = per_round * args.rounds
     print(f"uffd-aio bench: {args.rounds} rounds x {per_round} runs, pin={args.pin}, "
           f"{args.pages} pages, load {meta['before']['loadavg']} -> {rundir}",
@@ -347,7 +360,7 @@ def main(args: argparse.Namespace) -> int:
             for ra in args.readahead:
                 for contender in order_c:
                     label = f"{contender}-ra{ra}-{args.pin}"
-                    if "handoff" in args.modes:
+                    if "handoff" in args.modes and contender not in INPROC_ONLY:
                         handoff_runs(rnd, contender, ra, label)
                     if "inproc" in args.modes:
                         for order in args.orders:

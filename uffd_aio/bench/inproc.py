@@ -30,9 +30,13 @@ PAGE = 4096
 async def run_one(args: argparse.Namespace, store: PatternStore, threads: int) -> dict[str, Any]:
     length = args.pages * PAGE
     async with Pager(name="bench-inproc", max_inflight=args.max_inflight,
-                     read_mode=args.read_mode) as pager:
+                     read_mode=args.read_mode, native_reads=args.native_reads,
+                     native_budget_us=args.native_budget_us) as pager:
         region = pager.map(length)
-        attach(region, store, args.readahead, sync=args.handler == "sync")
+        if args.handler == "native":  # the native engine (C) copies from the same buffer
+            region.serve_from(store.buf, readahead=args.readahead)
+        else:
+            attach(region, store, args.readahead, sync=args.handler == "sync")
         res = await testing.scan(region.address, length, threads=threads, op="read",
                                  order=args.order, latencies=True)
         bad = await testing.verify(region.address, length)
@@ -51,6 +55,7 @@ async def run_one(args: argparse.Namespace, store: PatternStore, threads: int) -
     out["handler"] = {"loop": args.loop, "readahead": args.readahead, "faults": st.faults,
                       "copies": st.copies, "reads": st.reads,
                       "duplicate_faults": st.duplicate_faults, "errors": st.errors,
+                      "native_faults": st.native_faults, "native_reads": st.native_reads,
                       "latency_p50_us": round(st.latency.p50_us, 3)}
     return out
 
@@ -81,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", choices=("seq", "random"), default="seq")
     p.add_argument("--handler-cpu", type=int, default=None, help="pin the loop thread")
     p.add_argument("--fault-cpu", type=int, default=None, help="pin the faulting threads")
-    p.add_argument("--handler", choices=("async", "sync"), default="async")
+    p.add_argument("--handler", choices=("async", "sync", "native"), default="async",
+                   help="async/sync: a Python handler; native: region.serve_from (C engine)")
+    p.add_argument("--native-reads", type=int, default=16, help="Pager native_reads")
+    p.add_argument("--native-budget-us", type=float, default=0.0,
+                   help="Pager native_budget_us")
     p.add_argument("--max-inflight", type=int, default=1024)
     p.add_argument("--read-mode", choices=("auto", "read", "multishot", "poll"), default="auto",
                    help="Pager read_mode")

@@ -179,7 +179,8 @@ def plot(summary: dict[Key, dict[str, dict[str, float]]], contenders: Sequence[s
     os.makedirs(outdir, exist_ok=True)
     paths = []
     modes = sorted({k[0] for k in summary})
-    colors = {"c": "#555555", "asyncio": "#1f77b4", "uvloop": "#ff7f0e"}
+    colors = {"c": "#555555", "asyncio": "#1f77b4", "uvloop": "#ff7f0e", "native": "#2ca02c",
+              "native-uvloop": "#9467bd"}
     width = 0.8 / max(1, len(contenders))
 
     def bars(ax: Any, keys: list[Key], labels: list[str], field: str) -> None:

@@ -19,14 +19,18 @@ _CSRC = _HERE / "csrc"
 ffibuilder = FFI()
 ffibuilder.cdef((_CSRC / "native.h").read_text())
 ffibuilder.cdef((_CSRC / "watchdog.h").read_text())
+ffibuilder.cdef((_CSRC / "engine.h").read_text())
 ffibuilder.set_source(
     "uffd_aio.ring._native",
-    (_CSRC / "native.c").read_text() + '\n#include "watchdog.h"\n',
+    (_CSRC / "native.c").read_text() + '\n#include "watchdog.h"\n#include "engine.h"\n',
     # setuptools wants source paths relative to the project root (its cwd)
-    sources=[os.path.relpath(_CSRC / "watchdog.c")],
+    sources=[os.path.relpath(_CSRC / "watchdog.c"), os.path.relpath(_CSRC / "engine.c")],
     include_dirs=[str(_CSRC)],
     libraries=["uring", "pthread"],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    # UA_CFLAGS: extra flags (scripts/asan.sh builds with -fsanitize=address)
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function",
+                        *os.environ.get("UA_CFLAGS", "").split()],
+    extra_link_args=os.environ.get("UA_LDFLAGS", "").split(),
     define_macros=[("_GNU_SOURCE", "1")],
 )
 

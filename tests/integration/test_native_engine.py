@@ -1,0 +1,361 @@
+"""The native fault engine (region.serve_from) against the real kernel.
+
+Memory is touched only from native threads (uffd_aio.testing) or child
+processes; every byte is verified with the shared pattern.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import mmap
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import uffd_aio
+from uffd_aio import testing
+from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow
+from uffd_aio.modes import Mode
+from uffd_aio.pager import Pager
+from uffd_aio.ring import _lowlevel as ll
+
+from .helpers import PS, child, scan
+
+NPAGES = 192
+LENGTH = NPAGES * PS
+
+
+def _pattern_mmap(length: int, offset: int = 0) -> mmap.mmap:
+    buf = mmap.mmap(-1, length)
+    testing.pattern_into(memoryview(buf), offset)
+    return buf
+
+
+def _snapshot(path: Path, length: int, *, evict: bool) -> Path:
+    path.write_bytes(testing.pattern_bytes(0, length))
+    if evict:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return path
+
+
+def _require_evicted(path: Path) -> None:
+    """Skip unless the file's first page really left the page cache (tmpfs, 9p... keep it).
+
+    Asked with mincore(2) (through ctypes): a read, even RWF_NOWAIT, would start
+    read-ahead and bring the file back."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    vec = ctypes.create_string_buffer(1)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = ll.mmap(PS, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
+        try:
+            rc = libc.mincore(addr, PS, vec)
+        finally:
+            ll.munmap(addr, PS)
+    finally:
+        os.close(fd)
+    if rc != 0:
+        pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
+    if vec.raw[0] & 1:
+        pytest.skip(f"posix_fadvise(DONTNEED) left {path} in the page cache on this filesystem")
+
+
+def _engine(pager: Pager) -> Any:
+    return pager._main.engine  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "mmap"])
+@pytest.mark.parametrize("readahead", [None, 8, (1, 32)])
+async def test_memory_source_every_byte(kind: str, readahead: Any) -> None:
+    data = testing.pattern_bytes(0, LENGTH)
+    source: Any = {"bytes": bytes(data), "bytearray": data,
+                   "mmap": _pattern_mmap(LENGTH)}[kind]
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(source, readahead=readahead)
+        res = await scan(region.address, LENGTH, threads=1, op="verify")
+        assert res.mismatches == 0
+        st = pager.stats
+        assert st.native_faults >= 1 and st.python_faults == 0 and st.handler_calls == 0
+        assert st.native_pages == NPAGES and st.errors == 0
+        if readahead is None:
+            assert st.native_faults == NPAGES and st.native_readahead_pages == 0
+        else:
+            assert st.native_faults < NPAGES and st.native_readahead_pages > 0
+
+
+@pytest.mark.parametrize("order", ["seq", "random"])
+@pytest.mark.parametrize("readahead", [None, 4, AdaptiveWindow(1, 16)])
+async def test_memory_source_threads(order: str, readahead: Any) -> None:
+    src = _pattern_mmap(LENGTH)
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(src, readahead=readahead)
+        res = await scan(region.address, LENGTH, threads=4, op="verify", order=order)
+        assert res.mismatches == 0
+        # and once more from a fresh reader: everything present, nothing faults
+        assert await testing.verify(region.address, LENGTH) == -1
+        st = pager.stats
+        assert st.native_pages == NPAGES and st.python_faults == 0 and st.errors == 0
+
+
+async def test_memory_source_offset_and_fixed_policy() -> None:
+    off = 5 * PS + 8  # a buffer offset need not be page-aligned
+    src = bytearray(8) + testing.pattern_bytes(0, LENGTH + 5 * PS)
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(src, offset=off, readahead=FixedWindow(16))
+        res = await scan(region.address, LENGTH, threads=2, op="verify", offset=5 * PS)
+        assert res.mismatches == 0
+
+
+async def test_zero_source() -> None:
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(uffd_aio.ZERO, readahead=(2, 8))
+        res = await scan(region.address, LENGTH, threads=3, op="read", order="random")
+        assert res.mismatches == 0
+        assert await testing.read(region.address, LENGTH) == bytes(LENGTH)
+        st = pager.stats
+        assert st.native_pages == NPAGES and st.copies == 0 and st.python_faults == 0
+
+
+async def test_dedup_many_threads_one_page() -> None:
+    """Several threads fault on the same pages: one copy each, the rest woken."""
+    src = _pattern_mmap(4 * PS)
+    async with Pager() as pager:
+        region = pager.map(4 * PS)
+        region.serve_from(src)
+        results = await asyncio.gather(*(scan(region.address, 4 * PS, threads=4, op="verify")
+                                         for _ in range(4)))
+        assert all(r.mismatches == 0 for r in results)
+        st = pager.stats
+        assert st.native_pages == 4 and st.errors == 0 and st.python_faults == 0
+
+
+async def test_remove_while_serving_then_refault() -> None:
+    """madvise(DONTNEED) from a worker thread while threads fault: the REMOVE event
+    clears the resident bits, and the pages are served again with the right content."""
+    src = _pattern_mmap(LENGTH)
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(src, readahead=(1, 16))
+        assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
+        engine = _engine(pager)
+        rid = pager._native[region][1]
+        assert engine.resident(rid, 0)
+
+        async def dropper() -> None:
+            for i in range(8):
+                start = region.address + (i * 17 % (NPAGES - 8)) * PS
+                await asyncio.to_thread(ll.madvise, start, 8 * PS, ll.MADV_DONTNEED)
+
+        results = await asyncio.gather(
+            scan(region.address, LENGTH, threads=2, op="verify", order="random"), dropper())
+        assert results[0].mismatches == 0
+        await asyncio.to_thread(ll.madvise, region.address, LENGTH, ll.MADV_DONTNEED)
+        assert (await scan(region.address, LENGTH, threads=2, op="verify")).mismatches == 0
+        st = pager.stats
+        assert st.removes >= 9
+        assert st.native_pages >= 2 * NPAGES  # everything served twice at least
+        assert st.errors == 0
+
+
+async def test_unregister_while_serving() -> None:
+    """The engine drops the range at unregister: later faults are plain memory."""
+    addr = ll.mmap(LENGTH)
+    try:
+        async with Pager() as pager:
+            region = pager.register(addr, LENGTH)
+            region.serve_from(_pattern_mmap(LENGTH))
+            done: list[int] = []
+            fut = asyncio.ensure_future(scan(addr, LENGTH, op="read", order="random",
+                                             progress=lambda d, t: done.append(d),
+                                             progress_interval=0.001))
+            while not done or done[-1] < 16:
+                await asyncio.sleep(0.001)
+                if fut.done():
+                    break
+            await pager.unregister(region)
+            assert _engine(pager).ranges() == 0
+            assert (await fut).mismatches == 0
+            assert pager._native == {}
+    finally:
+        ll.munmap(addr, LENGTH)
+
+
+async def test_remap_and_unmap_follow() -> None:
+    """mremap moves the range in the engine (content keeps coming from the source,
+    page offsets preserved); munmap of a part cuts it."""
+    addr = ll.mmap(LENGTH)
+    target = ll.mmap(LENGTH)  # a place to move to
+    try:
+        async with Pager() as pager:
+            region = pager.register(addr, LENGTH)
+            region.serve_from(_pattern_mmap(LENGTH))
+            half = LENGTH // 2
+            assert (await scan(addr, half, op="verify")).mismatches == 0
+            new = await asyncio.to_thread(ll.mremap, addr, LENGTH, LENGTH,
+                                          ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, target)
+            assert new == target
+            addr = -1
+            assert (await scan(new, LENGTH, op="verify")).mismatches == 0
+            assert pager.stats.remaps == 1 and pager.stats.python_faults == 0
+            await asyncio.to_thread(ll.munmap, new + PS, PS)  # cut a hole: UNMAP
+            assert _engine(pager).ranges() == 2
+            await pager.unregister(region)
+            assert _engine(pager).ranges() == 0
+    finally:
+        if addr != -1:
+            ll.munmap(addr, LENGTH)
+        ll.munmap(target, LENGTH)
+
+
+async def test_file_source_cached(tmp_path: Path) -> None:
+    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=False)
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(snap, readahead=(1, 32))
+        # make sure the page cache holds it (written just now; read it to be sure)
+        snap.read_bytes()
+        res = await scan(region.address, LENGTH, threads=2, op="verify")
+        assert res.mismatches == 0
+        st = pager.stats
+        assert st.native_pages == NPAGES and st.python_faults == 0
+
+
+async def test_file_source_open_file_and_offset(tmp_path: Path) -> None:
+    snap = _snapshot(tmp_path / "mem.snap", LENGTH + 4 * PS, evict=False)
+    snap.read_bytes()
+    with open(snap, "rb") as f:  # noqa: ASYNC230 - a test fixture file
+        async with Pager() as pager:
+            region = pager.map(LENGTH)
+            region.serve_from(f, offset=4 * PS, readahead=4)
+            res = await scan(region.address, LENGTH, op="verify", offset=4 * PS)
+            assert res.mismatches == 0
+
+
+async def test_file_source_not_cached_falls_back(tmp_path: Path) -> None:
+    """Pages not in the page cache go up to Python (io_uring READ) and verify."""
+    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    _require_evicted(snap)
+    async with Pager(handler_timeout=20) as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(snap)
+        res = await scan(region.address, LENGTH, threads=2, op="verify", order="random")
+        assert res.mismatches == 0
+        st = pager.stats
+        assert st.native_cache_misses > 0 and st.python_faults > 0
+        assert st.errors == 0
+        assert st.native_faults + st.python_faults - st.duplicate_faults >= NPAGES
+
+
+async def test_file_truncated_under_client_sigbus(tmp_path: Path) -> None:
+    """A file truncated while a client runs: the missing pages get SIGBUS (poison
+    policy) and nothing hangs."""
+    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=False)
+    async with Pager(on_error="poison") as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(snap)
+        assert (await scan(region.address, PS * 4, op="verify")).mismatches == 0
+        os.truncate(snap, LENGTH // 2)
+        status = await child(region.address, LENGTH, op="verify", timeout=60)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
+        # the in-process range still served natively up to the new end
+        assert (await scan(region.address + PS * 4, LENGTH // 2 - PS * 4, op="verify",
+                           offset=PS * 4)).mismatches == 0
+        assert pager.stats.errors >= 1
+
+
+async def test_native_linger_budget() -> None:
+    """With a time budget the engine keeps polling in C; content still verifies."""
+    src = _pattern_mmap(LENGTH)
+    async with Pager(native_reads=64, native_budget_us=200) as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(src)
+        assert (await scan(region.address, LENGTH, threads=2, op="verify")).mismatches == 0
+        assert pager.stats.native_reads >= 1
+
+
+async def test_on_fault_after_serve_from_gets_what_is_passed_up(tmp_path: Path) -> None:
+    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    _require_evicted(snap)
+    seen: list[int] = []
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(snap)
+
+        @region.on_fault
+        def fallback(ev: uffd_aio.PageFault) -> bytes:
+            seen.append(ev.offset)
+            return bytes(testing.pattern_bytes(ev.offset, ev.page_size))
+
+        assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
+        assert seen and pager.stats.python_faults == len(seen)
+
+
+async def test_bad_input() -> None:
+    async with Pager() as pager:
+        region = pager.map(4 * PS)
+        with pytest.raises(ValueError, match="missing"):
+            region.serve_from(bytes(3 * PS))
+        with pytest.raises(TypeError, match="not a buffer"):
+            region.serve_from(12345)
+        with pytest.raises(ValueError, match="read-ahead"):
+            region.serve_from(bytes(4 * PS), readahead=0)
+        with pytest.raises(ValueError, match="min < max"):
+            region.serve_from(bytes(4 * PS), readahead=(8, 8))
+        with pytest.raises(ValueError, match="no offset"):
+            region.serve_from(uffd_aio.ZERO, offset=PS)
+        with pytest.raises(FileNotFoundError):
+            region.serve_from("/nonexistent/snapshot")
+        minor = pager.map(4 * PS, mode=Mode.MINOR)
+        with pytest.raises(ValueError, match="MISSING"):
+            minor.serve_from(bytes(4 * PS))
+        await pager.unregister(region)
+        with pytest.raises(ValueError, match="not an open region"):
+            region.serve_from(bytes(4 * PS))
+
+
+async def test_file_source_bad_input(tmp_path: Path) -> None:
+    snap = _snapshot(tmp_path / "mem.snap", 2 * PS, evict=False)
+    async with Pager() as pager:
+        region = pager.map(4 * PS)
+        with pytest.raises(ValueError, match="has 8192 bytes"):
+            region.serve_from(snap)
+        with pytest.raises(ValueError, match="multiple of the page size"):
+            region.serve_from(snap, offset=100)
+        with pytest.raises(ValueError, match="regular file"):
+            region.serve_from(tmp_path)
+
+
+@pytest.mark.parametrize("read_mode", ["multishot", "poll"])
+async def test_other_read_modes(read_mode: str) -> None:
+    src = _pattern_mmap(LENGTH)
+    async with Pager(read_mode=read_mode) as pager:  # type: ignore[arg-type]
+        region = pager.map(LENGTH)
+        region.serve_from(src, readahead=(1, 8))
+        assert (await scan(region.address, LENGTH, threads=2, op="verify")).mismatches == 0
+        st = pager.stats
+        assert st.native_faults > 0 and st.errors == 0
+
+
+async def test_fork_child_served_by_the_fallback() -> None:
+    """A fork child's uffd has no engine: the Python fallback serves the same source."""
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(_pattern_mmap(LENGTH))
+        assert (await scan(region.address, LENGTH // 2, op="verify")).mismatches == 0
+        status = await child(region.address, LENGTH, op="verify", timeout=60)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert pager.stats.forks == 1 and pager.stats.python_faults > 0

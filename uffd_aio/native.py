@@ -1,0 +1,204 @@
+"""Native sources: region content the C fault engine serves without Python.
+
+``region.serve_from(source, offset=0, readahead=None)`` (see
+:meth:`uffd_aio.Region.serve_from`) turns a source into a :class:`NativeSource`:
+
+* a buffer (``bytes``, ``bytearray``, ``mmap``, a C-contiguous numpy array...):
+  page ``i`` of the region is ``source[offset + i*page_size:...]``; the region
+  keeps the buffer alive until it is unregistered;
+* a path or an open file: a snapshot file, mapped read-only; pages in the page
+  cache are copied straight from the mapping, the others (checked with
+  ``mincore``, without blocking) go up to Python, which reads them with an
+  io_uring READ on the pager's ring;
+* :data:`ZERO`: zero pages.
+
+Whatever the engine does not serve (page-cache misses, EAGAIN while the address
+space changes, errors, write-protect and minor faults) reaches the region's
+``on_fault`` handler, which ``serve_from`` sets to a Python fallback serving the
+same source, so the pager's error policy, timeouts and stats apply as usual.
+Setting ``@region.on_fault`` afterwards replaces that fallback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import structlog
+
+from uffd_aio.fault import PageFault
+from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow, NoReadahead
+from uffd_aio.ring import _engine
+from uffd_aio.ring import _lowlevel as ll
+
+
+class _Zero:
+    """The zero source: ``region.serve_from(uffd_aio.ZERO)``."""
+
+    _instance: _Zero | None = None
+
+    def __new__(cls) -> _Zero:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "uffd_aio.ZERO"
+
+
+ZERO: Final = _Zero()
+
+Readahead = int | tuple[int, int] | FixedWindow | AdaptiveWindow | NoReadahead | None
+
+
+def readahead_bounds(readahead: Readahead) -> tuple[int, int]:
+    """(min, max) window in pages: equal for a fixed window, min < max for adaptive.
+
+    ``None``/:class:`NoReadahead` -> 1 page; an int N or :class:`FixedWindow` -> N;
+    a ``(min, max)`` pair or :class:`AdaptiveWindow` -> adaptive (doubles on
+    sequential faults up to max, back to min on random ones).
+    """
+    if readahead is None or isinstance(readahead, NoReadahead):
+        lo = hi = 1
+    elif isinstance(readahead, FixedWindow):
+        lo = hi = readahead.pages
+    elif isinstance(readahead, AdaptiveWindow):
+        lo, hi = readahead.min_pages, readahead.max_pages
+        if lo == hi:
+            raise ValueError("an adaptive window needs min_pages < max_pages")
+    elif isinstance(readahead, tuple):
+        lo, hi = readahead
+        if lo >= hi:
+            raise ValueError(f"adaptive read-ahead needs min < max, not {readahead!r}")
+    elif isinstance(readahead, int) and not isinstance(readahead, bool):
+        lo = hi = readahead
+    else:
+        raise TypeError(f"readahead must be None, pages (int), (min, max) or a read-ahead "
+                        f"policy, not {readahead!r}")
+    if not 1 <= lo <= hi <= _engine.MAX_WINDOW:
+        raise ValueError(f"read-ahead windows must be 1..{_engine.MAX_WINDOW} pages, "
+                         f"not {readahead!r}")
+    return lo, hi
+
+
+@attrs.define(eq=False)
+class NativeSource:
+    """What the engine copies from for one region, and the Python fallback for the rest."""
+
+    kind: int
+    src: int
+    src_len: int
+    description: str
+    fallback: Callable[[PageFault], Any]
+    keep: Any = None  # pins a buffer for as long as the engine may copy from it
+    mapping: tuple[int, int] | None = None  # our read-only file mapping (addr, len)
+    fd: int | None = None  # our file descriptor (file source)
+    ra: tuple[int, int] = (1, 1)
+
+    def close(self) -> None:
+        """Release the mapping and the file; the engine must have dropped the region."""
+        if self.mapping is not None:
+            addr, length = self.mapping
+            self.mapping = None
+            try:
+                ll.munmap(addr, length)
+            except OSError:
+                pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.keep = None
+
+
+def make_source(region: Any, source: Any, *, offset: int = 0,
+                readahead: Readahead = None) -> NativeSource:
+    """Check ``source`` against ``region`` and build its :class:`NativeSource`.
+
+    Raises ValueError/TypeError/OSError with what is wrong (too short, unaligned...).
+    """
+    ra = readahead_bounds(readahead)
+    length = region.length
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int, not {offset!r}")
+    if source is ZERO:
+        if offset:
+            raise ValueError("the zero source takes no offset")
+        return NativeSource(_engine.SRC_ZERO, 0, 0, "zero", _zero_fallback, ra=ra)
+    if isinstance(source, (str, os.PathLike)) or hasattr(source, "fileno"):
+        return _file_source(region, source, offset, ra)
+    try:
+        view = memoryview(source).cast("B")
+    except TypeError:
+        raise TypeError(f"serve_from: {type(source).__name__} is not a buffer, a path, an "
+                        "open file or uffd_aio.ZERO") from None
+    if offset + length > view.nbytes:
+        raise ValueError(f"serve_from: the buffer has {view.nbytes} bytes; the region needs "
+                         f"{length} from offset {offset} ({offset + length - view.nbytes} "
+                         "missing)")
+    addr, keep = ll.buffer_address(view)
+    src = addr + offset
+    page = view[offset:offset + length]
+
+    def memory_fallback(ev: PageFault) -> Any:
+        return page[ev.offset:ev.offset + ev.page_size]
+
+    return NativeSource(_engine.SRC_MEMORY, src, length, f"memory({view.nbytes} bytes)",
+                        memory_fallback, keep=(keep, view), ra=ra)
+
+
+def _zero_fallback(ev: PageFault) -> None:
+    return None
+
+
+def _file_source(region: Any, source: Any, offset: int, ra: tuple[int, int]) -> NativeSource:
+    ps = region.page_size
+    if offset % ps:
+        raise ValueError(f"serve_from: a file offset must be a multiple of the page size {ps}, "
+                         f"not {offset}")
+    if hasattr(source, "fileno"):
+        fd = os.dup(source.fileno())
+        name = getattr(source, "name", f"fd {source.fileno()}")
+    else:
+        name = os.fspath(source)
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"serve_from: {name!r} is not a regular file")
+        if offset + region.length > st.st_size:
+            raise ValueError(f"serve_from: {name!r} has {st.st_size} bytes; the region needs "
+                             f"{region.length} from offset {offset}")
+        if st.st_uid != os.geteuid() and not os.access(f"/proc/self/fd/{fd}", os.W_OK):
+            # mincore() only reports the page cache of files one owns or may write
+            # (Linux 5.0+); for others it says "resident", and a page-cache miss is then
+            # read synchronously by the COPY on the loop thread
+            structlog.get_logger("uffd_aio").bind(component="native").warning(
+                "uffd_aio.native_file_mincore_blind", path=str(name),
+                hint="own the file or open it writable: page-cache misses would block the "
+                     "loop")
+        maplen = offset + region.length
+        base = ll.mmap(maplen, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    pager = region.pager
+
+    async def file_fallback(ev: PageFault) -> bytearray:
+        off = offset + ev.offset
+        n = ev.page_size
+        size = os.fstat(fd).st_size
+        if off + n > size:  # truncated under us: the policy decides (poison: SIGBUS)
+            raise OSError(errno.ENXIO, f"{name!r} was truncated to {size} bytes; page at "
+                                       f"{off:#x} is gone")
+        out = bytearray(n)
+        got = await pager.ring.read(fd, out, off)
+        if got != n:
+            raise OSError(errno.EIO, f"short read of {name!r} at {off:#x}: {got} of {n}")
+        return out
+
+    return NativeSource(_engine.SRC_FILE, base + offset, region.length, f"file({name})",
+                        file_fallback, mapping=(base, maplen), fd=fd, ra=ra)

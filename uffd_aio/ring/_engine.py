@@ -1,0 +1,99 @@
+"""Thin typed layer over the native fault engine (``csrc/engine.c``): -errno -> OSError.
+
+Like :mod:`uffd_aio.ring._lowlevel`, this is the only place that touches
+``ffi``/``lib`` for the engine; :mod:`uffd_aio.native` and the pager use
+:class:`Engine`.  Every call comes from the pager's loop thread.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from uffd_aio.ring._lowlevel import check
+from uffd_aio.ring._native import ffi, lib
+
+SRC_MEMORY: int = lib.UA_SRC_MEMORY
+SRC_ZERO: int = lib.UA_SRC_ZERO
+SRC_FILE: int = lib.UA_SRC_FILE
+MAX_WINDOW: int = lib.UA_ENGINE_MAX_WINDOW
+
+
+@attrs.frozen
+class EngineStats:
+    """Counters of one engine (``struct ua_engine_stats``)."""
+
+    native_faults: int = 0
+    pages_copied: int = 0
+    zero_pages: int = 0
+    readahead_pages: int = 0
+    wakes: int = 0
+    cache_misses: int = 0
+    passed_up: int = 0
+    reads: int = 0
+    ioctls: int = 0
+
+    def __add__(self, other: EngineStats) -> EngineStats:
+        return EngineStats(*(getattr(self, a.name) + getattr(other, a.name)
+                             for a in attrs.fields(EngineStats)))
+
+
+_STAT_FIELDS = tuple(a.name for a in attrs.fields(EngineStats))
+
+
+class Engine:
+    """One ``struct ua_engine`` for the uffd ``fd`` (which must be O_NONBLOCK)."""
+
+    __slots__ = ("_e", "_st", "fd")
+
+    def __init__(self, fd: int) -> None:
+        e = lib.ua_engine_new(fd)
+        if e == ffi.NULL:
+            raise MemoryError("ua_engine_new")
+        self._e = e
+        self._st = ffi.new("struct ua_engine_stats *")
+        self.fd = fd
+
+    @property
+    def closed(self) -> bool:
+        return self._e is None
+
+    def close(self) -> None:
+        if self._e is not None:
+            lib.ua_engine_free(self._e)
+            self._e = None
+
+    def add(self, start: int, length: int, page_size: int, kind: int, src: int, src_len: int,
+            ra_min: int, ra_max: int) -> int:
+        """Serve [start, start+length) natively; returns the region id."""
+        return check(lib.ua_engine_add(self._e, start, length, page_size, kind, src, src_len,
+                                       ra_min, ra_max),
+                     f"native engine: add {start:#x}+{length:#x}")
+
+    def drop(self, region_id: int) -> None:
+        check(lib.ua_engine_drop(self._e, region_id), f"native engine: drop {region_id}")
+
+    def ranges(self) -> int:
+        return int(lib.ua_engine_nranges(self._e))
+
+    def run(self, buf: int, nbytes: int, cap: int, max_reads: int = 0,
+            budget_ns: int = 0) -> int:
+        """Serve what it can of the ``nbytes`` of uffd_msg at ``buf``; the number of
+        messages left (compacted at ``buf``, in order) for Python."""
+        return check(lib.ua_engine_run(self._e, buf, nbytes, cap, max_reads, budget_ns),
+                     "native engine: run")
+
+    def window(self, region_id: int, rel_page: int) -> int:
+        """The read-ahead window for a fault at page ``rel_page`` (updates its state)."""
+        return check(lib.ua_engine_window(self._e, region_id, rel_page),
+                     f"native engine: window of region {region_id}")
+
+    def resident(self, region_id: int, rel_page: int) -> bool:
+        return bool(check(lib.ua_engine_resident(self._e, region_id, rel_page),
+                          f"native engine: page {rel_page} of region {region_id}"))
+
+    def stats(self) -> EngineStats:
+        if self._e is None:
+            return EngineStats()
+        st = self._st
+        lib.ua_engine_get_stats(self._e, st)
+        return EngineStats(*(int(getattr(st, n)) for n in _STAT_FIELDS))

@@ -1,0 +1,62 @@
+/* Native fault engine (engine.c): serves the page faults of regions whose
+ * content is a buffer, a file mapping or zeros, in C, from the pager's read
+ * completion; everything else is passed up to Python.  One engine per uffd
+ * context, used only by the loop thread (no locking).  Plain C types only:
+ * this file is also the cffi cdef. */
+struct ua_engine;
+
+struct ua_engine_stats {
+    uint64_t native_faults;    /* fault messages resolved in C (duplicates included) */
+    uint64_t pages_copied;     /* pages placed by UFFDIO_COPY, read-ahead included */
+    uint64_t zero_pages;       /* pages placed by UFFDIO_ZEROPAGE */
+    uint64_t readahead_pages;  /* of those, pages beyond the faulting one */
+    uint64_t wakes;            /* EEXIST: the page was already there, thread woken */
+    uint64_t cache_misses;     /* file pages not in the page cache: passed up */
+    uint64_t passed_up;        /* messages left for Python (faults, events, errors) */
+    uint64_t reads;            /* read(2) calls made by the engine on the uffd */
+    uint64_t ioctls;           /* COPY/ZEROPAGE/WAKE ioctls */
+};
+
+/* source kinds */
+#define UA_SRC_MEMORY 0
+#define UA_SRC_ZERO 1
+#define UA_SRC_FILE 2
+
+/* max read-ahead window in pages */
+#define UA_ENGINE_MAX_WINDOW 1024
+
+struct ua_engine *ua_engine_new(int uffd);
+void ua_engine_free(struct ua_engine *e);
+
+/* Serve [start, start+len) (page_size multiples) from a source: kind
+ * UA_SRC_MEMORY (src = address of the region's first byte in a buffer of
+ * src_len bytes), UA_SRC_FILE (src = page-aligned address in a read-only
+ * file mapping; pages not in the page cache are passed up) or UA_SRC_ZERO.
+ * Read-ahead: ra_min == ra_max -> fixed window; ra_min < ra_max -> adaptive
+ * (doubles on sequential hits up to ra_max, back to ra_min otherwise).
+ * Returns the region id (>= 0) or -errno (EINVAL bad argument, EEXIST
+ * overlap, ENOMEM). */
+int ua_engine_add(struct ua_engine *e, uint64_t start, uint64_t len, uint64_t page_size,
+                  int kind, uint64_t src, uint64_t src_len, uint32_t ra_min, uint32_t ra_max);
+/* Forget region id (all its ranges; it may have moved or been split by
+ * UNMAP/REMAP events).  0 or -ENOENT. */
+int ua_engine_drop(struct ua_engine *e, int id);
+/* Number of regions and ranges in the table (tests). */
+int ua_engine_nranges(struct ua_engine *e);
+
+/* Handle the nbytes of uffd_msg at buf (a buffer of cap bytes): resolve the
+ * faults on native regions, update the table from REMOVE/UNMAP/REMAP, and
+ * move every message Python must see (in order) to the start of buf.
+ * While a batch was all native and max_reads/budget_ns allow, read(2) the
+ * (non-blocking) uffd into buf again and repeat; budget_ns > 0 also spins
+ * (sched_yield) on an empty uffd until the budget is spent.  Returns the
+ * number of messages left at buf for Python, or -EINVAL. */
+int ua_engine_run(struct ua_engine *e, uint64_t buf, uint32_t nbytes, uint32_t cap,
+                  int max_reads, int64_t budget_ns);
+void ua_engine_get_stats(struct ua_engine *e, struct ua_engine_stats *out);
+
+/* Pure pieces, exposed for tests: the window the region's read-ahead policy
+ * gives a fault at page index rel (updates the adaptive state), and whether
+ * page rel is marked resident (-ENOENT for an unknown id). */
+int ua_engine_window(struct ua_engine *e, int id, uint64_t rel);
+int ua_engine_resident(struct ua_engine *e, int id, uint64_t rel);
