@@ -128,15 +128,27 @@ async def test_shutdown_with_faults_in_flight_leaves_no_thread_hanging() -> None
 async def test_cancelled_scan_stops_its_threads() -> None:
     async with uffd_aio.Pager() as pager:
         region = pager.map(256 * PS)
+        tids: set[int | None] = set()
 
         @region.on_fault
         async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            tids.add(ev.thread_id)
             await asyncio.sleep(0.01)
             return pattern_handler(ev)
 
         job = asyncio.ensure_future(testing.scan(region.address, region.length))
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):
+            while not tids:
+                await asyncio.sleep(0.01)
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
-        await asyncio.sleep(0.1)  # the native thread finishes its current page and stops
+        (tid,) = tids  # the one native scan thread (THREAD_ID: its kernel tid)
+        assert tid is not None
+        # it finishes its current page and exits: 256 pages at >= 10 ms each would keep
+        # it faulting for seconds more had the stop request been ignored
+        async with asyncio.timeout(30):
+            while os.path.exists(f"/proc/self/task/{tid}"):
+                await asyncio.sleep(0.01)
+        assert pager.stats.faults < 256
+        assert pager.stats.inflight == 0
