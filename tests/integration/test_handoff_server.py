@@ -593,6 +593,9 @@ async def test_client_killed_mid_run_frees_its_state(workload: Path, sock_path: 
     released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
     assert released[0]["reason"] in ("process exited", "connection closed")
     assert released[0]["faults"] > 0
+    # a client that went away is no server error (issue 11 bug 7): no error-level lines
+    assert not [e for e in logs if e["log_level"] == "error"
+                and "RangeGone" in str(e.get("error"))]
 
 
 class FailingBackend:
