@@ -156,7 +156,7 @@ def parse_mappings(
     except HandoffError:
         raise
     except (ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as exc:
-        raise HandoffError(f"unparseable payload ({type(exc).__name__}: {str(exc):.200})"
+        raise HandoffError(f"unparseable payload ({type(exc).__name__}: {exc!s:.200})"
                            ) from None
 
 

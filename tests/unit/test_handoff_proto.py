@@ -194,8 +194,8 @@ def test_huge_integers_are_a_clear_error(digits: int) -> None:
     # Python refuses to convert more than 4300 decimal digits (a ValueError from json.loads)
     number = b"9" * digits
     bad(b'[{"base_host_virt_addr": ' + number + b', "size": 4096, "offset": 0, '
-        b'"page_size": 4096}]', "integer of %d digits" % digits)
-    bad(b"[" + number + b"]", "integer of %d digits" % digits)
+        b'"page_size": 4096}]', f"integer of {digits} digits")
+    bad(b"[" + number + b"]", f"integer of {digits} digits")
 
 
 @pytest.mark.parametrize("payload", [
