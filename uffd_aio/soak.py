@@ -241,9 +241,9 @@ class _Soak:
     # ---- clients --------------------------------------------------------------------
 
     def budget_left(self) -> bool:
-        a = self.args
-        if a.faults is not None:
-            return self.launched_pages < a.faults
+        faults: int | None = self.args.faults
+        if faults is not None:
+            return self.launched_pages < faults
         return time.monotonic() < self.deadline
 
     async def client_slot(self, sock: str, slot: int) -> None:
