@@ -6,7 +6,9 @@ Per client:
 1. :func:`uffd_aio.handoff.receive` reads the one handoff message (the uffd
    + the mapping JSON), checks the peer's uid against ``allow_uids`` first;
    bad input is logged (``uffd_aio.handoff_invalid``) and the connection
-   closed, other clients never notice.
+   closed, other clients never notice.  Until then the connection waits in a
+   bounded pending queue (``max_pending``, the oldest dropped when full), not
+   in one of the ``max_clients`` slots: idle connections cannot lock clients out.
 2. The uffd goes to a :class:`~uffd_aio.pager.Pager` of its own (all pagers
    share one io_uring :class:`~uffd_aio.ring.Ring`); each mapping becomes a
    region (:meth:`Pager.adopt`) served from the backend through
@@ -676,7 +678,7 @@ def start_metrics(server: HandoffServer, port: int, addr: str = "127.0.0.1") -> 
                                     value=len(clients))
             for name, help_ in (("connections", "connections accepted"),
                                 ("served", "handoffs adopted"),
-                                ("rejected", "peers refused (allow-uid, client limit)"),
+                                ("rejected", "peers refused (allow-uid, client limit, full queue)"),
                                 ("invalid", "bad handoff messages"),
                                 ("failed", "handoffs that could not be set up"),
                                 ("closed", "clients released")):
