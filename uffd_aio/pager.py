@@ -1287,6 +1287,13 @@ class Pager:
 
     def _fail(self, inf: _Inflight, exc: BaseException) -> None:
         """A handler failed: log, apply the error policy so no thread hangs."""
+        if isinstance(exc, RangeGone):  # the process exited or dropped the range: no error
+            self._log.info("uffd_aio.handler_range_gone", fault=repr(inf.fault) if inf.fault
+                           else hex(inf.page), error=str(exc))
+            if not inf.resolved:
+                self._apply_policy(inf.ctx, inf.msg, inf.page, inf.page_size)
+            self._finish(inf)
+            return
         self._counters.errors += 1
         self._log.error("uffd_aio.handler_failed", fault=repr(inf.fault) if inf.fault else
                         hex(inf.page), policy=self._on_error,

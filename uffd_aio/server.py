@@ -6,7 +6,9 @@ Per client:
 1. :func:`uffd_aio.handoff.receive` reads the one handoff message (the uffd
    + the mapping JSON), checks the peer's uid against ``allow_uids`` first;
    bad input is logged (``uffd_aio.handoff_invalid``) and the connection
-   closed, other clients never notice.
+   closed, other clients never notice.  Until then the connection waits in a
+   bounded pending queue (``max_pending``, the oldest dropped when full), not
+   in one of the ``max_clients`` slots: idle connections cannot lock clients out.
 2. The uffd goes to a :class:`~uffd_aio.pager.Pager` of its own (all pagers
    share one io_uring :class:`~uffd_aio.ring.Ring`); each mapping becomes a
    region (:meth:`Pager.adopt`) served from the backend through
@@ -32,6 +34,7 @@ import contextlib
 import errno
 import itertools
 import os
+import select
 import signal
 import socket
 import stat
@@ -118,6 +121,8 @@ class ServerStats:
     faults: int = 0
     resolved_bytes: int = 0
     errors: int = 0
+    #: bytes read from clients after their handoff (the protocol expects none)
+    extra_bytes: int = 0
 
 
 class _Client:
@@ -126,6 +131,7 @@ class _Client:
         self.sock = sock
         self.log = log
         self.pid = self.uid = -1
+        self.task: asyncio.Task[None] | None = None
         self.handoff: Handoff | None = None
         self.pager: Pager | None = None
         self.attachments: list[Any] = []
@@ -141,6 +147,18 @@ class _Client:
         return ClientInfo(self.id, self.pid, self.uid, len(h.mappings) if h else 0,
                           h.total if h else 0, st.faults if st else 0,
                           st.resolved_bytes if st else 0, self.removes, self.since)
+
+
+async def _hangup(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until the peer of socket ``fd`` closes (or shuts down writing) without reading:
+    an epoll instance watching only EPOLLRDHUP (EPOLLHUP/EPOLLERR are implied) becomes
+    readable then, however much unread data sits in the socket."""
+    ep = select.epoll(1)
+    try:
+        ep.register(fd, select.EPOLLRDHUP)
+        await _readable(loop, ep.fileno())
+    finally:
+        ep.close()
 
 
 def _load_attach() -> Callable[..., Any] | None:
@@ -172,6 +190,7 @@ class HandoffServer:
         max_total: int = DEFAULT_MAX_TOTAL,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_clients: int = 1024,
+        max_pending: int = 128,
         remove: RemovePolicy = "refetch",
         keep_after_eof: bool = False,
         on_error: ErrorPolicy = "poison",
@@ -194,7 +213,10 @@ class HandoffServer:
         self.max_mappings = max_mappings
         self.max_total = max_total
         self.max_payload = max_payload
+        if max_clients < 1 or max_pending < 1:
+            raise ValueError("max_clients and max_pending must be at least 1")
         self.max_clients = max_clients
+        self.max_pending = max_pending
         self.remove = remove
         self.keep_after_eof = keep_after_eof
         self.on_error = on_error
@@ -209,7 +231,8 @@ class HandoffServer:
 
             self._replay = read_trace(replay)
         self.stats = ServerStats()
-        self._clients: dict[int, _Client] = {}
+        self._clients: dict[int, _Client] = {}  # handed off: each holds a client slot
+        self._pending: dict[int, _Client] = {}  # connected, no handoff yet (oldest first)
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._lsock: socket.socket | None = None
@@ -308,6 +331,11 @@ class HandoffServer:
     def clients(self) -> list[ClientInfo]:
         return [c.info() for c in list(self._clients.values()) if c.pager is not None]
 
+    @property
+    def pending(self) -> int:
+        """Connections that have not completed their handoff yet."""
+        return len(self._pending)
+
     async def wait_clients(self, n: int, *, timeout: float = 10.0) -> None:
         """Wait until exactly ``n`` clients are being served (for tests)."""
         async with asyncio.timeout(timeout):
@@ -331,62 +359,117 @@ class HandoffServer:
                 await asyncio.sleep(0.1)
                 continue
             self.stats.connections += 1
-            if len(self._clients) >= self.max_clients:
-                self._log.error("uffd_aio.too_many_clients", limit=self.max_clients)
-                self.stats.rejected += 1
-                conn.close()
-                continue
-            task = loop.create_task(self._serve_client(conn))
+            if len(self._pending) >= self.max_pending:
+                self._evict_oldest_pending()
+            cid = next(self._ids)
+            client = _Client(cid, conn, self._log.bind(client=cid))
+            self._pending[cid] = client
+            task = loop.create_task(self._serve_client(client))
+            client.task = task
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
+            # let the new task read a handoff that is already there before the next accept:
+            # a burst of real clients then never evicts one whose message is waiting
+            await asyncio.sleep(0)
+
+    def _evict_oldest_pending(self) -> None:
+        """The pending queue is full: drop the connection that has waited longest.
+
+        Idle connections must not lock real clients out (a real VMM sends its handoff
+        right after connecting, so it is never the oldest for long)."""
+        cid, oldest = next(iter(self._pending.items()))
+        del self._pending[cid]
+        self.stats.rejected += 1
+        oldest.log.warning(
+            "uffd_aio.handoff_rejected",
+            error=f"peer pid {oldest.pid} had not completed its handoff after "
+                  f"{time.monotonic() - oldest.since:.3f} s when {self.max_pending} "
+                  "connections were pending (max_pending): dropped the oldest")
+        if oldest.task is not None:
+            oldest.task.cancel()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # never: _serve_client
+            self._log.error("uffd_aio.client_task_failed",  # catches everything
+                            error=repr(task.exception()), exc_info=task.exception())
 
     # ---- one client ----------------------------------------------------------------
 
-    async def _serve_client(self, sock: socket.socket) -> None:
-        cid = next(self._ids)
-        client = _Client(cid, sock, self._log.bind(client=cid))
-        self._clients[cid] = client
+    async def _serve_client(self, client: _Client) -> None:
+        """One connection, start to end: every way it can end is logged and counted."""
         try:
-            try:
-                client.pid, client.uid, _ = peer_credentials(sock)
-            except OSError as exc:
-                client.log.error("uffd_aio.handoff_invalid", error=f"SO_PEERCRED: {exc}")
-                self.stats.invalid += 1
-                return
-            client.log = client.log.bind(peer_pid=client.pid, peer_uid=client.uid)
-            client.log.info("uffd_aio.client_connected")
-            try:
-                h = await receive(sock, timeout=self.handoff_timeout,
-                                  max_payload=self.max_payload, max_mappings=self.max_mappings,
-                                  max_total=self.max_total, allow_uids=self.allow_uids)
-            except HandoffRejected as exc:
-                self.stats.rejected += 1
-                client.log.error("uffd_aio.handoff_rejected", error=str(exc))
-                return
-            except HandoffError as exc:
-                self.stats.invalid += 1
-                client.log.error("uffd_aio.handoff_invalid", error=str(exc))
-                return
-            except OSError as exc:
-                self.stats.invalid += 1
-                client.log.error("uffd_aio.handoff_invalid", error=f"{type(exc).__name__}: {exc}")
-                return
-            client.handoff = h
-            try:
-                self._adopt(client, h)
-            except Exception as exc:
-                self.stats.failed += 1
-                client.log.error("uffd_aio.client_setup_failed",
-                                 error=f"{type(exc).__name__}: {exc}")
-                return
-            self.stats.served += 1
-            self._changed.set()
-            client.log.info("uffd_aio.client_served", mappings=len(h.mappings), bytes=h.total,
-                            regions=[f"{m.base_host_virt_addr:#x}+{m.size:#x}@{m.offset:#x}"
-                                     for m in h.mappings[:8]])
-            client.stop_reason = await self._wait_gone(client)
+            await self._serve_client_inner(client)
+        except Exception as exc:  # a bug of ours: this client only, never the server
+            self.stats.failed += 1
+            client.log.error("uffd_aio.client_task_failed",
+                             error=f"{type(exc).__name__}: {exc}", exc_info=exc)
         finally:
-            await self._release(client)
+            self._pending.pop(client.id, None)
+            try:
+                await self._release(client)
+            except Exception as exc:
+                client.log.error("uffd_aio.client_release_failed",
+                                 error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+    async def _serve_client_inner(self, client: _Client) -> None:
+        sock = client.sock
+        try:
+            client.pid, client.uid, _ = peer_credentials(sock)
+        except OSError as exc:
+            client.log.error("uffd_aio.handoff_invalid", error=f"SO_PEERCRED: {exc}")
+            self.stats.invalid += 1
+            return
+        client.log = client.log.bind(peer_pid=client.pid, peer_uid=client.uid)
+        client.log.info("uffd_aio.client_connected")
+        try:
+            h = await receive(sock, timeout=self.handoff_timeout,
+                              max_payload=self.max_payload, max_mappings=self.max_mappings,
+                              max_total=self.max_total, allow_uids=self.allow_uids)
+        except HandoffRejected as exc:
+            self.stats.rejected += 1
+            client.log.error("uffd_aio.handoff_rejected", error=str(exc))
+            return
+        except HandoffError as exc:
+            self.stats.invalid += 1
+            client.log.error("uffd_aio.handoff_invalid", error=str(exc))
+            return
+        except OSError as exc:
+            self.stats.invalid += 1
+            client.log.error("uffd_aio.handoff_invalid", error=f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # receive() has a bug: still this client's bad luck only
+            self.stats.invalid += 1
+            client.log.error("uffd_aio.handoff_invalid",
+                             error=f"unexpected {type(exc).__name__}: {exc}", exc_info=exc)
+            return
+        # no await from here to the client slot: an eviction cannot hit a served client
+        if self._pending.pop(client.id, None) is None:
+            h.close()  # evicted while receive() returned
+            return
+        if len(self._clients) >= self.max_clients:
+            h.close()
+            self.stats.rejected += 1
+            client.log.error("uffd_aio.too_many_clients", limit=self.max_clients,
+                             error=f"peer pid {client.pid} uid {client.uid} handed off "
+                                   f"while {self.max_clients} clients were being served "
+                                   "(max_clients): connection closed")
+            return
+        self._clients[client.id] = client
+        client.handoff = h
+        try:
+            self._adopt(client, h)
+        except Exception as exc:
+            self.stats.failed += 1
+            client.log.error("uffd_aio.client_setup_failed",
+                             error=f"{type(exc).__name__}: {exc}")
+            return
+        self.stats.served += 1
+        self._changed.set()
+        client.log.info("uffd_aio.client_served", mappings=len(h.mappings), bytes=h.total,
+                        regions=[f"{m.base_host_virt_addr:#x}+{m.size:#x}@{m.offset:#x}"
+                                 for m in h.mappings[:8]])
+        client.stop_reason = await self._wait_gone(client)
 
     def _adopt(self, client: _Client, h: Handoff) -> None:
         uffd = Userfaultfd.from_fd(h.uffd_fd)
@@ -459,15 +542,17 @@ class HandoffServer:
                 client.log.warning("uffd_aio.no_pidfd", error=str(exc))
             if pidfd >= 0:
                 waits[asyncio.ensure_future(_readable(loop, pidfd))] = "process exited"
-            waits[asyncio.ensure_future(self._wait_eof(client))] = "connection closed"
+            waits[asyncio.ensure_future(self._wait_eof(client, pidfd >= 0))] = \
+                "connection closed"
             assert client.pager is not None
             waits[asyncio.ensure_future(client.pager.wait_closed())] = "pager closed"
             while True:
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for fut in done:
                     reason = waits.pop(fut)
-                    if not fut.cancelled():
-                        fut.exception()  # retrieved: a PagerFailed is logged on release
+                    if not fut.cancelled() and fut.exception() is None:
+                        # (an exception is retrieved: a PagerFailed is logged on release)
+                        reason = fut.result() or reason
                     if reason == "connection closed" and self.keep_after_eof and pidfd >= 0:
                         client.log.info("uffd_aio.client_eof_kept")
                         continue
@@ -481,10 +566,18 @@ class HandoffServer:
             if pidfd >= 0:
                 os.close(pidfd)
 
-    async def _wait_eof(self, client: _Client) -> None:
+    async def _wait_eof(self, client: _Client, watching_pid: bool) -> str | None:
+        """Wait for the peer to close the connection.
+
+        Nothing is expected after the handoff.  Data that arrives anyway is a protocol
+        violation: it is read once (at most 4 KiB), logged, and the connection is never
+        read again, so a client that keeps sending only fills its own socket buffer and
+        then blocks, instead of making the loop read and discard its bytes at the
+        expense of every other client.  From then on a hang-up is still noticed (an
+        epoll of EPOLLRDHUP, which needs no read); without a pidfd the client is
+        released instead (returns the reason)."""
         loop = asyncio.get_running_loop()
         sock = client.sock
-        warned = False
         while True:
             try:
                 data = sock.recv(4096)
@@ -492,13 +585,17 @@ class HandoffServer:
                 await _readable(loop, sock.fileno())
                 continue
             except OSError:
-                return
+                return None
             if not data:
-                return
-            if not warned:
-                warned = True
-                client.log.warning("uffd_aio.client_extra_data", bytes=len(data),
-                                   hint="nothing is expected after the handoff; ignored")
+                return None
+            self.stats.extra_bytes += len(data)
+            client.log.warning("uffd_aio.client_extra_data", bytes=len(data),
+                               hint="nothing is expected after the handoff: this connection "
+                                    "is not read any more")
+            if not watching_pid:
+                return "sent data after the handoff"
+            await _hangup(loop, sock.fileno())
+            return None
 
     async def _release(self, client: _Client) -> None:
         try:
@@ -581,7 +678,7 @@ def start_metrics(server: HandoffServer, port: int, addr: str = "127.0.0.1") -> 
                                     value=len(clients))
             for name, help_ in (("connections", "connections accepted"),
                                 ("served", "handoffs adopted"),
-                                ("rejected", "peers refused (allow-uid, client limit)"),
+                                ("rejected", "peers refused (allow-uid, client limit, full queue)"),
                                 ("invalid", "bad handoff messages"),
                                 ("failed", "handoffs that could not be set up"),
                                 ("closed", "clients released")):
@@ -651,7 +748,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"mappings per client ({DEFAULT_MAX_MAPPINGS})")
     parser.add_argument("--max-total", type=parse_size, default=DEFAULT_MAX_TOTAL,
                         metavar="BYTES", help="memory per client (1T)")
-    parser.add_argument("--max-clients", type=int, default=1024)
+    parser.add_argument("--max-clients", type=int, default=1024,
+                        help="clients served at once (1024); only completed handoffs count")
+    parser.add_argument("--max-pending", type=int, default=128,
+                        help="connections that have not completed their handoff yet (128); "
+                             "when full, the one waiting longest is dropped")
     parser.add_argument("--handoff-timeout", type=float, default=5.0, metavar="S",
                         help="seconds a client has to send its handoff (5)")
     parser.add_argument("--on-error", choices=["poison", "zero"], default="poison",
@@ -680,7 +781,8 @@ async def _serve(args: argparse.Namespace) -> int:
         server = HandoffServer(args.socket, backend, allow_uids=args.allow_uid,
                                handoff_timeout=args.handoff_timeout,
                                max_mappings=args.max_mappings, max_total=args.max_total,
-                               max_clients=args.max_clients, remove=args.remove,
+                               max_clients=args.max_clients, max_pending=args.max_pending,
+                               remove=args.remove,
                                keep_after_eof=args.keep_after_eof, on_error=args.on_error,
                                attach_options=attach_options, close_backend=True,
                                record=args.record, replay=args.replay)
