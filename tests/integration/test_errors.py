@@ -9,6 +9,7 @@ import signal
 import pytest
 
 import uffd_aio
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.ring import _lowlevel as ll
 
@@ -40,7 +41,7 @@ async def test_raise_policy_poisons_and_stops_the_pager() -> None:
 
             status = await child(region.address, region.length, op="read")
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
-            await asyncio.wait_for(pager.wait_closed(), 5)
+            await asyncio.wait_for(pager.wait_closed(), limit(5))
     assert isinstance(ei.value.__cause__, KeyError)
 
 
@@ -115,10 +116,10 @@ async def test_shutdown_with_faults_in_flight_leaves_no_thread_hanging() -> None
                 return b""
 
             job = asyncio.ensure_future(scan(mem, PS, timeout=30))
-            await asyncio.wait_for(started.wait(), 10)
+            await asyncio.wait_for(started.wait(), limit(10))
             assert pager.stats.inflight == 1
         # the handler was cancelled at close and the policy resolved the fault
-        r = await asyncio.wait_for(job, 10)
+        r = await asyncio.wait_for(job, limit(10))
         assert r.pages == 1
         assert pager.stats.errors == 1
     finally:
@@ -143,7 +144,7 @@ async def test_cancelled_scan_stops_its_threads() -> None:
             return pattern_handler(ev)
 
         job = asyncio.ensure_future(testing.scan(region.address, region.length))
-        await asyncio.wait_for(faulting.wait(), 30)
+        await asyncio.wait_for(faulting.wait(), limit(30))
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
@@ -151,7 +152,7 @@ async def test_cancelled_scan_stops_its_threads() -> None:
         assert tid is not None
         # it finishes its current page and exits: 256 pages at >= 10 ms each would keep
         # it faulting for seconds more had the stop request been ignored
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(limit(30)):
             while True:
                 if not _thread_alive(tid):
                     break

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import attrs
 import pytest
 
+from tests.limits import limit
 from uffd_aio.handoff import HandoffError, HandoffRejected, receive
 from uffd_aio.uffd import Userfaultfd
 
@@ -63,7 +64,7 @@ async def test_payload_split_over_several_sends(pair: tuple[socket.socket, socke
     try:
         socket.send_fds(client, [GOOD[:20]], [uffd.fd])
         task = asyncio.ensure_future(receive(server, timeout=10))
-        async with asyncio.timeout(10):  # receive() has read the first part...
+        async with asyncio.timeout(limit(10)):  # receive() has read the first part...
             while True:
                 if unread(server) == 0 or task.done():
                     break

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from tests import limits
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.handlers.base import Buffer
 from uffd_aio.handlers.file import FileBackend
@@ -35,10 +37,12 @@ from uffd_aio.uffd import Userfaultfd, available_features
 # alarm (--timeout, its whole run) fires first and it exits with status 2 saying which stage
 # hung; Children.finish waits longer than that, and on its own timeout kills the child and
 # fails with whatever it printed; pytest's timeout is last, above a few clients in sequence.
-CHILD_ALARM = 90  # s: the workload's --timeout (TCG with two guests on 2 cores needs ~60 s)
-CHILD_WAIT = CHILD_ALARM + 30  # s: Children.finish's default
-TEST_TIMEOUT = 3 * CHILD_WAIT + 60  # s: room for three clients in sequence and set-up
-assert CHILD_ALARM < CHILD_WAIT < TEST_TIMEOUT
+# All three are host seconds stretched by the machine's measured speed factor (the VM lane,
+# tests/limits.py): conftest.py scales TEST_TIMEOUT the same way.
+CHILD_ALARM = round(limit(25))  # s: the workload's --timeout (a run takes ~1-3 s on the host)
+CHILD_WAIT = CHILD_ALARM + limit(5)  # s: Children.finish's default
+TEST_TIMEOUT = 120  # host s: three clients in sequence (3 x 30 s) and set-up
+assert CHILD_ALARM < CHILD_WAIT < limits.timeout(TEST_TIMEOUT)
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +102,7 @@ class Children:
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
-            async with asyncio.timeout(10):  # the pipes close when it dies
+            async with asyncio.timeout(limit(10)):  # the pipes close when it dies
                 out, err = await comm
             pytest.fail(f"child {p.pid} did not finish within {timeout} s (killed)\n"
                         f"--- stdout ---\n{out.decode(errors='replace')}\n"
@@ -112,7 +116,7 @@ class Children:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(p.wait(), 5)
+                    await asyncio.wait_for(p.wait(), limit(5))
 
 
 @contextlib.asynccontextmanager
@@ -134,7 +138,7 @@ async def serving(sock_path: str, backend: Any, **kw: Any) -> AsyncIterator[Hand
 def workload_args(workload: Path, sock_path: str, pages: int, threads: int = 4,
                   regions: int = 2, *extra: Any) -> list[Any]:
     # --timeout is the workload's alarm for its whole run (a hung fault fails it, with its
-    # output): 25 s was too short under TCG with two guests sharing 2 cores; see CHILD_ALARM
+    # output); see CHILD_ALARM
     return [workload, "--socket", sock_path, "--pages", pages, "--threads", threads,
             "--regions", regions, "--timeout", CHILD_ALARM, "--connect-timeout", 5, *extra]
 
@@ -327,7 +331,7 @@ def bad_client(sock_path: str, name: str) -> Iterator[socket.socket]:
 async def closed_by_server(s: socket.socket, timeout: float = 5) -> bool:
     s.setblocking(False)
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit(timeout)):
         while True:
             try:
                 data = await loop.sock_recv(s, 100)
@@ -392,7 +396,7 @@ async def test_allow_uid_rejects_other_peers(sock_path: str) -> None:
 
 async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
     """Poll ``condition`` (server counters have no event to wait on)."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit(timeout)):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
@@ -524,7 +528,7 @@ async def test_a_flooding_client_does_not_starve_the_others(
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
                 kids.procs.append(flooder)
                 assert flooder.stdout is not None and flooder.stdin is not None
-                async with asyncio.timeout(30):
+                async with asyncio.timeout(limit(30)):
                     while (line := await flooder.stdout.readline()) != b"sent\n":
                         assert line, "the flooder exited before sending"
                 await server.wait_clients(1)
@@ -676,7 +680,7 @@ async def test_keep_after_eof_releases_on_process_exit(sock_path: str) -> None:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             kids.procs.append(p)
             assert p.stdout is not None and p.stdin is not None
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(limit(20)):
                 while (line := await p.stdout.readline()) != b"sent\n":  # structlog prints too
                     assert line, "the child exited before sending"
             await server.wait_clients(1)
@@ -731,7 +735,7 @@ async def test_uffd_aio_serve_command(workload: Path, snapshot: Path, sock_path:
                                   "serve", "--socket", sock_path, "--backend",
                                   f"file:{snapshot}", "--readahead", "adaptive",
                                   "--allow-uid", os.getuid(), "--loop", "asyncio")
-        async with asyncio.timeout(60):  # start-up is slow under TCG (the VM lane)
+        async with asyncio.timeout(limit(60)):  # start-up is slow under TCG (the VM lane)
             while not _exists(sock_path):
                 assert server.returncode is None, "uffd-aio serve exited at start-up"
                 await asyncio.sleep(0.05)

@@ -287,7 +287,7 @@ async def test_uffd_level_ops_wake_move_dontwake() -> None:
         job = asyncio.ensure_future(scan(region.address + 2 * PS, PS, op="verify",
                                          offset=2 * PS))
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(limit(30)):
                 await waiting.wait()
                 (tid,) = waiters
                 assert tid is not None
@@ -305,7 +305,7 @@ async def test_uffd_level_ops_wake_move_dontwake() -> None:
             assert not job.done()
             assert _thread_state(tid) == ASLEEP_IN_FAULT
             uffd.wake(region.address + 2 * PS, PS)
-            r = await asyncio.wait_for(job, 30)
+            r = await asyncio.wait_for(job, limit(30))
             assert r.mismatches == 0  # and it read the copied page
         finally:
             release.set()
