@@ -684,6 +684,12 @@ class Pager:
             os.close(region.memfd)
             region.memfd = None
 
+    def fault_in_flight(self, address: int) -> bool:
+        """A fault on the page at ``address`` is being handled (read, not yet finished).
+
+        The dirty tracker's evictor leaves such pages alone (handlers/dirty.py)."""
+        return any(address in ctx.inflight for ctx in self._contexts)
+
     def on_event(self, fn: EventHandler) -> EventHandler:
         """Add a handler for Fork/Remap/Remove/Unmap events of any region (decorator)."""
         self._event_handlers.append(fn)
