@@ -78,6 +78,9 @@ class ScanResult:
     mismatches: int
     first_mismatch: int | None
     latencies_ns: list[int] | None
+    #: pages whose access raised SIGBUS (poisoned: the pager's error policy); they
+    #: count as mismatches too, and no longer kill the process
+    sigbus: int = 0
 
     @property
     def mib_per_s(self) -> float:
@@ -135,6 +138,7 @@ async def scan(
         mismatches=int(s.mismatches),
         first_mismatch=None if first < 0 else first,
         latencies_ns=[int(lat[i]) for i in range(npages)] if lat is not None else None,
+        sigbus=int(s.sigbus),
     )
 
 

@@ -75,3 +75,18 @@ async def test_close_poisons_faults_of_a_handler_that_ignores_cancellation() -> 
     finally:
         release.set()
         ll.munmap(own, 2 * PS)
+
+
+async def test_scan_threads_report_sigbus_instead_of_dying() -> None:
+    """testing.scan counts poisoned pages (a failing test's threads must not kill the run)."""
+    async with asyncio.timeout(30), uffd_aio.Pager(on_error="poison") as pager:
+        region = pager.map(4 * PS)
+
+        @region.on_fault
+        def boom(ev: uffd_aio.PageFault) -> bytes:
+            if ev.offset == PS:
+                raise RuntimeError("page 1 is bad")
+            return testing.pattern_bytes(ev.offset, PS)
+
+        r = await testing.scan(region.address, 4 * PS, op="verify")
+        assert r.sigbus == 1 and r.mismatches == 1 and r.first_mismatch == PS

@@ -34,6 +34,13 @@ faults back in: correct, just slower).  Each batch:
    the written-back content; a blocked writer is woken, faults the page back
    in as a write fault and dirties it again.
 
+The evictor never takes a page that a WP fault is unprotecting (*busy*) or
+that has any fault in flight, and a WP fault never unprotects a page that is
+being evicted or was evicted since (it waits, then only wakes the writer):
+an unprotect between steps 2 and 4 would let a write land after the
+write-back read the page, and be dropped with it (docs/backends.md, "Dirty
+tracking": the protocol).
+
 If a write-back fails, the dirty pages it could not store stay resident,
 dirty and write-protected (a later write just faults once more) and move to
 the hot end, so clean pages are evicted first; a round that can evict

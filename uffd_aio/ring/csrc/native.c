@@ -570,6 +570,10 @@ static uint64_t touch_page(struct ua_scan *s, uint64_t page)
 	}
 }
 
+static int catch_install(void);
+static void catch_remove(void);
+static int touch_page_catch(struct ua_scan *s, uint64_t page, uint64_t *sum);
+
 struct scan_thread {
 	struct ua_scan *s;
 	int index;
@@ -608,7 +612,13 @@ static void *scan_main(void *arg)
 		uint64_t page = perm ? perm[i] : first + i;
 		int64_t t0 = s->lat_ns ? now_ns() : 0;
 
-		t->sum += touch_page(s, page);
+		if (!s->catch_sigbus) {
+			t->sum += touch_page(s, page);
+		} else if (touch_page_catch(s, page, &t->sum)) {
+			__atomic_fetch_add(&s->sigbus, 1, __ATOMIC_RELAXED);
+			if (__atomic_fetch_add(&s->mismatches, 1, __ATOMIC_RELAXED) == 0)
+				s->first_mismatch = (int64_t)(s->offset + page * s->page_size);
+		}
 		if (s->lat_ns)
 			s->lat_ns[page] = (uint64_t)(now_ns() - t0);
 		__atomic_fetch_add(&s->progress, 1, __ATOMIC_RELAXED);
@@ -634,6 +644,13 @@ int ua_scan_run(struct ua_scan *s)
 		return -ENOMEM;
 	}
 	s->first_mismatch = -1;
+	s->catch_sigbus = 1;
+	ret = catch_install();
+	if (ret) {
+		free(tids);
+		free(ts);
+		return ret;
+	}
 	t0 = now_ns();
 	for (i = 0; i < s->nthreads; i++) {
 		ts[i].s = s;
@@ -649,6 +666,7 @@ int ua_scan_run(struct ua_scan *s)
 		s->checksum += ts[i].sum;
 	}
 	s->wall_ns = now_ns() - t0;
+	catch_remove();
 	free(tids);
 	free(ts);
 	return ret;
@@ -788,6 +806,21 @@ static __attribute__((noinline)) int copy_page_catch(uint64_t dst, uint64_t src,
 	}
 	catch_jmp = &jb;
 	memcpy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n);
+	catch_jmp = NULL;
+	return 0;
+}
+
+/* 1 if touching this page raised SIGBUS; no signal mask saved (SA_NODEFER: the
+ * handler leaves it unchanged), so the per-page cost stays a few instructions */
+static __attribute__((noinline)) int touch_page_catch(struct ua_scan *s, uint64_t page,
+						      uint64_t *sum)
+{
+	sigjmp_buf jb;
+
+	if (sigsetjmp(jb, 0))
+		return 1;
+	catch_jmp = &jb;
+	*sum += touch_page(s, page);
 	catch_jmp = NULL;
 	return 0;
 }

@@ -87,6 +87,10 @@ struct ua_scan {
     uint64_t checksum;
     int64_t wall_ns;
     volatile int stop;
+    /* ua_scan_run: a page whose access raises SIGBUS (poisoned) is counted here
+     * (and as a mismatch) instead of killing the process */
+    volatile int64_t sigbus;
+    int catch_sigbus;
 };
 int ua_scan_run(struct ua_scan *s);
 
