@@ -521,15 +521,11 @@ class Pager:
         except TimeoutError:
             self._log.warning("uffd_aio.close_timeout", inflight=self._running,
                               backlog=len(self._backlog))
-            for ctx in self._contexts:
-                for inf in list(ctx.inflight.values()):
-                    if inf.task is not None and not inf.task.done():
-                        inf.task.cancel()
-            while self._backlog:
-                inf = self._backlog.popleft()
-                self._fail(inf, PagerClosed("pager closed before the handler ran"))
-            await asyncio.sleep(0)
-            self._flush_pending()
+        # Whatever is still in flight gets the error policy now, and it is finished
+        # before anything below: unregistering a range or closing the uffd wakes its
+        # waiting threads, which then read the memory as if it had never been
+        # registered (zeros) instead of getting SIGBUS.
+        await self._abort_inflight()
         assert self._ring is not None
         # Unregister, then unmap our own mappings from a worker thread while the reads
         # are still armed: munmap of a range the kernel still counts as registered
@@ -539,6 +535,9 @@ class Pager:
             await asyncio.to_thread(lambda: [self._unmap(r) for r in owned])
         for ctx in self._contexts:
             self._stop_reading(ctx)
+        # faults read while the regions went away (their handlers were started in the
+        # meantime): the same treatment, still on an open uffd
+        await self._abort_inflight(grace=0.0)
         for ctx in self._contexts:
             ctx.uffd.close()
             if ctx.bufring is not None:
@@ -549,6 +548,39 @@ class Pager:
         self._closed.set()
         self._log.info("uffd_aio.pager_closed", faults=self._counters.faults,
                        errors=self._counters.errors)
+
+    async def _abort_inflight(self, grace: float = 1.0) -> None:
+        """Closing: cancel the running handlers and apply the error policy to every
+        fault still in flight, synchronously, while the uffds are still open.
+
+        The cancelled handlers get ``grace`` seconds to finish (their done-callbacks
+        apply the policy); faults still in flight after that (a handler that ignores
+        the cancellation, a resolution being retried on EAGAIN) get the policy
+        directly and are finished, so a late result is dropped.  Repeated a few
+        times: finishing a fault can start a deferred one.
+        """
+        for _ in range(4):
+            infs = [inf for ctx in self._contexts for inf in ctx.inflight.values()]
+            if not infs and not self._backlog:
+                return
+            while self._backlog:
+                inf = self._backlog.popleft()
+                if inf.ctx.inflight.get(inf.page) is inf:
+                    self._fail(inf, PagerClosed("pager closed before the handler ran"))
+            tasks = [inf.task for inf in infs if inf.task is not None and not inf.task.done()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                # a task's done-callback (_task_done: policy) runs before wait() returns
+                _, stuck = await asyncio.wait(tasks, timeout=grace) if grace > 0 else (
+                    None, tasks)
+                if stuck:
+                    await asyncio.sleep(0)  # let the cancellations be delivered
+            self._flush_pending()
+            for ctx in self._contexts:
+                for inf in list(ctx.inflight.values()):
+                    self._fail(inf, PagerClosed("pager closed while the fault was in flight"))
+            self._flush_pending()
 
     # ---- regions -----------------------------------------------------------
 
@@ -669,6 +701,12 @@ class Pager:
         if region.memfd is not None:
             os.close(region.memfd)
             region.memfd = None
+
+    def fault_in_flight(self, address: int) -> bool:
+        """A fault on the page at ``address`` is being handled (read, not yet finished).
+
+        The dirty tracker's evictor leaves such pages alone (handlers/dirty.py)."""
+        return any(address in ctx.inflight for ctx in self._contexts)
 
     def on_event(self, fn: EventHandler) -> EventHandler:
         """Add a handler for Fork/Remap/Remove/Unmap events of any region (decorator)."""
@@ -1013,6 +1051,12 @@ class Pager:
         if inf.timer is not None:
             inf.timer.cancel()
             inf.timer = None
+        if inf.ctx.inflight.get(inf.page) is not inf:
+            # already finished: closing applied the policy to it (_abort_inflight)
+            if not task.cancelled() and task.exception() is not None:
+                self._log.debug("uffd_aio.late_handler_error", page=hex(inf.page),
+                                error=repr(task.exception()))
+            return
         if task.cancelled():
             if inf.timed_out:
                 self._counters.timeouts += 1
@@ -1146,6 +1190,10 @@ class Pager:
                 self._execute(ctx, m, owners[id(m)])
 
     def _execute(self, ctx: _Context, op: Op, infs: list[_Inflight]) -> None:
+        if ctx.uffd.closed:  # a retry timer that outlived aclose(): nothing left to do
+            for inf in infs:
+                self._finish(inf)
+            return
         try:
             res = self._backend.execute(ctx.uffd, op)
         except MmChanging:
