@@ -26,12 +26,19 @@ import attrs
 import structlog
 
 from uffd_aio import events as ev_mod
-from uffd_aio.errors import BadHandlerResult, PagerClosed, ResolveError, UffdError
+from uffd_aio.errors import (
+    BadHandlerResult,
+    FeatureUnavailable,
+    MoveError,
+    PagerClosed,
+    ResolveError,
+    UffdError,
+)
 from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
 from uffd_aio.fault import PageFault
-from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode
+from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode, feature_names
 from uffd_aio.region import EventHandler, Region
-from uffd_aio.resolve import Backend, IoctlBackend, Kind, Op, covering, merge
+from uffd_aio.resolve import Backend, IoctlBackend, Kind, Moved, Op, covering, merge
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring._engine import Engine, EngineStats
@@ -1042,8 +1049,13 @@ class Pager:
             op = _default_op(inf)
         else:
             try:
-                op = self._copy_op(inf, result)
-            except BadHandlerResult as exc:
+                if type(result) is Moved:
+                    n = inf.page_size if result.length is None else result.length
+                    self._check_move(inf, inf.page, n, result)
+                    op = Op(Kind.MOVE, inf.page, n, result)
+                else:
+                    op = self._copy_op(inf, result)
+            except (BadHandlerResult, FeatureUnavailable) as exc:
                 self._fail(inf, exc)
                 return
         self._queue(inf, op)
@@ -1086,6 +1098,32 @@ class Pager:
         if x is None or start + length > x.end:
             raise BadHandlerResult(f"{what} {start:#x}+{length:#x} is outside "
                                    f"{inf.region!r}")
+
+    def _check_move(self, inf: _Inflight, dst: int, length: int, moved: Moved) -> None:
+        """What UFFDIO_MOVE needs that we can tell before asking the kernel."""
+        region = inf.region
+        if inf.msg.flags & (_WP | _MINOR):
+            raise BadHandlerResult(f"move for {inf.fault!r}: MOVE fills missing pages; this "
+                                   f"page is present (return None, or unprotect/continue)")
+        if region.remote or inf.ctx is not self._main:
+            raise BadHandlerResult(
+                f"move for {inf.fault!r}: UFFDIO_MOVE moves pages inside the address space "
+                f"that owns the uffd, and {region!r} is another process's memory (a handed-"
+                f"over uffd or a fork child): copy the data instead")
+        if not inf.ctx.uffd.has(Feature.MOVE):
+            raise FeatureUnavailable(["MOVE"], available=feature_names(inf.ctx.uffd.features),
+                                     what="ev.move / uffd_aio.Moved (Linux 6.8+)")
+        if region.memfd is not None or region.page_size != PAGE_SIZE:
+            raise BadHandlerResult(
+                f"move into {region!r}: UFFDIO_MOVE works only on private anonymous memory "
+                f"with base pages (not shmem or hugetlbfs): copy instead")
+        src = moved.src
+        if not isinstance(src, int) or src <= 0 or src % PAGE_SIZE:
+            raise BadHandlerResult(f"move source {src!r} must be a page-aligned address")
+        self._check_range(inf, dst, length, what="move")
+        if src < dst + length and dst < src + length:
+            raise BadHandlerResult(f"move source {src:#x}+{length:#x} overlaps the "
+                                   f"destination {dst:#x}")
 
     # ---- resolution -----------------------------------------------------------
 
@@ -1195,6 +1233,8 @@ class Pager:
             c.unprotects += 1
         elif kind is Kind.POISON:
             c.poisons += 1
+        elif kind is Kind.MOVE:
+            c.moves += 1
         else:
             c.wakes += 1
         for inf in infs:
@@ -1216,6 +1256,22 @@ class Pager:
 
     def _resolve_failed(self, ctx: _Context, op: Op, infs: list[_Inflight],
                         exc: ResolveError) -> None:
+        if op.kind is Kind.MOVE and isinstance(exc, MoveError) and (
+                exc.done or exc.errno == E.EEXIST):
+            # a handler's Moved: the faulting page (op.address) was moved, or is there
+            # already; what was not moved stays at the source
+            self._log.warning("uffd_aio.move_incomplete", address=hex(op.address),
+                              moved=exc.done, length=op.length, error=str(exc))
+            if not exc.done:  # EEXIST does not wake
+                try:
+                    ctx.uffd.wake(op.address, infs[0].page_size if infs else PAGE_SIZE)
+                except OSError:
+                    pass
+            self._counters.moves += bool(exc.done)
+            for inf in infs:
+                self._counters.resolved_pages += 1
+                self._finish(inf)
+            return
         self._log.error("uffd_aio.resolve_failed", op=op.kind.value, address=hex(op.address),
                         length=op.length, error=str(exc))
         if op.kind is Kind.POISON or not infs:
@@ -1279,6 +1335,8 @@ class Pager:
             c.unprotects += 1
         elif op.kind is Kind.POISON:
             c.poisons += 1
+        elif op.kind is Kind.MOVE:
+            c.moves += 1
         if op.address <= inf.page < op.end and not inf.resolved:
             inf.resolved = True
             c.resolved_pages += 1

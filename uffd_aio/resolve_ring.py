@@ -46,7 +46,7 @@ import structlog
 from uffd_aio import modes, wpos
 from uffd_aio.errors import FeatureUnavailable, ResolveError
 from uffd_aio.modes import Feature
-from uffd_aio.resolve import Kind, Op
+from uffd_aio.resolve import Kind, Op, execute_move
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring.ring import _FutureOp
 from uffd_aio.uffd import PAGE_SIZE, MmChanging, RangeGone, available_features
@@ -252,6 +252,8 @@ class PwriteBackend:
         self.pwrites = 0
 
     def execute(self, uffd: Userfaultfd, op: Op) -> int:
+        if op.kind is Kind.MOVE:  # no write op for MOVE: kernel_patches/README.md
+            return execute_move(uffd, op)
         wop = _KIND_OP[op.kind]
         if op.kind is Kind.COPY:
             src, keep = ll.buffer_address(op.data)
@@ -415,7 +417,8 @@ class RingWriteBackend:
 
     ``ring_writes`` counts the WRITE SQEs; ``pwrites`` the synchronous writes
     of :attr:`sync` (the pager's explicit resolutions and error policy, the rest
-    of a ring write that came back short); ``ioctls`` stays 0.
+    of a ring write that came back short); ``ioctls`` counts the UFFDIO_MOVEs,
+    which have no write op and go through the ioctl.
     """
 
     name = "ring"
@@ -452,7 +455,10 @@ class RingWriteBackend:
         self.ring.submit_rw(ll.OP_WRITE, wfd, addr, length, pos, cb)
         self.ring_writes += 1
 
-    def execute(self, uffd: Userfaultfd, op: Op) -> asyncio.Future[int]:
+    def execute(self, uffd: Userfaultfd, op: Op) -> int | asyncio.Future[int]:
+        if op.kind is Kind.MOVE:  # no write op for MOVE: the ioctl (kernel_patches/README.md)
+            self.ioctls += 1
+            return execute_move(uffd, op)
         wop = _KIND_OP[op.kind]
         wfd = uffd.writer_fd
         if wfd is None:
