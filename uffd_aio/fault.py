@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from uffd_aio.resolve import Kind, Moved, Op
+from uffd_aio.resolve import Kind, Moved, Op, zero_source
+from uffd_aio.uffd import PAGE_SIZE
 
 if TYPE_CHECKING:
     from uffd_aio.pager import _Inflight
@@ -94,7 +95,9 @@ class PageFault:
         """Map zero pages from this fault's page on (``length`` bytes, default one page)."""
         n = self.page_size if length is None else length
         self._inf.pager._check_range(self._inf, self.page, n, what="zero")
-        return await self._run(Op(Kind.ZERO, self.page, n))
+        # hugetlbfs has no zero page: a copy from a zero buffer
+        data = None if self.page_size == PAGE_SIZE else zero_source(n)
+        return await self._run(Op(Kind.ZERO, self.page, n, data))
 
     async def continue_(self, length: int | None = None, *, wp: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages that are already there (MINOR faults)."""

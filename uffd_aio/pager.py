@@ -26,6 +26,7 @@ import attrs
 import structlog
 
 from uffd_aio import events as ev_mod
+from uffd_aio import hugepages
 from uffd_aio.errors import (
     BadHandlerResult,
     FeatureUnavailable,
@@ -38,7 +39,16 @@ from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
 from uffd_aio.fault import PageFault
 from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode, feature_names
 from uffd_aio.region import EventHandler, Region
-from uffd_aio.resolve import Backend, IoctlBackend, Kind, Moved, Op, covering, merge
+from uffd_aio.resolve import (
+    Backend,
+    IoctlBackend,
+    Kind,
+    Moved,
+    Op,
+    covering,
+    merge,
+    zero_source,
+)
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring._engine import Engine, EngineStats
@@ -274,7 +284,19 @@ def _default_op(inf: _Inflight) -> Op:
         return Op(Kind.UNPROTECT, inf.page, inf.page_size)
     if msg.is_minor:
         return Op(Kind.CONTINUE, inf.page, inf.page_size)
-    return Op(Kind.ZERO, inf.page, inf.page_size)
+    return zero_op(inf.page, inf.page_size, inf.page_size)
+
+
+def zero_op(address: int, length: int, page_size: int) -> Op:
+    """Zero pages; on hugetlbfs (no UFFDIO_ZEROPAGE there) a copy from a zero buffer."""
+    if page_size == PAGE_SIZE:
+        return Op(Kind.ZERO, address, length)
+    return Op(Kind.ZERO, address, length, zero_source(length))
+
+
+def _page_size_at(ctx: _Context, address: int) -> int:
+    x = ctx.lookup(address)
+    return PAGE_SIZE if x is None else x.region.page_size
 
 
 class Pager:
@@ -567,27 +589,44 @@ class Pager:
         return self._main
 
     def map(self, length: int, *, mode: Mode | int = Mode.MISSING, shared: bool = False,
-            name: str | None = None) -> Region:
+            page_size: int | None = None, name: str | None = None) -> Region:
         """mmap ``length`` bytes (anonymous private, or shmem with ``shared``) and register it.
 
         MINOR mode needs shared memory: the region then has ``memfd`` and an
         unregistered ``alias`` mapping through which the page cache is filled.
+        ``page_size``: a huge page size (``2 << 20``) maps hugetlbfs memory
+        (``MAP_HUGETLB``; shared: a ``MFD_HUGETLB`` memfd) from the reserved pool
+        (``/proc/sys/vm/nr_hugepages``; :class:`~uffd_aio.hugepages.HugePagesUnavailable`
+        when it is short); every fault is then resolved in whole huge pages.
         """
         ctx = self._check_open()
         mode = Mode(mode)
-        length = _round_up(length, PAGE_SIZE)
+        ps = page_size or PAGE_SIZE
+        hugepages.check_size(ps)
+        length = _round_up(length, ps)
         if mode & Mode.MINOR:
             shared = True
         memfd = alias = None
-        if shared:
-            memfd = os.memfd_create(f"uffd_aio:{name or 'region'}", os.MFD_CLOEXEC)
-            os.ftruncate(memfd, length)
-            addr = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
-            if mode & Mode.MINOR:
-                alias = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
-        else:
-            addr = ll.mmap(length)
-        region = Region(self, addr, length, mode, PAGE_SIZE,
+        try:
+            if shared:
+                memfd = os.memfd_create(f"uffd_aio:{name or 'region'}",
+                                        os.MFD_CLOEXEC | hugepages.memfd_flags(ps))
+                os.ftruncate(memfd, length)
+                addr = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
+                if mode & Mode.MINOR:
+                    alias = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
+            elif ps != PAGE_SIZE:  # reserved up front (no MAP_NORESERVE): ENOMEM now, not
+                addr = ll.mmap(length, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS  # SIGBUS later
+                               | hugepages.map_flags(ps))
+            else:
+                addr = ll.mmap(length)
+        except OSError as exc:
+            if memfd is not None:
+                os.close(memfd)
+            if ps != PAGE_SIZE:
+                raise hugepages.unavailable(ps, length, exc) from exc
+            raise
+        region = Region(self, addr, length, mode, ps,
                         name or f"region{len(self._regions)}", owned=True, memfd=memfd,
                         alias=alias)
         try:
@@ -600,9 +639,18 @@ class Pager:
 
     def register(self, address: int, length: int, *, mode: Mode | int = Mode.MISSING,
                  page_size: int | None = None, name: str | None = None) -> Region:
-        """Register memory the caller mapped (it stays the caller's to unmap)."""
+        """Register memory the caller mapped (it stays the caller's to unmap).
+
+        ``page_size`` (default: what the kernel uses there, from
+        ``/proc/self/smaps``) must be the memory's real page size: hugetlbfs
+        memory (``MAP_HUGETLB``, a hugetlbfs memfd) has 2 MiB (or 1 GiB) pages,
+        and a mismatch raises :class:`~uffd_aio.hugepages.PageSizeMismatch`.
+        """
         ctx = self._check_open()
-        ps = page_size or PAGE_SIZE
+        if page_size is not None:
+            hugepages.check_size(page_size)
+        real = hugepages.check_range(address, length, page_size or 0, what="register")
+        ps = page_size or real or PAGE_SIZE
         if address % ps or length % ps or length <= 0:
             raise ValueError(f"address {address:#x} and length {length:#x} must be multiples "
                              f"of the page size {ps:#x}")
@@ -686,6 +734,7 @@ class Pager:
 
     def _add_context(self, uffd: Userfaultfd, label: str) -> _Context:
         ctx = _Context(self, uffd, label)
+        uffd.page_size_of = functools.partial(_page_size_at, ctx)  # hugetlbfs EEXIST skips
         self._contexts.append(ctx)
         ring = self.ring
         choice = self._read_mode_choice
@@ -1371,9 +1420,9 @@ class Pager:
         elif msg.is_minor:
             ops = [Op(Kind.POISON, page, size), Op(Kind.CONTINUE, page, size)]
         elif self._on_error == "zero":
-            ops = [Op(Kind.ZERO, page, size)]
+            ops = [zero_op(page, size, size)]
         else:
-            ops = [Op(Kind.POISON, page, size), Op(Kind.ZERO, page, size)]
+            ops = [Op(Kind.POISON, page, size), zero_op(page, size, size)]
         if msg.is_wp and self._on_error != "zero":
             ops.insert(0, Op(Kind.POISON, page, size))
         backend = getattr(self._backend, "sync", self._backend)  # synchronous resolutions

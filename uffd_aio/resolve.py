@@ -61,7 +61,9 @@ class Moved:
 class Op:
     """One resolution: ``length`` bytes at ``address``.
 
-    ``data``: the buffer for COPY; the :class:`Moved` (its ``src``) for MOVE.
+    ``data``: the buffer for COPY; the :class:`Moved` (its ``src``) for MOVE; for
+    ZERO on hugetlbfs, which has no UFFDIO_ZEROPAGE, a zero buffer to copy from
+    (:func:`zero_source`).
     """
 
     kind: Kind
@@ -86,7 +88,8 @@ def merge(ops: Iterable[Op]) -> list[Op]:
         if out:
             last = out[-1]
             if (last.kind is op.kind and last.wp == op.wp and op.address <= last.end
-                    and op.kind is not Kind.MOVE):
+                    and op.kind is not Kind.MOVE
+                    and (op.kind is not Kind.ZERO or op.data is None is last.data)):
                 if op.end <= last.end:
                     continue  # fully covered
                 if op.kind is Kind.COPY:
@@ -127,6 +130,11 @@ class IoctlBackend:
             del keep
             return n
         if kind is Kind.ZERO:
+            if op.data is not None:  # hugetlbfs: no zero page, copy zeros
+                src, keep = ll.buffer_address(op.data)
+                n = uffd.copy(op.address, src, op.length)
+                del keep
+                return n
             return uffd.zeropage(op.address, op.length)
         if kind is Kind.CONTINUE:
             return uffd.continue_(op.address, op.length, wp=op.wp)
@@ -147,6 +155,22 @@ def execute_move(uffd: Userfaultfd, op: Op) -> int:
     when the address space changed meanwhile)."""
     moved: Moved = op.data
     return uffd.move(op.address, moved.src, op.length, allow_src_holes=moved.allow_src_holes)
+
+
+_zeros: dict[int, Any] = {}
+
+
+def zero_source(length: int) -> memoryview:
+    """``length`` zero bytes to UFFDIO_COPY from where UFFDIO_ZEROPAGE does not exist
+    (hugetlbfs).  A read-only anonymous mapping never written: it costs no memory
+    (every page is the kernel's zero page), one per size, kept for the process."""
+    buf = _zeros.get(length)
+    if buf is None:
+        import mmap
+
+        buf = _zeros[length] = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                         prot=mmap.PROT_READ)
+    return memoryview(buf)
 
 
 def covering(ops: Sequence[Op], address: int) -> Op | None:

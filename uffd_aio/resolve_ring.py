@@ -255,17 +255,20 @@ class PwriteBackend:
         if op.kind is Kind.MOVE:  # no write op for MOVE: kernel_patches/README.md
             return execute_move(uffd, op)
         wop = _KIND_OP[op.kind]
-        if op.kind is Kind.COPY:
+        if op.data is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
+            wop = WriteOp.COPY
             src, keep = ll.buffer_address(op.data)
         else:
             src, keep = 0, None
+        ps = PAGE_SIZE if uffd.page_size_of is None else uffd.page_size_of(op.address)
         n = self.run(writer_fd(uffd), wop, op.address, op.length, src,
-                     op.wp and wop in wpos.MODE_WP_OPS)
+                     op.wp and wop in wpos.MODE_WP_OPS, page_size=ps)
         del keep
         return n
 
     def run(self, wfd: int, wop: WriteOp, address: int, length: int, src: int,
-            mode_wp: bool, done: int = 0, skipped: bool = False) -> int:
+            mode_wp: bool, done: int = 0, skipped: bool = False,
+            page_size: int = PAGE_SIZE) -> int:
         """Resolve ``[address + done, address + length)``; wake the whole range if pages
         were skipped (now or, ``skipped``, by the caller before)."""
         bits = int(wop) | (wpos.MODE_WP if mode_wp else 0)
@@ -276,7 +279,7 @@ class PwriteBackend:
             if rc == 0 and got > 0:
                 done += got
             elif rc == -E.EEXIST and wop in _EEXIST_SKIPS:
-                done += PAGE_SIZE
+                done += page_size
                 skipped = True
             else:
                 raise _error(rc if rc < 0 else -E.EIO, f"UFFDIO_WRITE {wop.name}",
@@ -463,7 +466,8 @@ class RingWriteBackend:
         wfd = uffd.writer_fd
         if wfd is None:
             wfd = writer_fd(uffd)  # a fork child's uffd: its own writer fd
-        if op.kind is Kind.COPY:
+        if op.data is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
+            wop = WriteOp.COPY
             src, keep = ll.buffer_address(op.data)
         else:
             src, keep = 0, None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno as E
 import functools
 import os
+from collections.abc import Callable
 
 import attrs
 import structlog
@@ -79,6 +80,9 @@ class Userfaultfd:
     via_dev: bool = False
     owned: bool = True
     writer_fd: int | None = None
+    #: page size at an address (the pager's regions; hugetlbfs ranges are not 4 KiB):
+    #: an existing page (EEXIST) is skipped by that much
+    page_size_of: Callable[[int], int] | None = attrs.field(default=None, repr=False)
     _log: structlog.typing.FilteringBoundLogger = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -170,7 +174,7 @@ class Userfaultfd:
                 done += n
                 continue
             if rc == -E.EEXIST:  # this page is already there: skip it
-                done += ps
+                done += ps if self.page_size_of is None else self.page_size_of(start + done)
                 skipped = True
                 continue
             if rc == -E.EAGAIN and done:
