@@ -472,6 +472,11 @@ class HandoffServer:
         client.stop_reason = await self._wait_gone(client)
 
     def _adopt(self, client: _Client, h: Handoff) -> None:
+        from uffd_aio import hugepages
+
+        for i, m in enumerate(h.mappings):  # the peer's smaps: PageSizeMismatch names it
+            hugepages.check_range(m.base_host_virt_addr, m.size, m.page_size, pid=h.pid,
+                                  what=f"mapping {i}")
         uffd = Userfaultfd.from_fd(h.uffd_fd)
         opts: dict[str, Any] = {"close_timeout": 2.0, "on_error": self.on_error}
         opts.update(self.pager_options)
