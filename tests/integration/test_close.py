@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 import uffd_aio
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.ring import _lowlevel as ll
 
@@ -24,7 +25,7 @@ async def test_close_poisons_the_pages_of_stuck_handlers(kind: str) -> None:
     uffd: the faulting native thread gets SIGBUS, never zeros."""
     own = ll.mmap(4 * PS) if kind == "register" else None
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(limit(30)):
             started = asyncio.Event()
             async with uffd_aio.Pager(on_error="poison", close_timeout=0.2) as pager:
                 region = pager.register(own, 4 * PS) if own else pager.map(4 * PS)
@@ -49,7 +50,7 @@ async def test_close_poisons_faults_of_a_handler_that_ignores_cancellation() -> 
     own = ll.mmap(2 * PS)
     release = asyncio.Event()
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(limit(30)):
             started = asyncio.Event()
             async with uffd_aio.Pager(on_error="poison", close_timeout=0.2) as pager:
                 region = pager.register(own, 2 * PS)
@@ -79,7 +80,7 @@ async def test_close_poisons_faults_of_a_handler_that_ignores_cancellation() -> 
 
 async def test_scan_threads_report_sigbus_instead_of_dying() -> None:
     """testing.scan counts poisoned pages (a failing test's threads must not kill the run)."""
-    async with asyncio.timeout(30), uffd_aio.Pager(on_error="poison") as pager:
+    async with asyncio.timeout(limit(30)), uffd_aio.Pager(on_error="poison") as pager:
         region = pager.map(4 * PS)
 
         @region.on_fault

@@ -12,6 +12,7 @@ import pytest
 import structlog
 
 import uffd_aio
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.handlers import attach
 from uffd_aio.handlers.base import BackendError
@@ -32,7 +33,7 @@ def snap(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("readahead", ["off", "adaptive"])
 async def test_truncated_while_served_gives_sigbus_not_zeros(snap: Path, readahead: str) -> None:
     new_end = 40
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(limit(60)):
         backend = await FileBackend.open(snap)
         try:
             async with uffd_aio.Pager() as pager:  # on_error="poison": SIGBUS
@@ -95,7 +96,7 @@ async def test_block_device_source_is_served_with_its_content(snap: Path) -> Non
         pytest.skip(f"cannot set up a loop device here: {err}")
     try:
         assert os.stat(dev).st_size == 0  # what made it look empty
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(limit(60)):
             backend = await FileBackend.open(dev)
             try:
                 assert backend.size == NPAGES * PS
