@@ -692,6 +692,7 @@ class HandoffServer:
         client.stop_reason = await self._wait_gone(client)
 
     def _adopt(self, client: _Client, h: Handoff) -> None:
+        client.gid = h.gid
         if client.start_time is None:
             client.start_time = process_start_time(client.pid)
             if client.start_time is None:
@@ -809,9 +810,8 @@ class HandoffServer:
                 os.close(pidfd)
 
     async def _poll_alive(self, client: _Client) -> None:
-        from uffd_aio.serve_state import alive
-
-        while client.start_time is not None and alive(client.pid, client.start_time):
+        while client.start_time is not None and \
+                alive(client.pid, client.start_time):  # noqa: ASYNC110 (no pidfd)
             await asyncio.sleep(1.0)
 
     async def _wait_eof(self, client: _Client, watching_pid: bool) -> str | None:
@@ -1247,7 +1247,7 @@ class HandoffServer:
                 await self._accept_task
         # 2. handoffs under way complete here first (a real VMM sends at once)
         deadline = time.monotonic() + self.handoff_timeout
-        while self._pending and time.monotonic() < deadline:
+        while self._pending and time.monotonic() < deadline:  # noqa: ASYNC110 (rare)
             await asyncio.sleep(0.005)
         for c in list(self._pending.values()):
             if c.task is not None:
@@ -1607,6 +1607,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-error", choices=["poison", "zero"], default="poison",
                         help="a failed fetch: SIGBUS in the faulting thread (default) or a "
                              "zero page")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="crash-safe serving: keep each client's state in DIR and its "
+                             "uffd in an fd store, so a restarted server (or one started "
+                             "with --takeover) serves every client again (docs/handoff.md)")
+    parser.add_argument("--takeover", action="store_true",
+                        help="live upgrade: receive every client of the server running on "
+                             "--state-dir (which then exits) instead of starting empty")
+    parser.add_argument("--fd-store", choices=["auto", "keeper", "systemd"], default="auto",
+                        help="where the uffds survive the server: systemd's fd store "
+                             "(auto when NOTIFY_SOCKET is set) or an fd-keeper process")
+    parser.add_argument("--keeper-idle", type=float, default=30.0, metavar="S",
+                        help="the fd keeper exits after S seconds holding no fds with no "
+                             "server connected (30)")
+    parser.add_argument("--pidfd-getfd", action="store_true",
+                        help="last resort when a client's uffd is in no store: take it from "
+                             "the client with pidfd_getfd(2) (needs ptrace rights over it)")
+    parser.add_argument("--on-fatal", choices=["hang", "kill-clients"], default="hang",
+                        help="on an unrecoverable server failure: leave the clients waiting "
+                             "(default; with --state-dir the next server serves them) or "
+                             "SIGKILL them (Firecracker's advice without a state dir)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
 
 
@@ -1634,16 +1654,20 @@ async def _serve(args: argparse.Namespace) -> int:
                                remove=args.remove,
                                keep_after_eof=args.keep_after_eof, on_error=args.on_error,
                                attach_options=attach_options, close_backend=True,
-                               record=args.record, replay=args.replay)
+                               record=args.record, replay=args.replay,
+                               state_dir=args.state_dir, takeover=args.takeover,
+                               on_fatal=args.on_fatal, fd_store=args.fd_store,
+                               keeper_idle=args.keeper_idle, pidfd_getfd=args.pidfd_getfd)
     except (OSError, ValueError) as exc:
         await backend.aclose()
         print(f"uffd-aio serve: {exc}", file=sys.stderr)
         return 2
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         await backend.aclose()
-        print(f"uffd-aio serve: cannot listen on {args.socket}: {exc}", file=sys.stderr)
+        what = "cannot take over" if args.takeover else f"cannot listen on {args.socket}"
+        print(f"uffd-aio serve: {what}: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
     closing: list[asyncio.Task[None]] = []  # a reference keeps the task alive
@@ -1651,9 +1675,21 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, lambda: closing.append(loop.create_task(server.aclose())))
     if args.metrics_port is not None:
         start_metrics(server, args.metrics_port)
-    print(f"uffd-aio serve: listening on {args.socket}, backend {backend.name}",
+    rec = server.recovery
+    print(f"uffd-aio serve: listening on {args.socket}, backend {backend.name}"
+          + (f", {rec.how}: {rec.adopted} clients served again, {rec.dropped} gone, "
+             f"{rec.rejected} state files rejected, {rec.lost} lost" if rec else ""),
           file=sys.stderr, flush=True)
-    await server.serve_forever()
+    if os.environ.get("NOTIFY_SOCKET"):
+        from uffd_aio.fdkeeper import sd_notify
+
+        sd_notify("READY=1")
+    try:
+        await server.serve_forever()
+    except Exception as exc:  # fatal: clients were killed (--on-fatal kill-clients) or wait
+        print(f"uffd-aio serve: fatal: {type(exc).__name__}: {exc}", file=sys.stderr)
+        await server.aclose()
+        return 1
     return 0
 
 
