@@ -37,6 +37,7 @@ PAGE = 4096
 
 
 LOG: list[str] = []
+DRAINS: list[asyncio.Future[None]] = []
 
 
 async def _server(python: str, sock: str, snap: Path, state: Path, *extra: str
@@ -53,7 +54,7 @@ async def _server(python: str, sock: str, snap: Path, state: Path, *extra: str
             print("\n".join(LOG[-40:]), file=sys.stderr)
             raise RuntimeError(f"uffd-aio serve exited at start-up ({await p.wait()})")
         if b"listening on" in line:
-            asyncio.ensure_future(_drain(p))
+            DRAINS.append(asyncio.ensure_future(_drain(p)))
             return p
 
 
@@ -66,8 +67,6 @@ async def _drain(p: asyncio.subprocess.Process) -> None:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     python = sys.executable
     workload = ROOT / "benchmarks" / "c" / "build" / "workload"
-    subprocess.run(["make", "-s", "-C", str(ROOT / "benchmarks" / "c"), "build/workload"],
-                   check=True)
     with tempfile.TemporaryDirectory(prefix="uffd-crash-") as tmp:
         t = Path(tmp)
         snap = t / "mem.snap"
@@ -97,7 +96,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             event_s = time.monotonic() - t0
             results = []
             for c in clients:
-                out, err = await asyncio.wait_for(c.communicate(), 150)
+                out, _ = await asyncio.wait_for(c.communicate(), 150)
                 line = out.decode().strip().splitlines()[-1] if out.strip() else "{}"
                 doc = json.loads(line)
                 results.append({"rc": c.returncode, "verified": doc.get("verified"),
@@ -133,6 +132,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--log", action="store_true", help="print the servers' last log lines")
     args = ap.parse_args()
+    subprocess.run(["make", "-s", "-C", str(ROOT / "benchmarks" / "c"), "build/workload"],
+                   check=True)
     r = asyncio.run(run(args))
     if args.json:
         print(json.dumps(r))

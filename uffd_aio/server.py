@@ -324,6 +324,7 @@ class HandoffServer:
         self.recovery: RecoveryReport | None = None
         self._detached_clients: list[_Client] = []
         self._closing_task: asyncio.Task[None] | None = None
+        self._defer_store = False  # during a takeover: store + write after the WAKEs
         self._fatal: asyncio.Future[BaseException] | None = None
         self.stats = ServerStats()
         self._clients: dict[int, _Client] = {}  # handed off: each holds a client slot
@@ -720,7 +721,7 @@ class HandoffServer:
             region = pager.adopt(m.base_host_virt_addr, m.size, store_offset=m.offset,
                                  page_size=m.page_size, name=f"client{client.id}.map{i}")
             self._serve_region(client, region, m.offset)
-        if self.state_dir is not None:
+        if self.state_dir is not None and not self._defer_store:
             self._store_client(client)
 
     def _serve_region(self, client: _Client, region: Any, store_offset: int) -> None:
@@ -1164,6 +1165,7 @@ class HandoffServer:
             client.state_flush = None
             with contextlib.suppress(OSError):
                 self._write_state(client)
+        client.pager.stop_reading()  # else closing waits for a pause in the faults
         for att in client.attachments:
             with contextlib.suppress(Exception):
                 await att.aclose()
@@ -1362,6 +1364,27 @@ class HandoffServer:
         t0 = time.monotonic()
         rep = RecoveryReport("takeover")
         clients, got.clients = got.clients, []
+        self._defer_store = True
+        try:
+            self._adopt_all(clients, rep)
+        finally:
+            self._defer_store = False
+        # adopted and woken: the old server may go (it closes its copies, our fds stay)
+        await _asend(self._loop, got.conn, {"op": "done", "adopted": rep.adopted})
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(10):
+                await _arecv(self._loop, got.conn)  # "bye": it released the lock
+        got.conn.close()
+        await asyncio.to_thread(self._lock, 10.0)
+        for c in list(self._clients.values()):  # the fd store and state are ours from now
+            if c.pager is not None and not c.stored:
+                self._store_client(c)
+        rep.seconds = round(time.monotonic() - t0, 6)
+        self.recovery = rep
+        self._log.info("uffd_aio.took_over", **attrs.asdict(rep))
+
+    def _adopt_all(self, clients: list[tuple[ClientState, list[int]]],
+                   rep: RecoveryReport) -> None:
         for st, fds in clients:
             if not alive(st.pid, st.start_time):
                 close_all(fds)
@@ -1371,20 +1394,6 @@ class HandoffServer:
                 rep.adopted += 1
             else:
                 rep.lost += 1
-        # adopted and woken: the old server may go (it closes its copies, our fds stay)
-        await _asend(self._loop, got.conn, {"op": "done", "adopted": rep.adopted})
-        with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(10):
-                await _arecv(self._loop, got.conn)  # "bye": it released the lock
-        got.conn.close()
-        await asyncio.to_thread(self._lock, 10.0)
-        for c in self._clients.values():  # state written by us from now on
-            if c.stored:
-                with contextlib.suppress(OSError):
-                    self._write_state(c)
-        rep.seconds = round(time.monotonic() - t0, 6)
-        self.recovery = rep
-        self._log.info("uffd_aio.took_over", **attrs.asdict(rep))
 
 
 class _Received:
