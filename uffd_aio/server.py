@@ -1044,6 +1044,8 @@ class HandoffServer:
             client.close_kept()
             return False
         self._wake(client)
+        if how in ("restart", "resume"):
+            client.stored = True  # fds in the store and state file as they were
         self.stats.served += 1
         self._changed.set()
         assert self._loop is not None
@@ -1089,7 +1091,12 @@ class HandoffServer:
                 rep.lost += 1
                 self._lost(st)
                 continue
-            if self._adopt_state(st, fds, "restart"):
+            self._defer_store = True  # its fds are in the store, its state file is current
+            try:
+                ok = self._adopt_state(st, fds, "restart")
+            finally:
+                self._defer_store = False
+            if ok:
                 rep.adopted += 1
             else:
                 rep.lost += 1
