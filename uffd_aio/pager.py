@@ -808,6 +808,13 @@ class Pager:
         else:
             ctx.read_ud = ring.submit_poll(ctx.uffd.fd, 1, cb)  # POLLIN
 
+    def stop_reading(self) -> None:
+        """Take no new faults (running handlers still finish and resolve); used before
+        ``aclose`` when the uffd goes on to another server (``serve --takeover``), so
+        that closing waits only for the handlers already running."""
+        for ctx in self._contexts:
+            self._stop_reading(ctx)
+
     def _stop_reading(self, ctx: _Context) -> None:
         ctx.reading = False
         self._native_close(ctx)
