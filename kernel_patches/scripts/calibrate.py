@@ -31,7 +31,7 @@ HOST_TEST_TIMEOUT = 120       # pyproject.toml's default per-test timeout (marks
 HOST_SUITE_BUDGET = 150       # the guest's test selection on the host, with 2x headroom
 # Bounds of the suite's hard limit (seconds): a hang must still end inside the CI budget.
 MIN_HARD, MAX_HARD = 900, 3300
-FAULT_REGION = 32 << 20
+FAULT_REGION = 16 << 20
 
 
 def _cpu() -> float:
