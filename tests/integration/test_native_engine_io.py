@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.pager import Pager
 from uffd_aio.ring import _lowlevel as ll
@@ -51,10 +52,16 @@ def _feed(pager: Pager, msgs: bytearray) -> int:
     return left
 
 
-async def _settle(pager: Pager, timeout: float = 20) -> None:
-    async with asyncio.timeout(timeout):
-        while _engine(pager) is not None and _engine(pager).inflight():
+async def _until(pred: Any, timeout: float = 20) -> None:
+    """Poll ``pred()`` (completions arrive through the loop) with a deadline."""
+    async with asyncio.timeout(limit(timeout)):
+        while not pred():  # noqa: ASYNC110 - nothing to wait on but the ring's completions
             await asyncio.sleep(0.002)
+
+
+async def _settle(pager: Pager) -> None:
+    """Until the engine's READs/WRITEs all came back."""
+    await _until(lambda: _engine(pager) is None or not _engine(pager).inflight())
 
 
 @pytest.mark.parametrize("readahead", [None, 8, (1, 32)])
@@ -136,9 +143,7 @@ async def test_truncated_uncached_file_sigbus(tmp_path: Path) -> None:
         gone = region.address + LENGTH // 2 + 3 * PS
         assert _feed(pager, _fault_msgs(gone)) == 0
         await _settle(pager)
-        async with asyncio.timeout(20):
-            while pager.stats.errors < 1:
-                await asyncio.sleep(0.002)
+        await _until(lambda: pager.stats.errors >= 1)
         st = pager.stats
         assert st.native_cache_reads == 1 and st.native_read_passed_up == 1
         # the poisoned page is inherited by a child: touching it is SIGBUS
@@ -169,9 +174,7 @@ async def test_short_read_passes_up(tmp_path: Path) -> None:
         a = region.address + 10 * PS
         assert _feed(pager, _fault_msgs(a, a + PS)) == 0
         await _settle(pager)
-        async with asyncio.timeout(20):
-            while pager.stats.errors < 1:  # the fallback meets the end of file
-                await asyncio.sleep(0.002)
+        await _until(lambda: pager.stats.errors >= 1)  # the fallback meets the end of file
         st = pager.stats
         assert st.native_read_passed_up == 1 and seen == [11 * PS]
         assert await testing.verify(a, PS, offset=10 * PS) == -1  # the page that was read
