@@ -779,8 +779,8 @@ static int place_write(struct ua_engine *e, struct e_region *r, uint64_t page, u
 }
 
 /* Place n pages at page (page index rel of r).  Returns 0 when the
- * faulting page (the first) is in place and its thread woken (or a WRITE
- * doing so is queued), 1 to pass the fault up to Python. */
+ * faulting page (the first) is in place and its thread woken, 2 when a
+ * WRITE doing so is queued, 1 to pass the fault up to Python. */
 static int place(struct ua_engine *e, struct e_region *r, uint64_t page, uint64_t rel,
 		 uint64_t n, const struct e_msg *m)
 {
@@ -789,7 +789,7 @@ static int place(struct ua_engine *e, struct e_region *r, uint64_t page, uint64_
 	int rc;
 
 	if (e->wfd >= 0 && e->ring && len <= (1u << 30) && place_write(e, r, page, rel, n, m) == 0)
-		return 0;
+		return 2; /* counted when its completion comes back */
 	if (r->kind == UA_SRC_ZERO) {
 		struct e_zeropage z = { { page, len }, 0, 0 };
 
@@ -1169,14 +1169,11 @@ int ua_engine_run(struct ua_engine *e, uint64_t buf, uint32_t nbytes, uint32_t c
 		e->st.passed_up += out;
 		if (out || reads >= max_reads)
 			return (int)out;
-		if (e->sq_pending && e->ring) {
-			/* READs / WRITEs just prepared: to the kernel before reading on
-			 * (otherwise the pager's next io_uring_enter takes them, with the
-			 * re-armed read) */
-			ua_ring_eng_submit(e->ring);
-			e->sq_pending = 0;
-			e->st.submits++;
-		}
+		/* READs / WRITEs prepared so far stay in the SQ while the uffd has
+		 * messages (those are other threads' faults: ours cannot fault
+		 * again before their WRITE ran); they leave with the pager's next
+		 * io_uring_enter, together with the re-armed read of the uffd, or
+		 * here before spinning on an empty uffd */
 		for (;;) {
 			ssize_t got = read(e->uffd, msgs, cap - cap % E_MSG_SIZE);
 
@@ -1191,6 +1188,11 @@ int ua_engine_run(struct ua_engine *e, uint64_t buf, uint32_t nbytes, uint32_t c
 			if (got == 0 || errno != EAGAIN || !deadline || reads >= max_reads ||
 			    mono_ns() >= deadline)
 				return 0;
+			if (e->sq_pending && e->ring) {
+				ua_ring_eng_submit(e->ring);
+				e->sq_pending = 0;
+				e->st.submits++;
+			}
 			sched_yield();
 		}
 	}
