@@ -1055,8 +1055,8 @@ static void read_done(struct ua_engine *e, struct e_op *op, int32_t res)
 static void write_done(struct ua_engine *e, struct e_op *op, int32_t res)
 {
 	struct e_region *r = op->reg;
-	uint64_t ps, len, done;
-	int skipped = 0;
+	uint64_t ps, len, done, written = 0, pages, wpages;
+	int skipped = 0, first_skipped = 0;
 
 	if (!r) {
 		e->orphan_writes--;
@@ -1070,10 +1070,10 @@ static void write_done(struct ua_engine *e, struct e_op *op, int32_t res)
 		return;
 	}
 	if (res > 0) {
-		done = (uint64_t)res;
+		done = written = (uint64_t)res;
 	} else if (res == -EEXIST) {
 		done = ps;
-		skipped = 1;
+		skipped = first_skipped = 1;
 	} else {
 		done = 0;
 		goto fail;
@@ -1085,6 +1085,7 @@ static void write_done(struct ua_engine *e, struct e_op *op, int32_t res)
 		e->st.pwrites++;
 		if (got > 0) {
 			done += (uint64_t)got;
+			written += (uint64_t)got;
 		} else if (got < 0 && errno == EEXIST) {
 			done += ps;
 			skipped = 1;
@@ -1100,11 +1101,16 @@ static void write_done(struct ua_engine *e, struct e_op *op, int32_t res)
 			done = 0; /* could not wake: let Python try */
 	}
 	if (done >= ps) {
-		uint64_t pages = (done < len ? done : len) >> r->shift;
-
-		placed(e, r, op->rel, pages);
+		pages = (done < len ? done : len) >> r->shift;
+		wpages = written >> r->shift;
+		set_bits(r, op->rel, pages);
 		if (pages < op->n)
 			clear_bits(r, op->rel + pages, op->n - pages);
+		if (r->kind == UA_SRC_ZERO)
+			e->st.zero_pages += wpages;
+		else
+			e->st.pages_copied += wpages;
+		e->st.readahead_pages += wpages - (wpages && !first_skipped ? 1 : 0);
 		e->st.native_faults++;
 		return;
 	}
