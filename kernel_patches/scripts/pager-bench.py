@@ -28,9 +28,11 @@ On a kernel without the series only the ``ioctl`` configurations run.
 ``native*`` configurations serve the same content with the native engine
 (``region.serve_from(pattern)``, one page per fault, no handler): ``native``
 (UFFDIO_COPY from C), ``native+ring`` (the engine's io_uring WRITEs on the
-writer fd), ``native+ring+poll``, ``native+poll`` (ioctls + poll mode); their
-ratio column is relative to ``native`` (the engine's own stock path), not to
-``ioctl``.
+writer fd), ``native+ring+poll``, ``native+poll`` (ioctls + poll mode), and
+the same with ``+spin`` (the engine keeps reading the uffd in C for
+``--native-budget-us`` after a batch: ``Pager(native_budget_us=)``); their
+ratio column is relative to ``native`` (the engine's own stock path: ioctls,
+no poll mode, no spin), not to ``ioctl``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import uffd_aio
 from uffd_aio import Feature, testing
 
 PS = os.sysconf("SC_PAGE_SIZE")
+NATIVE_BUDGET_US = 200.0  # --native-budget-us
 CONFIGS: dict[str, dict[str, Any]] = {
     "ioctl": {"backend": "ioctl"},
     "ring": {"backend": "ring"},
@@ -61,12 +64,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "native+ring": {"backend": "ring", "native": True},
     "native+ring+poll": {"backend": "ring", "poll": True, "native": True},
     "native+poll": {"backend": "ioctl", "poll": True, "native": True},
+    # +spin: the engine keeps reading the uffd in C for --native-budget-us after a
+    # batch (Pager(native_budget_us=)), so consecutive faults skip the event loop
+    "native+spin": {"backend": "ioctl", "native": True, "spin": True},
+    "native+ring+spin": {"backend": "ring", "native": True, "spin": True},
+    "native+ring+poll+spin": {"backend": "ring", "poll": True, "native": True, "spin": True},
+    "native+poll+spin": {"backend": "ioctl", "poll": True, "native": True, "spin": True},
 }
 
 
 def baseline(name: str) -> str:
     """The configuration a row's ratio is relative to (its own stock path)."""
     return "native" if name.startswith("native") else "ioctl"
+
 
 
 def config_kwargs(name: str, budget_us: float) -> dict[str, Any]:
@@ -84,6 +94,8 @@ async def one_round(name: str, pages: int, threads: int, budget_us: float,
                     store: bytearray) -> dict[str, Any]:
     kw = config_kwargs(name, budget_us)
     native = kw.pop("native", False)
+    if kw.pop("spin", False):
+        kw["native_budget_us"] = NATIVE_BUDGET_US
     view = memoryview(store)
     async with uffd_aio.Pager(name=f"bench-{name}", **kw) as pager:
         region = pager.map(pages * PS)
@@ -100,7 +112,7 @@ async def one_round(name: str, pages: int, threads: int, budget_us: float,
         bad = await testing.verify(region.address, region.length)
         st = pager.stats
         lat = sorted(res.latencies_ns or [])
-        out = {
+        out: dict[str, Any] = {
             "config": name, "backend": pager.backend, "poll_budget_ns": pager.poll_budget_ns,
             "pages": pages, "threads": threads,
             "lat_ns": statistics.median(lat), "p90_ns": lat[int(len(lat) * 0.9)],
@@ -109,7 +121,7 @@ async def one_round(name: str, pages: int, threads: int, budget_us: float,
             "ioctls": st.ioctls + st.native_ioctls, "reads": st.reads + st.native_reads,
             "errors": st.errors, "native_faults": st.native_faults,
         }
-    if native and (out["native_faults"] < pages or st.python_faults):
+    if native and (st.native_faults < pages or st.python_faults):
         raise SystemExit(f"{name}: faults not served by the native engine: {out}")
     if not out["verified"] or out["errors"]:
         raise SystemExit(f"{name}: verification failed or errors: {out}")
@@ -119,6 +131,8 @@ async def one_round(name: str, pages: int, threads: int, budget_us: float,
 def run(args: argparse.Namespace) -> int:
     patched = bool(uffd_aio.available_features() & Feature.WRITE)
     configs = [c for c in args.configs if patched or ("ring" not in c and "poll" not in c)]
+    global NATIVE_BUDGET_US
+    NATIVE_BUDGET_US = args.native_budget_us
     if args.native_reads is not None:
         for c in CONFIGS.values():
             if c.get("native"):
@@ -183,6 +197,8 @@ def main() -> int:
     p.add_argument("--native-reads", type=int, default=None,
                    help="Pager(native_reads=) of the native configurations (default: the "
                         "Pager's)")
+    p.add_argument("--native-budget-us", type=float, default=200.0,
+                   help="Pager(native_budget_us=) of the +spin configurations")
     p.add_argument("--json", help="write every round here")
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))

@@ -159,7 +159,6 @@ struct ua_engine {
 	struct e_op *free_ops;
 	int inflight;         /* ops whose CQE has not come back */
 	int orphan_writes;    /* WRITEs of dropped regions still in flight */
-	int sq_pending;       /* SQEs prepared since the last submit */
 	int dying;            /* ua_engine_free ran while ops were in flight */
 	int leak_pool;        /* the ring went with ops out: never free the pool */
 	struct e_msg *up;     /* messages for Python (ua_engine_take) */
@@ -678,7 +677,6 @@ static int op_submit(struct ua_engine *e, struct e_op *op, int opcode, int fd, u
 	if (ua_ring_eng_prep(e->ring, opcode, fd, addr, len, off, (uint64_t)(uintptr_t)op) < 0)
 		return -EBUSY;
 	e->inflight++;
-	e->sq_pending = 1;
 	return 0;
 }
 
@@ -1162,7 +1160,6 @@ int ua_engine_run(struct ua_engine *e, uint64_t buf, uint32_t nbytes, uint32_t c
 		return -EINVAL;
 	if (budget_ns > 0)
 		deadline = mono_ns() + budget_ns;
-	e->sq_pending = 0; /* what was prepared before went out with the pager's submit */
 	n = nbytes / E_MSG_SIZE;
 	for (;;) {
 		for (i = 0, out = 0; i < n; i++) {
@@ -1194,9 +1191,8 @@ int ua_engine_run(struct ua_engine *e, uint64_t buf, uint32_t nbytes, uint32_t c
 			if (got == 0 || errno != EAGAIN || !deadline || reads >= max_reads ||
 			    mono_ns() >= deadline)
 				return 0;
-			if (e->sq_pending && e->ring) {
+			if (e->ring && ua_ring_sq_ready(e->ring)) {
 				ua_ring_eng_submit(e->ring);
-				e->sq_pending = 0;
 				e->st.submits++;
 			}
 			sched_yield();

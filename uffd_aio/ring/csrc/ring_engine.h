@@ -23,6 +23,7 @@ struct ua_engine;
 int ua_ring_eng_prep(struct ua_ring *r, int op, int fd, uint64_t addr, uint32_t len,
 		     uint64_t off, uint64_t user_data);
 int ua_ring_eng_submit(struct ua_ring *r);
+unsigned ua_ring_sq_ready(struct ua_ring *r); /* also in native.h (the cdef) */
 /* attach/detach an engine: a ring being freed tells its engines */
 int ua_ring_eng_link(struct ua_ring *r, struct ua_engine *e);
 void ua_ring_eng_unlink(struct ua_ring *r, struct ua_engine *e);
