@@ -10,7 +10,9 @@ log() { printf '\n[test] %s\n' "$*" >&2; }
 
 scripts/bootstrap.sh
 log "pytest (host kernel $(uname -r))"
-.venv/bin/python -m pytest tests -p no:cacheprovider -q -ra "$@"
+# run-bounded.py: past HOST_SUITE_TIMEOUT s (default 2400) it saves every thread's state
+# and stacks, kills the run and exits 124 (a hang pytest-timeout cannot see, docs in the script)
+.venv/bin/python scripts/run-bounded.py -- .venv/bin/python -m pytest tests -p no:cacheprovider -q -ra "$@"
 if [ "${SKIP_KERNEL:-0}" != 1 ]; then
     log "kernel lane: make -C kernel_patches kernel-regress"
     make -C kernel_patches kernel-regress

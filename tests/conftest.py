@@ -86,7 +86,7 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 
 def _scale_timeouts(config: Any, items: list[Any]) -> None:
-    if limits.TIME_FACTOR == 1.0 and not limits.TIMEOUT_CAP:
+    if limits.TIME_FACTOR == 1.0:
         return
     default = float(config.getini("timeout") or 0)
     for item in items:

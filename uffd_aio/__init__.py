@@ -10,6 +10,7 @@ from uffd_aio.errors import (
     BadHandlerResult,
     FeatureUnavailable,
     HandlerError,
+    MoveError,
     PagerClosed,
     ResolveError,
     UffdError,
@@ -20,6 +21,7 @@ from uffd_aio.modes import Feature, Mode
 from uffd_aio.native import ZERO
 from uffd_aio.pager import HandlerTimeout, Pager, PagerFailed
 from uffd_aio.region import Region
+from uffd_aio.resolve import Moved
 from uffd_aio.ring import Ring
 from uffd_aio.stats import PagerStats
 from uffd_aio.uffd import Userfaultfd, available_features
@@ -35,6 +37,8 @@ __all__ = [
     "HandlerError",
     "HandlerTimeout",
     "Mode",
+    "MoveError",
+    "Moved",
     "PageFault",
     "Pager",
     "PagerClosed",

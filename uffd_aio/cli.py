@@ -1,4 +1,4 @@
-"""The ``uffd-aio`` command: doctor, demo, serve, bench.
+"""The ``uffd-aio`` command: doctor, demo, serve, bench, soak.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)``
 and ``main(args) -> int``; this module only wires them up, so importing the
@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("uffd_aio.demo", "page a large region through an asyncio handler and verify it"),
     "serve": ("uffd_aio.server", "serve uffds handed over a Unix socket (Firecracker protocol)"),
     "bench": ("uffd_aio.bench.cli", "benchmark against the C reference handler"),
+    "soak": ("uffd_aio.soak", "many checked clients against uffd-aio serve; RSS/fd trend"),
 }
 
 

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from uffd_aio.resolve import Kind, Op
+from uffd_aio.resolve import Kind, Moved, Op, zero_source
+from uffd_aio.uffd import PAGE_SIZE
 
 if TYPE_CHECKING:
     from uffd_aio.pager import _Inflight
@@ -18,9 +19,11 @@ class PageFault:
     """A page fault in a registered region.
 
     Return ``bytes`` (copied in at :attr:`page`; may span several pages for
-    read-ahead) or ``None`` (zero page for MISSING faults, unprotect for WP
-    faults, CONTINUE for MINOR faults) from the handler, or resolve
-    explicitly with the methods below (then the return value is ignored).
+    read-ahead), :class:`~uffd_aio.Moved` (pages this process holds in its own
+    anonymous memory, moved in without a copy) or ``None`` (zero page for
+    MISSING faults, unprotect for WP faults, CONTINUE for MINOR faults) from
+    the handler, or resolve explicitly with the methods below (then the
+    return value is ignored).
     """
 
     address: int
@@ -65,11 +68,36 @@ class PageFault:
         self._inf.pager._check_range(self._inf, start, view.nbytes, what="copy")
         return await self._run(Op(Kind.COPY, start, view.nbytes, view, wp))
 
+    async def move(self, src_address: int, length: int | None = None, *,
+                   offset: int | None = None, allow_src_holes: bool = False) -> int:
+        """UFFDIO_MOVE (6.8+): move the pages at ``src_address`` in, zero-copy.
+
+        ``length`` bytes (default one page) go to region ``offset`` (default:
+        this fault's page).  The source must be private anonymous memory of the
+        process that owns the uffd (so not a handed-over uffd's peer, not shmem
+        or hugetlbfs), page-aligned, written and owned exclusively by this
+        process; afterwards it is a hole.  Returns bytes moved (less than
+        ``length`` only if the address space changed meanwhile: the rest stays
+        at the source).  Raises :class:`~uffd_aio.errors.MoveError`: ``EBUSY``
+        (shared source page, e.g. after a fork: ``MADV_DONTFORK`` the buffer),
+        ``ENOENT`` (hole in the source; ``allow_src_holes=True`` skips holes),
+        ``EEXIST`` (destination already there), ``EINVAL``.  The pager's
+        default resolution does not run after it.  When to prefer it over
+        :meth:`copy`: docs/backends.md, "MOVE".
+        """
+        start = self.page if offset is None else self.region.address_of(offset)
+        n = self.page_size if length is None else length
+        moved = Moved(src_address, n, allow_src_holes)
+        self._inf.pager._check_move(self._inf, start, n, moved)
+        return await self._run(Op(Kind.MOVE, start, n, moved))
+
     async def zero(self, length: int | None = None) -> int:
         """Map zero pages from this fault's page on (``length`` bytes, default one page)."""
         n = self.page_size if length is None else length
         self._inf.pager._check_range(self._inf, self.page, n, what="zero")
-        return await self._run(Op(Kind.ZERO, self.page, n))
+        # hugetlbfs has no zero page: a copy from a zero buffer
+        data = None if self.page_size == PAGE_SIZE else zero_source(n)
+        return await self._run(Op(Kind.ZERO, self.page, n, data))
 
     async def continue_(self, length: int | None = None, *, wp: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages that are already there (MINOR faults)."""

@@ -38,6 +38,9 @@ USER_ADDRESS_LIMIT: Final = 1 << 57
 MAX_OFFSET: Final = 1 << 62
 
 _FIELDS: Final = ("base_host_virt_addr", "size", "offset")
+#: 2**64 has 20 decimal digits: a longer integer is not an address or a size (and Python
+#: refuses to convert more than 4300 digits at all: a ValueError, not a HandoffError)
+MAX_INT_DIGITS: Final = 20
 
 
 class HandoffError(Exception):
@@ -125,6 +128,14 @@ def _one(entry: object, i: int, max_total: int) -> Mapping:
     return Mapping(base, size, offset, ps)
 
 
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise HandoffError(f"invalid JSON: an integer of {digits} digits (more than "
+                           f"{MAX_INT_DIGITS}: not an address or a size)")
+    return int(text)
+
+
 def parse_mappings(
     payload: bytes,
     *,
@@ -134,10 +145,22 @@ def parse_mappings(
     """Validate a handoff payload; returns the mappings sorted by address.
 
     Raises :class:`HandoffError` for: bytes that are not UTF-8 JSON, anything
-    but a non-empty array of objects, missing or non-integer fields, bad or
-    disagreeing page sizes, unaligned or overlapping ranges, zero sizes,
-    more than ``max_mappings`` entries or more than ``max_total`` bytes.
+    but a non-empty array of objects, integers of more than 20 digits,
+    missing or non-integer fields, bad or disagreeing page sizes, unaligned
+    or overlapping ranges, zero sizes, more than ``max_mappings`` entries or
+    more than ``max_total`` bytes.  It raises nothing else for any payload
+    (an unexpected failure of the parsing itself becomes a HandoffError too).
     """
+    try:
+        return _parse(payload, max_mappings, max_total)
+    except HandoffError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as exc:
+        raise HandoffError(f"unparseable payload ({type(exc).__name__}: {exc!s:.200})"
+                           ) from None
+
+
+def _parse(payload: bytes, max_mappings: int, max_total: int) -> tuple[Mapping, ...]:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -147,7 +170,7 @@ def parse_mappings(
     if not text:
         raise HandoffError("empty payload: expected a JSON array of mappings")
     try:
-        doc: object = json.loads(text)
+        doc: object = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise HandoffError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
                            ) from None

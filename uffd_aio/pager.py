@@ -26,12 +26,29 @@ import attrs
 import structlog
 
 from uffd_aio import events as ev_mod
-from uffd_aio.errors import BadHandlerResult, PagerClosed, ResolveError, UffdError
+from uffd_aio import hugepages
+from uffd_aio.errors import (
+    BadHandlerResult,
+    FeatureUnavailable,
+    MoveError,
+    PagerClosed,
+    ResolveError,
+    UffdError,
+)
 from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
 from uffd_aio.fault import PageFault
-from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode
+from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode, feature_names
 from uffd_aio.region import EventHandler, Region
-from uffd_aio.resolve import Backend, IoctlBackend, Kind, Op, covering, merge
+from uffd_aio.resolve import (
+    Backend,
+    IoctlBackend,
+    Kind,
+    Moved,
+    Op,
+    covering,
+    merge,
+    zero_source,
+)
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring._engine import Engine, EngineStats
@@ -269,7 +286,19 @@ def _default_op(inf: _Inflight) -> Op:
         return Op(Kind.UNPROTECT, inf.page, inf.page_size)
     if msg.is_minor:
         return Op(Kind.CONTINUE, inf.page, inf.page_size)
-    return Op(Kind.ZERO, inf.page, inf.page_size)
+    return zero_op(inf.page, inf.page_size, inf.page_size)
+
+
+def zero_op(address: int, length: int, page_size: int) -> Op:
+    """Zero pages; on hugetlbfs (no UFFDIO_ZEROPAGE there) a copy from a zero buffer."""
+    if page_size == PAGE_SIZE:
+        return Op(Kind.ZERO, address, length)
+    return Op(Kind.ZERO, address, length, zero_source(length))
+
+
+def _page_size_at(ctx: _Context, address: int) -> int:
+    x = ctx.lookup(address)
+    return PAGE_SIZE if x is None else x.region.page_size
 
 
 class Pager:
@@ -532,15 +561,11 @@ class Pager:
         except TimeoutError:
             self._log.warning("uffd_aio.close_timeout", inflight=self._running,
                               backlog=len(self._backlog))
-            for ctx in self._contexts:
-                for inf in list(ctx.inflight.values()):
-                    if inf.task is not None and not inf.task.done():
-                        inf.task.cancel()
-            while self._backlog:
-                inf = self._backlog.popleft()
-                self._fail(inf, PagerClosed("pager closed before the handler ran"))
-            await asyncio.sleep(0)
-            self._flush_pending()
+        # Whatever is still in flight gets the error policy now, and it is finished
+        # before anything below: unregistering a range or closing the uffd wakes its
+        # waiting threads, which then read the memory as if it had never been
+        # registered (zeros) instead of getting SIGBUS.
+        await self._abort_inflight()
         assert self._ring is not None
         # Unregister, then unmap our own mappings from a worker thread while the reads
         # are still armed: munmap of a range the kernel still counts as registered
@@ -550,6 +575,9 @@ class Pager:
             await asyncio.to_thread(lambda: [self._unmap(r) for r in owned])
         for ctx in self._contexts:
             self._stop_reading(ctx)
+        # faults read while the regions went away (their handlers were started in the
+        # meantime): the same treatment, still on an open uffd
+        await self._abort_inflight(grace=0.0)
         for ctx in self._contexts:
             ctx.uffd.close()
             if ctx.bufring is not None:
@@ -561,6 +589,39 @@ class Pager:
         self._log.info("uffd_aio.pager_closed", faults=self._counters.faults,
                        errors=self._counters.errors)
 
+    async def _abort_inflight(self, grace: float = 1.0) -> None:
+        """Closing: cancel the running handlers and apply the error policy to every
+        fault still in flight, synchronously, while the uffds are still open.
+
+        The cancelled handlers get ``grace`` seconds to finish (their done-callbacks
+        apply the policy); faults still in flight after that (a handler that ignores
+        the cancellation, a resolution being retried on EAGAIN) get the policy
+        directly and are finished, so a late result is dropped.  Repeated a few
+        times: finishing a fault can start a deferred one.
+        """
+        for _ in range(4):
+            infs = [inf for ctx in self._contexts for inf in ctx.inflight.values()]
+            if not infs and not self._backlog:
+                return
+            while self._backlog:
+                inf = self._backlog.popleft()
+                if inf.ctx.inflight.get(inf.page) is inf:
+                    self._fail(inf, PagerClosed("pager closed before the handler ran"))
+            tasks = [inf.task for inf in infs if inf.task is not None and not inf.task.done()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                # a task's done-callback (_task_done: policy) runs before wait() returns
+                _, stuck = await asyncio.wait(tasks, timeout=grace) if grace > 0 else (
+                    None, tasks)
+                if stuck:
+                    await asyncio.sleep(0)  # let the cancellations be delivered
+            self._flush_pending()
+            for ctx in self._contexts:
+                for inf in list(ctx.inflight.values()):
+                    self._fail(inf, PagerClosed("pager closed while the fault was in flight"))
+            self._flush_pending()
+
     # ---- regions -----------------------------------------------------------
 
     def _check_open(self) -> _Context:
@@ -571,27 +632,44 @@ class Pager:
         return self._main
 
     def map(self, length: int, *, mode: Mode | int = Mode.MISSING, shared: bool = False,
-            name: str | None = None) -> Region:
+            page_size: int | None = None, name: str | None = None) -> Region:
         """mmap ``length`` bytes (anonymous private, or shmem with ``shared``) and register it.
 
         MINOR mode needs shared memory: the region then has ``memfd`` and an
         unregistered ``alias`` mapping through which the page cache is filled.
+        ``page_size``: a huge page size (``2 << 20``) maps hugetlbfs memory
+        (``MAP_HUGETLB``; shared: a ``MFD_HUGETLB`` memfd) from the reserved pool
+        (``/proc/sys/vm/nr_hugepages``; :class:`~uffd_aio.hugepages.HugePagesUnavailable`
+        when it is short); every fault is then resolved in whole huge pages.
         """
         ctx = self._check_open()
         mode = Mode(mode)
-        length = _round_up(length, PAGE_SIZE)
+        ps = page_size or PAGE_SIZE
+        hugepages.check_size(ps)
+        length = _round_up(length, ps)
         if mode & Mode.MINOR:
             shared = True
         memfd = alias = None
-        if shared:
-            memfd = os.memfd_create(f"uffd_aio:{name or 'region'}", os.MFD_CLOEXEC)
-            os.ftruncate(memfd, length)
-            addr = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
-            if mode & Mode.MINOR:
-                alias = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
-        else:
-            addr = ll.mmap(length)
-        region = Region(self, addr, length, mode, PAGE_SIZE,
+        try:
+            if shared:
+                memfd = os.memfd_create(f"uffd_aio:{name or 'region'}",
+                                        os.MFD_CLOEXEC | hugepages.memfd_flags(ps))
+                os.ftruncate(memfd, length)
+                addr = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
+                if mode & Mode.MINOR:
+                    alias = ll.mmap(length, flags=ll.MAP_SHARED, fd=memfd)
+            elif ps != PAGE_SIZE:  # reserved up front (no MAP_NORESERVE): ENOMEM now, not
+                addr = ll.mmap(length, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS  # SIGBUS later
+                               | hugepages.map_flags(ps))
+            else:
+                addr = ll.mmap(length)
+        except OSError as exc:
+            if memfd is not None:
+                os.close(memfd)
+            if ps != PAGE_SIZE:
+                raise hugepages.unavailable(ps, length, exc) from exc
+            raise
+        region = Region(self, addr, length, mode, ps,
                         name or f"region{len(self._regions)}", owned=True, memfd=memfd,
                         alias=alias)
         try:
@@ -604,9 +682,18 @@ class Pager:
 
     def register(self, address: int, length: int, *, mode: Mode | int = Mode.MISSING,
                  page_size: int | None = None, name: str | None = None) -> Region:
-        """Register memory the caller mapped (it stays the caller's to unmap)."""
+        """Register memory the caller mapped (it stays the caller's to unmap).
+
+        ``page_size`` (default: what the kernel uses there, from
+        ``/proc/self/smaps``) must be the memory's real page size: hugetlbfs
+        memory (``MAP_HUGETLB``, a hugetlbfs memfd) has 2 MiB (or 1 GiB) pages,
+        and a mismatch raises :class:`~uffd_aio.hugepages.PageSizeMismatch`.
+        """
         ctx = self._check_open()
-        ps = page_size or PAGE_SIZE
+        if page_size is not None:
+            hugepages.check_size(page_size)
+        real = hugepages.check_range(address, length, page_size or 0, what="register")
+        ps = page_size or real or PAGE_SIZE
         if address % ps or length % ps or length <= 0:
             raise ValueError(f"address {address:#x} and length {length:#x} must be multiples "
                              f"of the page size {ps:#x}")
@@ -681,6 +768,12 @@ class Pager:
             os.close(region.memfd)
             region.memfd = None
 
+    def fault_in_flight(self, address: int) -> bool:
+        """A fault on the page at ``address`` is being handled (read, not yet finished).
+
+        The dirty tracker's evictor leaves such pages alone (handlers/dirty.py)."""
+        return any(address in ctx.inflight for ctx in self._contexts)
+
     def on_event(self, fn: EventHandler) -> EventHandler:
         """Add a handler for Fork/Remap/Remove/Unmap events of any region (decorator)."""
         self._event_handlers.append(fn)
@@ -690,6 +783,7 @@ class Pager:
 
     def _add_context(self, uffd: Userfaultfd, label: str) -> _Context:
         ctx = _Context(self, uffd, label)
+        uffd.page_size_of = functools.partial(_page_size_at, ctx)  # hugetlbfs EEXIST skips
         self._contexts.append(ctx)
         ring = self.ring
         choice = self._read_mode_choice
@@ -724,6 +818,13 @@ class Pager:
             ctx.read_ud = ring.submit_read_multishot(ctx.uffd.fd, ctx.bufring.group, cb)
         else:
             ctx.read_ud = ring.submit_poll(ctx.uffd.fd, 1, cb)  # POLLIN
+
+    def stop_reading(self) -> None:
+        """Take no new faults (running handlers still finish and resolve); used before
+        ``aclose`` when the uffd goes on to another server (``serve --takeover``), so
+        that closing waits only for the handlers already running."""
+        for ctx in self._contexts:
+            self._stop_reading(ctx)
 
     def _stop_reading(self, ctx: _Context) -> None:
         ctx.reading = False
@@ -1066,6 +1167,12 @@ class Pager:
         if inf.timer is not None:
             inf.timer.cancel()
             inf.timer = None
+        if inf.ctx.inflight.get(inf.page) is not inf:
+            # already finished: closing applied the policy to it (_abort_inflight)
+            if not task.cancelled() and task.exception() is not None:
+                self._log.debug("uffd_aio.late_handler_error", page=hex(inf.page),
+                                error=repr(task.exception()))
+            return
         if task.cancelled():
             if inf.timed_out:
                 self._counters.timeouts += 1
@@ -1095,8 +1202,13 @@ class Pager:
             op = _default_op(inf)
         else:
             try:
-                op = self._copy_op(inf, result)
-            except BadHandlerResult as exc:
+                if type(result) is Moved:
+                    n = inf.page_size if result.length is None else result.length
+                    self._check_move(inf, inf.page, n, result)
+                    op = Op(Kind.MOVE, inf.page, n, result)
+                else:
+                    op = self._copy_op(inf, result)
+            except (BadHandlerResult, FeatureUnavailable) as exc:
                 self._fail(inf, exc)
                 return
         self._queue(inf, op)
@@ -1139,6 +1251,32 @@ class Pager:
         if x is None or start + length > x.end:
             raise BadHandlerResult(f"{what} {start:#x}+{length:#x} is outside "
                                    f"{inf.region!r}")
+
+    def _check_move(self, inf: _Inflight, dst: int, length: int, moved: Moved) -> None:
+        """What UFFDIO_MOVE needs that we can tell before asking the kernel."""
+        region = inf.region
+        if inf.msg.flags & (_WP | _MINOR):
+            raise BadHandlerResult(f"move for {inf.fault!r}: MOVE fills missing pages; this "
+                                   f"page is present (return None, or unprotect/continue)")
+        if region.remote or inf.ctx is not self._main:
+            raise BadHandlerResult(
+                f"move for {inf.fault!r}: UFFDIO_MOVE moves pages inside the address space "
+                f"that owns the uffd, and {region!r} is another process's memory (a handed-"
+                f"over uffd or a fork child): copy the data instead")
+        if not inf.ctx.uffd.has(Feature.MOVE):
+            raise FeatureUnavailable(["MOVE"], available=feature_names(inf.ctx.uffd.features),
+                                     what="ev.move / uffd_aio.Moved (Linux 6.8+)")
+        if region.memfd is not None or region.page_size != PAGE_SIZE:
+            raise BadHandlerResult(
+                f"move into {region!r}: UFFDIO_MOVE works only on private anonymous memory "
+                f"with base pages (not shmem or hugetlbfs): copy instead")
+        src = moved.src
+        if not isinstance(src, int) or src <= 0 or src % PAGE_SIZE:
+            raise BadHandlerResult(f"move source {src!r} must be a page-aligned address")
+        self._check_range(inf, dst, length, what="move")
+        if src < dst + length and dst < src + length:
+            raise BadHandlerResult(f"move source {src:#x}+{length:#x} overlaps the "
+                                   f"destination {dst:#x}")
 
     # ---- resolution -----------------------------------------------------------
 
@@ -1199,6 +1337,10 @@ class Pager:
                 self._execute(ctx, m, owners[id(m)])
 
     def _execute(self, ctx: _Context, op: Op, infs: list[_Inflight]) -> None:
+        if ctx.uffd.closed:  # a retry timer that outlived aclose(): nothing left to do
+            for inf in infs:
+                self._finish(inf)
+            return
         try:
             res = self._backend.execute(ctx.uffd, op)
         except MmChanging:
@@ -1248,6 +1390,8 @@ class Pager:
             c.unprotects += 1
         elif kind is Kind.POISON:
             c.poisons += 1
+        elif kind is Kind.MOVE:
+            c.moves += 1
         else:
             c.wakes += 1
         for inf in infs:
@@ -1269,6 +1413,22 @@ class Pager:
 
     def _resolve_failed(self, ctx: _Context, op: Op, infs: list[_Inflight],
                         exc: ResolveError) -> None:
+        if op.kind is Kind.MOVE and isinstance(exc, MoveError) and (
+                exc.done or exc.errno == E.EEXIST):
+            # a handler's Moved: the faulting page (op.address) was moved, or is there
+            # already; what was not moved stays at the source
+            self._log.warning("uffd_aio.move_incomplete", address=hex(op.address),
+                              moved=exc.done, length=op.length, error=str(exc))
+            if not exc.done:  # EEXIST does not wake
+                try:
+                    ctx.uffd.wake(op.address, infs[0].page_size if infs else PAGE_SIZE)
+                except OSError:
+                    pass
+            self._counters.moves += bool(exc.done)
+            for inf in infs:
+                self._counters.resolved_pages += 1
+                self._finish(inf)
+            return
         self._log.error("uffd_aio.resolve_failed", op=op.kind.value, address=hex(op.address),
                         length=op.length, error=str(exc))
         if op.kind is Kind.POISON or not infs:
@@ -1332,6 +1492,8 @@ class Pager:
             c.unprotects += 1
         elif op.kind is Kind.POISON:
             c.poisons += 1
+        elif op.kind is Kind.MOVE:
+            c.moves += 1
         if op.address <= inf.page < op.end and not inf.resolved:
             inf.resolved = True
             c.resolved_pages += 1
@@ -1340,6 +1502,13 @@ class Pager:
 
     def _fail(self, inf: _Inflight, exc: BaseException) -> None:
         """A handler failed: log, apply the error policy so no thread hangs."""
+        if isinstance(exc, RangeGone):  # the process exited or dropped the range: no error
+            self._log.info("uffd_aio.handler_range_gone", fault=repr(inf.fault) if inf.fault
+                           else hex(inf.page), error=str(exc))
+            if not inf.resolved:
+                self._apply_policy(inf.ctx, inf.msg, inf.page, inf.page_size)
+            self._finish(inf)
+            return
         self._counters.errors += 1
         self._log.error("uffd_aio.handler_failed", fault=repr(inf.fault) if inf.fault else
                         hex(inf.page), policy=self._on_error,
@@ -1359,9 +1528,9 @@ class Pager:
         elif msg.is_minor:
             ops = [Op(Kind.POISON, page, size), Op(Kind.CONTINUE, page, size)]
         elif self._on_error == "zero":
-            ops = [Op(Kind.ZERO, page, size)]
+            ops = [zero_op(page, size, size)]
         else:
-            ops = [Op(Kind.POISON, page, size), Op(Kind.ZERO, page, size)]
+            ops = [Op(Kind.POISON, page, size), zero_op(page, size, size)]
         if msg.is_wp and self._on_error != "zero":
             ops.insert(0, Op(Kind.POISON, page, size))
         backend = getattr(self._backend, "sync", self._backend)  # synchronous resolutions

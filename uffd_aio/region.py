@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -21,6 +22,7 @@ FaultResult = Any  # bytes-like | None
 FaultHandler = Callable[["PageFault"], "FaultResult | Awaitable[FaultResult]"]
 EventHandler = Callable[["Fork | Remap | Remove | Unmap"], "Awaitable[None] | None"]
 F = TypeVar("F", bound=Callable[..., Any])
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @attrs.define(eq=False, repr=False)
@@ -117,6 +119,11 @@ class Region:
         EAGAIN retries, errors; the pager's error policy applies).  See
         :mod:`uffd_aio.native`.
         """
+        if self.page_size != _PAGE_SIZE:
+            raise ValueError(f"serve_from: the native engine serves base pages "
+                             f"({_PAGE_SIZE} bytes) only; {self!r} has "
+                             f"{self.page_size >> 10} KiB pages (hugetlbfs): serve it "
+                             f"with a Python handler (region.on_fault)")
         self.pager._serve_from(self, source, offset=offset, readahead=readahead)
 
     @property

@@ -9,7 +9,8 @@
 
 Before execution, the pending resolutions of one batch are sorted and
 contiguous ones merged (:func:`merge`): N neighbouring pages cost one ioctl,
-which also wakes every waiter of the range once.
+which also wakes every waiter of the range once.  MOVE ops are never merged:
+each one names its own source range.
 """
 
 from __future__ import annotations
@@ -35,11 +36,35 @@ class Kind(enum.Enum):
     UNPROTECT = "unprotect"
     POISON = "poison"
     WAKE = "wake"
+    MOVE = "move"
+
+
+@attrs.frozen(slots=True)
+class Moved:
+    """A fault handler's result meaning "move these pages in" (UFFDIO_MOVE, 6.8+).
+
+    ``return uffd_aio.Moved(src)`` from a handler: the kernel moves the private
+    anonymous pages at ``src`` (this process's own memory, e.g. a decompression
+    buffer) to the faulting page, zero-copy, and the source becomes a hole.
+    ``length`` (default: one page) may cover several pages (read-ahead);
+    ``allow_src_holes`` skips holes in the source instead of failing (the
+    destination pages there stay missing and fault again).  The explicit form
+    is ``await ev.move(src, length)``.  Failures raise :class:`MoveError`.
+    """
+
+    src: int
+    length: int | None = None
+    allow_src_holes: bool = False
 
 
 @attrs.frozen(slots=True)
 class Op:
-    """One resolution: ``length`` bytes at ``address``; ``data`` only for COPY."""
+    """One resolution: ``length`` bytes at ``address``.
+
+    ``data``: the buffer for COPY; the :class:`Moved` (its ``src``) for MOVE; for
+    ZERO on hugetlbfs, which has no UFFDIO_ZEROPAGE, a zero buffer to copy from
+    (:func:`zero_source`).
+    """
 
     kind: Kind
     address: int
@@ -62,7 +87,9 @@ def merge(ops: Iterable[Op]) -> list[Op]:
     for op in sorted(ops, key=lambda o: o.address):
         if out:
             last = out[-1]
-            if last.kind is op.kind and last.wp == op.wp and op.address <= last.end:
+            if (last.kind is op.kind and last.wp == op.wp and op.address <= last.end
+                    and op.kind is not Kind.MOVE
+                    and (op.kind is not Kind.ZERO or op.data is None is last.data)):
                 if op.end <= last.end:
                     continue  # fully covered
                 if op.kind is Kind.COPY:
@@ -103,6 +130,11 @@ class IoctlBackend:
             del keep
             return n
         if kind is Kind.ZERO:
+            if op.data is not None:  # hugetlbfs: no zero page, copy zeros
+                src, keep = ll.buffer_address(op.data)
+                n = uffd.copy(op.address, src, op.length)
+                del keep
+                return n
             return uffd.zeropage(op.address, op.length)
         if kind is Kind.CONTINUE:
             return uffd.continue_(op.address, op.length, wp=op.wp)
@@ -111,8 +143,34 @@ class IoctlBackend:
             return op.length
         if kind is Kind.POISON:
             return uffd.poison(op.address, op.length)
+        if kind is Kind.MOVE:
+            return execute_move(uffd, op)
         uffd.wake(op.address, op.length)
         return op.length
+
+
+def execute_move(uffd: Userfaultfd, op: Op) -> int:
+    """UFFDIO_MOVE for ``op`` (every backend: the patched kernel's write interface has
+    no MOVE, kernel_patches/README.md); bytes moved (less than ``op.length`` only
+    when the address space changed meanwhile)."""
+    moved: Moved = op.data
+    return uffd.move(op.address, moved.src, op.length, allow_src_holes=moved.allow_src_holes)
+
+
+_zeros: dict[int, Any] = {}
+
+
+def zero_source(length: int) -> memoryview:
+    """``length`` zero bytes to UFFDIO_COPY from where UFFDIO_ZEROPAGE does not exist
+    (hugetlbfs).  A read-only anonymous mapping never written: it costs no memory
+    (every page is the kernel's zero page), one per size, kept for the process."""
+    buf = _zeros.get(length)
+    if buf is None:
+        import mmap
+
+        buf = _zeros[length] = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                         prot=mmap.PROT_READ)
+    return memoryview(buf)
 
 
 def covering(ops: Sequence[Op], address: int) -> Op | None:

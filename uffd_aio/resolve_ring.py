@@ -46,7 +46,7 @@ import structlog
 from uffd_aio import modes, wpos
 from uffd_aio.errors import FeatureUnavailable, ResolveError
 from uffd_aio.modes import Feature
-from uffd_aio.resolve import Kind, Op
+from uffd_aio.resolve import Kind, Op, execute_move
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring.ring import _FutureOp
 from uffd_aio.uffd import PAGE_SIZE, MmChanging, RangeGone, available_features
@@ -252,18 +252,23 @@ class PwriteBackend:
         self.pwrites = 0
 
     def execute(self, uffd: Userfaultfd, op: Op) -> int:
+        if op.kind is Kind.MOVE:  # no write op for MOVE: kernel_patches/README.md
+            return execute_move(uffd, op)
         wop = _KIND_OP[op.kind]
-        if op.kind is Kind.COPY:
+        if op.data is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
+            wop = WriteOp.COPY
             src, keep = ll.buffer_address(op.data)
         else:
             src, keep = 0, None
+        ps = PAGE_SIZE if uffd.page_size_of is None else uffd.page_size_of(op.address)
         n = self.run(writer_fd(uffd), wop, op.address, op.length, src,
-                     op.wp and wop in wpos.MODE_WP_OPS)
+                     op.wp and wop in wpos.MODE_WP_OPS, page_size=ps)
         del keep
         return n
 
     def run(self, wfd: int, wop: WriteOp, address: int, length: int, src: int,
-            mode_wp: bool, done: int = 0, skipped: bool = False) -> int:
+            mode_wp: bool, done: int = 0, skipped: bool = False,
+            page_size: int = PAGE_SIZE) -> int:
         """Resolve ``[address + done, address + length)``; wake the whole range if pages
         were skipped (now or, ``skipped``, by the caller before)."""
         bits = int(wop) | (wpos.MODE_WP if mode_wp else 0)
@@ -274,7 +279,7 @@ class PwriteBackend:
             if rc == 0 and got > 0:
                 done += got
             elif rc == -E.EEXIST and wop in _EEXIST_SKIPS:
-                done += PAGE_SIZE
+                done += page_size
                 skipped = True
             else:
                 raise _error(rc if rc < 0 else -E.EIO, f"UFFDIO_WRITE {wop.name}",
@@ -415,7 +420,8 @@ class RingWriteBackend:
 
     ``ring_writes`` counts the WRITE SQEs; ``pwrites`` the synchronous writes
     of :attr:`sync` (the pager's explicit resolutions and error policy, the rest
-    of a ring write that came back short); ``ioctls`` stays 0.
+    of a ring write that came back short); ``ioctls`` counts the UFFDIO_MOVEs,
+    which have no write op and go through the ioctl.
     """
 
     name = "ring"
@@ -452,12 +458,16 @@ class RingWriteBackend:
         self.ring.submit_rw(ll.OP_WRITE, wfd, addr, length, pos, cb)
         self.ring_writes += 1
 
-    def execute(self, uffd: Userfaultfd, op: Op) -> asyncio.Future[int]:
+    def execute(self, uffd: Userfaultfd, op: Op) -> int | asyncio.Future[int]:
+        if op.kind is Kind.MOVE:  # no write op for MOVE: the ioctl (kernel_patches/README.md)
+            self.ioctls += 1
+            return execute_move(uffd, op)
         wop = _KIND_OP[op.kind]
         wfd = uffd.writer_fd
         if wfd is None:
             wfd = writer_fd(uffd)  # a fork child's uffd: its own writer fd
-        if op.kind is Kind.COPY:
+        if op.data is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
+            wop = WriteOp.COPY
             src, keep = ll.buffer_address(op.data)
         else:
             src, keep = 0, None

@@ -6,7 +6,9 @@ Per client:
 1. :func:`uffd_aio.handoff.receive` reads the one handoff message (the uffd
    + the mapping JSON), checks the peer's uid against ``allow_uids`` first;
    bad input is logged (``uffd_aio.handoff_invalid``) and the connection
-   closed, other clients never notice.
+   closed, other clients never notice.  Until then the connection waits in a
+   bounded pending queue (``max_pending``, the oldest dropped when full), not
+   in one of the ``max_clients`` slots: idle connections cannot lock clients out.
 2. The uffd goes to a :class:`~uffd_aio.pager.Pager` of its own (all pagers
    share one io_uring :class:`~uffd_aio.ring.Ring`); each mapping becomes a
    region (:meth:`Pager.adopt`) served from the backend through
@@ -30,8 +32,10 @@ import asyncio
 import bisect
 import contextlib
 import errno
+import fcntl
 import itertools
 import os
+import select
 import signal
 import socket
 import stat
@@ -44,11 +48,21 @@ from typing import Any, Literal
 import attrs
 import structlog
 
+from uffd_aio.fdkeeper import (
+    FdStore,
+    KeeperStore,
+    StoreError,
+    SystemdStore,
+    close_all,
+    recv_msg,
+    send_msg,
+)
 from uffd_aio.handlers.base import Backend
 from uffd_aio.handoff import (
     Handoff,
     HandoffError,
     HandoffRejected,
+    _is_uffd,
     _readable,
     peer_credentials,
     receive,
@@ -56,11 +70,26 @@ from uffd_aio.handoff import (
 from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
 from uffd_aio.pager import ErrorPolicy, Pager
 from uffd_aio.ring import Ring
+from uffd_aio.serve_state import (
+    MAX_STATE_BYTES,
+    ClientState,
+    StateError,
+    alive,
+    backend_fingerprint,
+    client_key,
+    decode,
+    encode,
+    process_start_time,
+    write_atomic,
+)
 from uffd_aio.uffd import Userfaultfd
 
 RemovePolicy = Literal["refetch", "zero"]
+FatalPolicy = Literal["hang", "kill-clients"]
+FdStoreChoice = Literal["auto", "keeper", "systemd"]
 
-__all__ = ["ClientInfo", "HandoffServer", "ServerStats", "add_arguments", "main"]
+__all__ = ["ClientInfo", "HandoffServer", "RecoveryReport", "ServerStats", "add_arguments",
+           "main"]
 
 
 class _Ranges:
@@ -106,6 +135,18 @@ class ClientInfo:
 
 
 @attrs.define(eq=False)
+class RecoveryReport:
+    """What a server found in its state directory (or got from a takeover) at start."""
+
+    how: str = "state"  # "state" (restart) or "takeover"
+    adopted: int = 0
+    dropped: int = 0  # clients that exited meanwhile: state and fds removed
+    rejected: int = 0  # corrupt/foreign state files (moved to STATE_DIR/rejected/)
+    lost: int = 0  # alive, but no fd could be had: cannot be served again
+    seconds: float = 0.0
+
+
+@attrs.define(eq=False)
 class ServerStats:
     """Counters of a :class:`HandoffServer` (totals since start)."""
 
@@ -118,14 +159,26 @@ class ServerStats:
     faults: int = 0
     resolved_bytes: int = 0
     errors: int = 0
+    #: bytes read from clients after their handoff (the protocol expects none)
+    extra_bytes: int = 0
 
 
 class _Client:
-    def __init__(self, cid: int, sock: socket.socket, log: Any) -> None:
+    def __init__(self, cid: int, sock: socket.socket | None, log: Any) -> None:
         self.id = cid
         self.sock = sock
         self.log = log
-        self.pid = self.uid = -1
+        self.pid = self.uid = self.gid = -1
+        #: the process instance (field 22 of /proc/PID/stat): a recycled pid has another
+        self.start_time: int | None = None
+        self.pidfd = -1
+        #: --state-dir: our own copy of the uffd (the pager owns the other), for a takeover
+        self.keep_uffd = -1
+        self.stored = False  # its fds are in the fd store / its state file is written
+        self.detached = False  # handed to another server (or left for the next one)
+        self.state_generation = 0
+        self.state_flush: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
         self.handoff: Handoff | None = None
         self.pager: Pager | None = None
         self.attachments: list[Any] = []
@@ -135,12 +188,39 @@ class _Client:
         self.since = time.monotonic()
         self.stop_reason = ""
 
+    @property
+    def key(self) -> str:
+        assert self.start_time is not None
+        return client_key(self.pid, self.start_time)
+
+    def close_kept(self) -> None:
+        """Close what was kept for a takeover: our uffd copy and the connection."""
+        if self.keep_uffd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.keep_uffd)
+            self.keep_uffd = -1
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
     def info(self) -> ClientInfo:
         st = self.pager.stats if self.pager is not None else None
         h = self.handoff
         return ClientInfo(self.id, self.pid, self.uid, len(h.mappings) if h else 0,
                           h.total if h else 0, st.faults if st else 0,
                           st.resolved_bytes if st else 0, self.removes, self.since)
+
+
+async def _hangup(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until the peer of socket ``fd`` closes (or shuts down writing) without reading:
+    an epoll instance watching only EPOLLRDHUP (EPOLLHUP/EPOLLERR are implied) becomes
+    readable then, however much unread data sits in the socket."""
+    ep = select.epoll(1)
+    try:
+        ep.register(fd, select.EPOLLRDHUP)
+        await _readable(loop, ep.fileno())
+    finally:
+        ep.close()
 
 
 def _load_attach() -> Callable[..., Any] | None:
@@ -172,6 +252,7 @@ class HandoffServer:
         max_total: int = DEFAULT_MAX_TOTAL,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_clients: int = 1024,
+        max_pending: int = 128,
         remove: RemovePolicy = "refetch",
         keep_after_eof: bool = False,
         on_error: ErrorPolicy = "poison",
@@ -181,6 +262,13 @@ class HandoffServer:
         socket_mode: int = 0o600,
         record: str | os.PathLike[str] | None = None,
         replay: str | os.PathLike[str] | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        takeover: bool = False,
+        on_fatal: FatalPolicy = "hang",
+        fd_store: FdStoreChoice = "auto",
+        keeper_idle: float = 30.0,
+        pidfd_getfd: bool = False,
+        takeover_drain: float = 1.0,
     ) -> None:
         if remove not in ("refetch", "zero"):
             raise ValueError(f"remove must be 'refetch' or 'zero', not {remove!r}")
@@ -194,7 +282,10 @@ class HandoffServer:
         self.max_mappings = max_mappings
         self.max_total = max_total
         self.max_payload = max_payload
+        if max_clients < 1 or max_pending < 1:
+            raise ValueError("max_clients and max_pending must be at least 1")
         self.max_clients = max_clients
+        self.max_pending = max_pending
         self.remove = remove
         self.keep_after_eof = keep_after_eof
         self.on_error = on_error
@@ -208,8 +299,36 @@ class HandoffServer:
             from uffd_aio.handlers.readahead import read_trace
 
             self._replay = read_trace(replay)
+        if on_fatal not in ("hang", "kill-clients"):
+            raise ValueError(f"on_fatal must be 'hang' or 'kill-clients', not {on_fatal!r}")
+        if fd_store not in ("auto", "keeper", "systemd"):
+            raise ValueError(f"fd_store must be 'auto', 'keeper' or 'systemd', not {fd_store!r}")
+        if takeover and state_dir is None:
+            raise ValueError("takeover needs a state_dir (the running server listens for "
+                             "takeovers in its state directory)")
+        self.state_dir = os.path.abspath(os.fspath(state_dir)) if state_dir is not None \
+            else None
+        self.takeover = takeover
+        self.on_fatal: FatalPolicy = on_fatal
+        self.fd_store_choice: FdStoreChoice = fd_store
+        self.keeper_idle = keeper_idle
+        self.pidfd_getfd = pidfd_getfd
+        self.takeover_drain = takeover_drain
+        #: set when the server handed its clients over (or left them for the next one)
+        self.handed_over = False
+        self._store: FdStore | None = None
+        self._lock_fd = -1
+        self._tsock: socket.socket | None = None  # takeover listener (state dir)
+        self._takeover_task: asyncio.Task[None] | None = None
+        self._fingerprint = ""
+        self.recovery: RecoveryReport | None = None
+        self._detached_clients: list[_Client] = []
+        self._closing_task: asyncio.Task[None] | None = None
+        self._defer_store = False  # during a takeover: store + write after the WAKEs
+        self._fatal: asyncio.Future[BaseException] | None = None
         self.stats = ServerStats()
-        self._clients: dict[int, _Client] = {}
+        self._clients: dict[int, _Client] = {}  # handed off: each holds a client slot
+        self._pending: dict[int, _Client] = {}  # connected, no handoff yet (oldest first)
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._lsock: socket.socket | None = None
@@ -235,8 +354,51 @@ class HandoffServer:
         await self.aclose()
 
     async def start(self) -> None:
-        """Bind and listen (a stale socket file from a dead server is replaced)."""
+        """Bind and listen (a stale socket file from a dead server is replaced).
+
+        With ``state_dir``: take the directory's lock, then serve again every client
+        a previous server left there (a crash or a restart), or, with ``takeover``,
+        receive every client of the running server (its listening socket too)."""
         self._loop = asyncio.get_running_loop()
+        received: _Received | None = None
+        if self.state_dir is not None:
+            self._fingerprint = self._backend_fingerprint()
+            os.makedirs(os.path.join(self.state_dir, "clients"), mode=0o700, exist_ok=True)
+            if self.takeover:
+                received = await self._request_takeover()
+                self._lsock = received.lsock
+            else:
+                self._lock(wait=0)
+        try:
+            if self._lsock is None:
+                self._bind()
+            self._ring = Ring(loop=self._loop)
+            if self.state_dir is not None:
+                self._store = self._open_store()
+                if received is not None:
+                    await self._adopt_received(received)
+                else:
+                    self._recover()
+                self._listen_takeover()
+        except BaseException:
+            if received is not None:
+                received.close()
+            self._abort_start()
+            raise
+        self._accept_task = self._loop.create_task(self._accept_loop())
+        self._accept_task.add_done_callback(self._accept_done)
+        self._log.info("uffd_aio.server_listening", backend=self.backend.name,
+                       allow_uids=sorted(self.allow_uids) if self.allow_uids else None,
+                       remove=self.remove, state_dir=self.state_dir,
+                       fd_store=self._store.kind if self._store is not None else None)
+
+    def _backend_fingerprint(self) -> str:
+        path = getattr(self.backend, "path", None)
+        if isinstance(path, str | os.PathLike) and os.path.isfile(path):
+            return backend_fingerprint(self.backend.name, os.fspath(path))
+        return backend_fingerprint(self.backend.name)
+
+    def _bind(self) -> None:
         self._remove_stale_socket()
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -251,11 +413,21 @@ class HandoffServer:
             lsock.close()
             raise
         self._lsock = lsock
-        self._ring = Ring(loop=self._loop)
-        self._accept_task = self._loop.create_task(self._accept_loop())
-        self._log.info("uffd_aio.server_listening", backend=self.backend.name,
-                       allow_uids=sorted(self.allow_uids) if self.allow_uids else None,
-                       remove=self.remove)
+
+    def _abort_start(self) -> None:
+        for c in list(self._clients.values()):
+            c.detached = True  # a failed start leaves the state for the next server
+            if c.task is not None:
+                c.task.cancel()
+        if self._lsock is not None and not self.takeover:
+            self._lsock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        if self._ring is not None and not self._clients:
+            self._ring.close()
+        if self._store is not None:
+            self._store.close()
+        self._unlock()
 
     def _remove_stale_socket(self) -> None:
         try:
@@ -275,38 +447,105 @@ class HandoffServer:
         raise FileExistsError(errno.EADDRINUSE, f"a server already listens on {self.path}")
 
     async def serve_forever(self) -> None:
-        await self._closed.wait()
+        """Serve until closed; a fatal failure of the server (see :meth:`fatal`) is raised."""
+        loop = asyncio.get_running_loop()
+        if self._fatal is None:
+            self._fatal = loop.create_future()
+        closed = asyncio.ensure_future(self._closed.wait())
+        waits: list[asyncio.Future[Any]] = [closed, self._fatal]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if self._fatal.done() and not self._closed.is_set():
+            raise self._fatal.result()
+
+    def fatal(self, exc: BaseException) -> None:
+        """The server cannot go on (a bug, a dead ring): ``on_fatal="kill-clients"``
+        SIGKILLs every client now (a VM killed loudly beats one hung forever, as
+        Firecracker recommends); :meth:`serve_forever` then raises ``exc``."""
+        self._log.critical("uffd_aio.server_fatal", error=f"{type(exc).__name__}: {exc}",
+                           on_fatal=self.on_fatal, clients=len(self._clients))
+        if self.on_fatal == "kill-clients":
+            self.kill_clients(f"server failure: {type(exc).__name__}: {exc}")
+        if self._fatal is None and self._loop is not None:
+            self._fatal = self._loop.create_future()
+        if self._fatal is not None and not self._fatal.done():
+            self._fatal.set_result(exc)
+
+    def kill_clients(self, reason: str) -> int:
+        """SIGKILL every client process (the very instance that handed over: its start
+        time is checked, and the pidfd is used when there is one).  Returns how many."""
+        n = 0
+        for c in list(self._clients.values()):
+            if c.pid > 0 and _kill(c.pid, c.start_time, c.pidfd, c.log, reason):
+                n += 1
+        return n
 
     async def aclose(self) -> None:
         """Stop accepting, release every client (their faults then go back to the
-        kernel: memory still missing makes their threads fail), remove the socket."""
+        kernel: memory still missing makes their threads fail), remove the socket.
+
+        With ``state_dir`` the clients are *left* instead: their state files and fds
+        stay (in the fd keeper or systemd's store) and the next server started on the
+        directory serves them again; until then their faults wait."""
         if self._closed.is_set():
             return
         if self._accept_task is not None:
             self._accept_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accept_task
+        if self._takeover_task is not None and \
+                self._takeover_task is not asyncio.current_task():
+            self._takeover_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._takeover_task
         if self._lsock is not None:
             self._lsock.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if not self.handed_over:  # after a takeover the new server listens there
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
+        if self.state_dir is not None and not self.handed_over:
+            left = [c for c in self._clients.values() if c.pager is not None and c.stored]
+            await asyncio.gather(*(self._detach(c) for c in left))
+            if left:
+                self._log.info("uffd_aio.clients_left", clients=len(left),
+                               hint="state and fds kept: the next server started with "
+                                    "this --state-dir serves them again")
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        for c in list(self._detached_clients):
+            c.close_kept()
+        self._detached_clients.clear()
+        if self._tsock is not None:
+            self._tsock.close()
+            if not self.handed_over and self.state_dir is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.state_dir, TAKEOVER_SOCKET))
+        if self._store is not None:
+            self._store.close()
+        self._unlock()
         if self._ring is not None:
             self._ring.close()
         if self.close_backend:
             await self.backend.aclose()
         self._closed.set()
-        self._log.info("uffd_aio.server_closed", **attrs.asdict(self.stats))
+        self._log.info("uffd_aio.server_closed", handed_over=self.handed_over,
+                       **attrs.asdict(self.stats))
 
     # ---- introspection ----------------------------------------------------------
 
     @property
     def clients(self) -> list[ClientInfo]:
         return [c.info() for c in list(self._clients.values()) if c.pager is not None]
+
+    @property
+    def pending(self) -> int:
+        """Connections that have not completed their handoff yet."""
+        return len(self._pending)
 
     async def wait_clients(self, n: int, *, timeout: float = 10.0) -> None:
         """Wait until exactly ``n`` clients are being served (for tests)."""
@@ -331,64 +570,142 @@ class HandoffServer:
                 await asyncio.sleep(0.1)
                 continue
             self.stats.connections += 1
-            if len(self._clients) >= self.max_clients:
-                self._log.error("uffd_aio.too_many_clients", limit=self.max_clients)
-                self.stats.rejected += 1
-                conn.close()
-                continue
-            task = loop.create_task(self._serve_client(conn))
+            if len(self._pending) >= self.max_pending:
+                self._evict_oldest_pending()
+            cid = next(self._ids)
+            client = _Client(cid, conn, self._log.bind(client=cid))
+            self._pending[cid] = client
+            task = loop.create_task(self._serve_client(client))
+            client.task = task
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._task_done)
+            # let the new task read a handoff that is already there before the next accept:
+            # a burst of real clients then never evicts one whose message is waiting
+            await asyncio.sleep(0)
+
+    def _accept_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            assert exc is not None
+            self.fatal(exc)
+
+    def _evict_oldest_pending(self) -> None:
+        """The pending queue is full: drop the connection that has waited longest.
+
+        Idle connections must not lock real clients out (a real VMM sends its handoff
+        right after connecting, so it is never the oldest for long)."""
+        cid, oldest = next(iter(self._pending.items()))
+        del self._pending[cid]
+        self.stats.rejected += 1
+        oldest.log.warning(
+            "uffd_aio.handoff_rejected",
+            error=f"peer pid {oldest.pid} had not completed its handoff after "
+                  f"{time.monotonic() - oldest.since:.3f} s when {self.max_pending} "
+                  "connections were pending (max_pending): dropped the oldest")
+        if oldest.task is not None:
+            oldest.task.cancel()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # never: _serve_client
+            self._log.error("uffd_aio.client_task_failed",  # catches everything
+                            error=repr(task.exception()), exc_info=task.exception())
 
     # ---- one client ----------------------------------------------------------------
 
-    async def _serve_client(self, sock: socket.socket) -> None:
-        cid = next(self._ids)
-        client = _Client(cid, sock, self._log.bind(client=cid))
-        self._clients[cid] = client
+    async def _serve_client(self, client: _Client, recovered: bool = False) -> None:
+        """One connection, start to end: every way it can end is logged and counted."""
         try:
-            try:
-                client.pid, client.uid, _ = peer_credentials(sock)
-            except OSError as exc:
-                client.log.error("uffd_aio.handoff_invalid", error=f"SO_PEERCRED: {exc}")
-                self.stats.invalid += 1
-                return
-            client.log = client.log.bind(peer_pid=client.pid, peer_uid=client.uid)
-            client.log.info("uffd_aio.client_connected")
-            try:
-                h = await receive(sock, timeout=self.handoff_timeout,
-                                  max_payload=self.max_payload, max_mappings=self.max_mappings,
-                                  max_total=self.max_total, allow_uids=self.allow_uids)
-            except HandoffRejected as exc:
-                self.stats.rejected += 1
-                client.log.error("uffd_aio.handoff_rejected", error=str(exc))
-                return
-            except HandoffError as exc:
-                self.stats.invalid += 1
-                client.log.error("uffd_aio.handoff_invalid", error=str(exc))
-                return
-            except OSError as exc:
-                self.stats.invalid += 1
-                client.log.error("uffd_aio.handoff_invalid", error=f"{type(exc).__name__}: {exc}")
-                return
-            client.handoff = h
-            try:
-                self._adopt(client, h)
-            except Exception as exc:
-                self.stats.failed += 1
-                client.log.error("uffd_aio.client_setup_failed",
-                                 error=f"{type(exc).__name__}: {exc}")
-                return
-            self.stats.served += 1
-            self._changed.set()
-            client.log.info("uffd_aio.client_served", mappings=len(h.mappings), bytes=h.total,
-                            regions=[f"{m.base_host_virt_addr:#x}+{m.size:#x}@{m.offset:#x}"
-                                     for m in h.mappings[:8]])
-            client.stop_reason = await self._wait_gone(client)
+            if recovered:
+                client.stop_reason = await self._wait_gone(client)
+            else:
+                await self._serve_client_inner(client)
+        except Exception as exc:  # a bug of ours: this client only, never the server
+            self.stats.failed += 1
+            client.log.error("uffd_aio.client_task_failed",
+                             error=f"{type(exc).__name__}: {exc}", exc_info=exc)
         finally:
-            await self._release(client)
+            self._pending.pop(client.id, None)
+            try:
+                await self._release(client)
+            except Exception as exc:
+                client.log.error("uffd_aio.client_release_failed",
+                                 error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+    async def _serve_client_inner(self, client: _Client) -> None:
+        sock = client.sock
+        assert sock is not None
+        try:
+            client.pid, client.uid, _ = peer_credentials(sock)
+        except OSError as exc:
+            client.log.error("uffd_aio.handoff_invalid", error=f"SO_PEERCRED: {exc}")
+            self.stats.invalid += 1
+            return
+        client.log = client.log.bind(peer_pid=client.pid, peer_uid=client.uid)
+        client.log.info("uffd_aio.client_connected")
+        try:
+            h = await receive(sock, timeout=self.handoff_timeout,
+                              max_payload=self.max_payload, max_mappings=self.max_mappings,
+                              max_total=self.max_total, allow_uids=self.allow_uids)
+        except HandoffRejected as exc:
+            self.stats.rejected += 1
+            client.log.error("uffd_aio.handoff_rejected", error=str(exc))
+            return
+        except HandoffError as exc:
+            self.stats.invalid += 1
+            client.log.error("uffd_aio.handoff_invalid", error=str(exc))
+            return
+        except OSError as exc:
+            self.stats.invalid += 1
+            client.log.error("uffd_aio.handoff_invalid", error=f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # receive() has a bug: still this client's bad luck only
+            self.stats.invalid += 1
+            client.log.error("uffd_aio.handoff_invalid",
+                             error=f"unexpected {type(exc).__name__}: {exc}", exc_info=exc)
+            return
+        # no await from here to the client slot: an eviction cannot hit a served client
+        if self._pending.pop(client.id, None) is None:
+            h.close()  # evicted while receive() returned
+            return
+        if len(self._clients) >= self.max_clients:
+            h.close()
+            self.stats.rejected += 1
+            client.log.error("uffd_aio.too_many_clients", limit=self.max_clients,
+                             error=f"peer pid {client.pid} uid {client.uid} handed off "
+                                   f"while {self.max_clients} clients were being served "
+                                   "(max_clients): connection closed")
+            return
+        self._clients[client.id] = client
+        client.handoff = h
+        try:
+            self._adopt(client, h)
+        except Exception as exc:
+            self.stats.failed += 1
+            client.log.error("uffd_aio.client_setup_failed",
+                             error=f"{type(exc).__name__}: {exc}")
+            return
+        self.stats.served += 1
+        self._changed.set()
+        client.log.info("uffd_aio.client_served", mappings=len(h.mappings), bytes=h.total,
+                        regions=[f"{m.base_host_virt_addr:#x}+{m.size:#x}@{m.offset:#x}"
+                                 for m in h.mappings[:8]])
+        client.stop_reason = await self._wait_gone(client)
 
     def _adopt(self, client: _Client, h: Handoff) -> None:
+        from uffd_aio import hugepages
+
+        for i, m in enumerate(h.mappings):  # the peer's smaps: PageSizeMismatch names it
+            hugepages.check_range(m.base_host_virt_addr, m.size, m.page_size, pid=h.pid,
+                                  what=f"mapping {i}")
+        client.gid = h.gid
+        if client.start_time is None:
+            client.start_time = process_start_time(client.pid)
+            if client.start_time is None:
+                raise ProcessLookupError(f"process {client.pid} exited right after its "
+                                         "handoff")
+        if self.state_dir is not None and client.keep_uffd < 0:
+            client.keep_uffd = os.dup(h.uffd_fd)  # for a takeover (the pager owns h's)
         uffd = Userfaultfd.from_fd(h.uffd_fd)
         opts: dict[str, Any] = {"close_timeout": 2.0, "on_error": self.on_error}
         opts.update(self.pager_options)
@@ -409,6 +726,8 @@ class HandoffServer:
             region = pager.adopt(m.base_host_virt_addr, m.size, store_offset=m.offset,
                                  page_size=m.page_size, name=f"client{client.id}.map{i}")
             self._serve_region(client, region, m.offset)
+        if self.state_dir is not None and not self._defer_store:
+            self._store_client(client)
 
     def _serve_region(self, client: _Client, region: Any, store_offset: int) -> None:
         backend = self.backend
@@ -443,6 +762,11 @@ class HandoffServer:
             client.removes += 1
             if self.remove == "zero":
                 client.removed.add(msg.start, msg.end)
+                if client.stored and client.state_flush is None and self._loop is not None:
+                    # coalesced: a balloon sends REMOVEs in bursts; a crash within the
+                    # window refetches those pages from the backend (harmless)
+                    client.state_flush = self._loop.call_later(0.1, self._flush_state,
+                                                               client)
             client.log.debug("uffd_aio.client_remove", start=hex(msg.start), end=hex(msg.end))
 
     async def _wait_gone(self, client: _Client) -> str:
@@ -457,17 +781,26 @@ class HandoffServer:
                 return "process exited"
             except OSError as exc:  # no pidfd (old kernel, another pid namespace)
                 client.log.warning("uffd_aio.no_pidfd", error=str(exc))
+            if pidfd >= 0 and client.start_time is not None and \
+                    process_start_time(client.pid) != client.start_time:
+                return "process exited"  # the pid is another process's now
+            client.pidfd = pidfd
             if pidfd >= 0:
                 waits[asyncio.ensure_future(_readable(loop, pidfd))] = "process exited"
-            waits[asyncio.ensure_future(self._wait_eof(client))] = "connection closed"
+            elif client.sock is None:
+                waits[asyncio.ensure_future(self._poll_alive(client))] = "process exited"
+            if client.sock is not None:
+                waits[asyncio.ensure_future(self._wait_eof(client, pidfd >= 0))] = \
+                    "connection closed"
             assert client.pager is not None
             waits[asyncio.ensure_future(client.pager.wait_closed())] = "pager closed"
             while True:
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for fut in done:
                     reason = waits.pop(fut)
-                    if not fut.cancelled():
-                        fut.exception()  # retrieved: a PagerFailed is logged on release
+                    if not fut.cancelled() and fut.exception() is None:
+                        # (an exception is retrieved: a PagerFailed is logged on release)
+                        reason = fut.result() or reason
                     if reason == "connection closed" and self.keep_after_eof and pidfd >= 0:
                         client.log.info("uffd_aio.client_eof_kept")
                         continue
@@ -478,13 +811,28 @@ class HandoffServer:
             for fut in waits:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await fut
+            client.pidfd = -1
             if pidfd >= 0:
                 os.close(pidfd)
 
-    async def _wait_eof(self, client: _Client) -> None:
+    async def _poll_alive(self, client: _Client) -> None:
+        while client.start_time is not None and \
+                alive(client.pid, client.start_time):  # noqa: ASYNC110 (no pidfd)
+            await asyncio.sleep(1.0)
+
+    async def _wait_eof(self, client: _Client, watching_pid: bool) -> str | None:
+        """Wait for the peer to close the connection.
+
+        Nothing is expected after the handoff.  Data that arrives anyway is a protocol
+        violation: it is read once (at most 4 KiB), logged, and the connection is never
+        read again, so a client that keeps sending only fills its own socket buffer and
+        then blocks, instead of making the loop read and discard its bytes at the
+        expense of every other client.  From then on a hang-up is still noticed (an
+        epoll of EPOLLRDHUP, which needs no read); without a pidfd the client is
+        released instead (returns the reason)."""
         loop = asyncio.get_running_loop()
         sock = client.sock
-        warned = False
+        assert sock is not None
         while True:
             try:
                 data = sock.recv(4096)
@@ -492,13 +840,17 @@ class HandoffServer:
                 await _readable(loop, sock.fileno())
                 continue
             except OSError:
-                return
+                return None
             if not data:
-                return
-            if not warned:
-                warned = True
-                client.log.warning("uffd_aio.client_extra_data", bytes=len(data),
-                                   hint="nothing is expected after the handoff; ignored")
+                return None
+            self.stats.extra_bytes += len(data)
+            client.log.warning("uffd_aio.client_extra_data", bytes=len(data),
+                               hint="nothing is expected after the handoff: this connection "
+                                    "is not read any more")
+            if not watching_pid:
+                return "sent data after the handoff"
+            await _hangup(loop, sock.fileno())
+            return None
 
     async def _release(self, client: _Client) -> None:
         try:
@@ -508,8 +860,14 @@ class HandoffServer:
             self._changed.set()
 
     async def _release_pager(self, client: _Client) -> None:
-        with contextlib.suppress(OSError):
-            client.sock.close()
+        if client.detached:  # stopped by _detach; its fds and state live on
+            return
+        if client.state_flush is not None:
+            client.state_flush.cancel()
+            client.state_flush = None
+        client.close_kept()
+        if client.stored:
+            self._forget_client(client, client.stop_reason or "released")
         pager = client.pager
         if pager is None:
             return
@@ -546,6 +904,615 @@ class HandoffServer:
             return
         client.log.info("uffd_aio.trace_saved", path=self.record, pages=len(client.recorder))
 
+    # ---- crash safety and upgrades (--state-dir, --takeover) ------------------------------
+
+    def _state_path(self, key: str) -> str:
+        assert self.state_dir is not None
+        return os.path.join(self.state_dir, "clients", f"{key}.json")
+
+    def _client_state(self, client: _Client) -> ClientState:
+        h = client.handoff
+        assert h is not None and client.start_time is not None
+        return ClientState(pid=client.pid, start_time=client.start_time, uid=client.uid,
+                           gid=client.gid, backend=self._fingerprint, mappings=h.mappings,
+                           fds=(client.key,), removed=tuple(client.removed),
+                           removes=client.removes, adopted_at=time.time(),
+                           generation=client.state_generation)
+
+    def _write_state(self, client: _Client) -> None:
+        client.state_generation += 1
+        write_atomic(self._state_path(client.key), encode(self._client_state(client)))
+
+    def _store_client(self, client: _Client) -> None:
+        """Put the client's fds in the store and write its state file (at adoption)."""
+        assert self._store is not None and client.start_time is not None
+        fds = [client.keep_uffd] + ([client.sock.fileno()] if client.sock is not None else [])
+        try:
+            self._store.put(client.key, fds, client.pid, client.start_time)
+            self._write_state(client)
+        except (OSError, StoreError) as exc:
+            # still served; only a crash of this server would now hang it
+            client.log.error("uffd_aio.state_save_failed", error=str(exc),
+                             hint="this client is served, but not crash-safe")
+            return
+        client.stored = True
+
+    def _flush_state(self, client: _Client) -> None:
+        client.state_flush = None
+        if not client.stored or client.detached:
+            return
+        try:
+            self._write_state(client)
+        except OSError as exc:
+            client.log.error("uffd_aio.state_save_failed", error=str(exc))
+
+    def _forget_client(self, client: _Client, reason: str) -> None:
+        """The client is gone: remove its state file and its fds from the store."""
+        client.stored = False
+        self._forget(client.key, reason, client.log)
+
+    def _forget(self, key: str, reason: str, log: Any) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._state_path(key))
+        if self._store is not None:
+            try:
+                self._store.drop(key)
+            except (OSError, StoreError) as exc:
+                log.warning("uffd_aio.fd_store_drop_failed", key=key, error=str(exc))
+        log.info("uffd_aio.state_dropped", key=key, reason=reason)
+
+    def _lock(self, wait: float) -> None:
+        assert self.state_dir is not None
+        if self._lock_fd >= 0:
+            return
+        fd = os.open(os.path.join(self.state_dir, "lock"),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                os.close(fd)
+                raise FileExistsError(
+                    errno.EBUSY, f"another server uses the state directory {self.state_dir} "
+                                 "(start the new one with --takeover to replace it)") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    def _open_store(self) -> FdStore:
+        assert self.state_dir is not None
+        choice = self.fd_store_choice
+        if choice == "systemd" or (choice == "auto" and os.environ.get("NOTIFY_SOCKET")):
+            if not os.environ.get("NOTIFY_SOCKET"):
+                raise ValueError("fd_store='systemd' needs NOTIFY_SOCKET (run under systemd "
+                                 "with FileDescriptorStoreMax=)")
+            return SystemdStore()
+        try:
+            store = KeeperStore(self.state_dir, idle=self.keeper_idle)
+        except StoreError as exc:
+            raise OSError(errno.EIO, f"cannot start the fd keeper: {exc}") from None
+        if store.started_keeper is not None:
+            self._log.info("uffd_aio.fdkeeper_started", pid=store.started_keeper,
+                           socket=store.path)
+        return store
+
+    def _wake(self, client: _Client) -> None:
+        """WAKE every range: a fault whose message a dead (or the old) server read but
+        never resolved sleeps until then, and now faults again (a new message)."""
+        assert client.pager is not None and client.handoff is not None
+        uffd = client.pager.uffd
+        for m in client.handoff.mappings:
+            try:
+                uffd.wake(m.base_host_virt_addr, m.size)
+            except Exception as exc:  # ESRCH: its mm is gone (the process is exiting)
+                client.log.warning("uffd_aio.wake_failed", error=str(exc),
+                                   range=f"{m.base_host_virt_addr:#x}+{m.size:#x}")
+
+    def _adopt_state(self, st: ClientState, fds: list[int], how: str) -> bool:
+        """Serve again a client described by ``st``; ``fds``: [uffd, connection?] (owned)."""
+        cid = next(self._ids)
+        sock = None
+        if len(fds) > 1:
+            sock = socket.socket(fileno=fds[1])
+            sock.setblocking(False)
+        for extra in fds[2:]:
+            with contextlib.suppress(OSError):
+                os.close(extra)
+        client = _Client(cid, sock, self._log.bind(client=cid, peer_pid=st.pid,
+                                                   peer_uid=st.uid))
+        client.pid, client.uid, client.gid = st.pid, st.uid, st.gid
+        client.start_time = st.start_time
+        client.removes = st.removes
+        client.state_generation = st.generation
+        for s_, e_ in st.removed:
+            client.removed.add(s_, e_)
+        h = Handoff(fds[0], st.mappings, st.pid, st.uid, st.gid)
+        client.handoff = h
+        self._clients[cid] = client
+        try:
+            self._adopt(client, h)
+        except Exception as exc:
+            self._clients.pop(cid, None)
+            self.stats.failed += 1
+            client.log.error("uffd_aio.client_setup_failed", how=how,
+                             error=f"{type(exc).__name__}: {exc}")
+            if client.pager is None:
+                h.close()
+            client.close_kept()
+            return False
+        self._wake(client)
+        if how in ("restart", "resume"):
+            client.stored = True  # fds in the store and state file as they were
+        self.stats.served += 1
+        self._changed.set()
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve_client(client, recovered=True))
+        client.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        client.log.info("uffd_aio.client_readopted", how=how, mappings=len(h.mappings),
+                        bytes=h.total, removed=len(list(client.removed)))
+        return True
+
+    def _recover(self) -> None:
+        """Serve again every client a previous server left in the state directory."""
+        assert self.state_dir is not None and self._store is not None
+        t0 = time.monotonic()
+        rep = RecoveryReport("state")
+        cdir = os.path.join(self.state_dir, "clients")
+        keys: set[str] = set()
+        for name in sorted(os.listdir(cdir)):
+            path = os.path.join(cdir, name)
+            if name.startswith(".") or not name.endswith(".json"):
+                if name.startswith(".") and ".tmp" in name:  # a write the crash cut short
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_STATE_BYTES + 1)
+                st = decode(data, backend=self._fingerprint)
+                if name != f"{st.key}.json":
+                    raise StateError(f"file name {name!r} does not match its key {st.key!r}")
+            except (OSError, StateError) as exc:
+                rep.rejected += 1
+                self._reject_state(path, str(exc))
+                continue
+            keys.add(st.key)
+            if not alive(st.pid, st.start_time):
+                rep.dropped += 1
+                self._forget(st.key, "process exited while no server ran", self._log)
+                continue
+            fds = self._take_fds(st)
+            if fds is None:
+                rep.lost += 1
+                self._lost(st)
+                continue
+            self._defer_store = True  # its fds are in the store, its state file is current
+            try:
+                ok = self._adopt_state(st, fds, "restart")
+            finally:
+                self._defer_store = False
+            if ok:
+                rep.adopted += 1
+            else:
+                rep.lost += 1
+                self._lost(st, adopted=False)
+        # fds in the store without a state file: a crash between put and write
+        try:
+            for key in self._store.names():
+                if key not in keys:
+                    pid, _, start = key.partition("-")
+                    if not (pid.isdigit() and start.isdigit() and alive(int(pid), int(start))):
+                        self._forget(key, "no state file and the process exited", self._log)
+        except (OSError, StoreError) as exc:
+            self._log.warning("uffd_aio.fd_store_list_failed", error=str(exc))
+        rep.seconds = round(time.monotonic() - t0, 6)
+        self.recovery = rep
+        self._log.info("uffd_aio.recovered", **attrs.asdict(rep))
+
+    def _reject_state(self, path: str, reason: str) -> None:
+        """A corrupt or foreign state file: kept aside (never deleted), logged, skipped."""
+        assert self.state_dir is not None
+        rdir = os.path.join(self.state_dir, "rejected")
+        os.makedirs(rdir, mode=0o700, exist_ok=True)
+        dest = os.path.join(rdir, f"{os.path.basename(path)}.{int(time.time())}")
+        try:
+            os.replace(path, dest)
+        except OSError:
+            dest = path
+        self._log.error("uffd_aio.state_rejected", path=path, moved_to=dest, error=reason)
+
+    def _take_fds(self, st: ClientState) -> list[int] | None:
+        assert self._store is not None
+        try:
+            fds = self._store.take(st.key)
+        except (OSError, StoreError) as exc:
+            self._log.error("uffd_aio.fd_store_failed", key=st.key, error=str(exc))
+            fds = None
+        if fds and not _is_uffd(fds[0]):
+            self._log.error("uffd_aio.fd_store_failed", key=st.key,
+                            error="the stored fd is not a userfaultfd")
+            close_all(fds)
+            fds = None
+        if fds is None and self.pidfd_getfd:
+            fd = steal_uffd(st.pid, st.start_time)
+            if fd is not None:
+                self._log.warning("uffd_aio.uffd_from_client", peer_pid=st.pid,
+                                  how="pidfd_getfd")
+                fds = [fd]
+        return fds
+
+    def _lost(self, st: ClientState, adopted: bool = True) -> None:
+        """An alive client whose uffd could not be had (or served): it cannot be served
+        again by anyone; with on_fatal="kill-clients" it is killed instead of hanging."""
+        log = self._log.bind(peer_pid=st.pid, key=st.key)
+        log.error("uffd_aio.client_lost",
+                  error="no copy of its uffd survived (fd store empty)" if adopted else
+                        "its uffd could not be served again",
+                  on_fatal=self.on_fatal)
+        if self.on_fatal == "kill-clients":
+            _kill(st.pid, st.start_time, -1, log, "its uffd was lost with the server")
+        self._forget(st.key, "lost", self._log)
+
+    async def _detach(self, client: _Client) -> None:
+        """Stop serving ``client`` but keep everything a successor needs: the state file,
+        the fds in the store, our uffd copy and its connection (for a takeover).
+
+        Handlers still running get the pager's close timeout to finish; faults read but
+        not resolved by then are abandoned: the successor's WAKE makes them fault again."""
+        if client.detached or client.pager is None:
+            return
+        client.detached = True
+        if client.state_flush is not None:
+            client.state_flush.cancel()
+            client.state_flush = None
+            with contextlib.suppress(OSError):
+                self._write_state(client)
+        client.pager.stop_reading()  # else closing waits for a pause in the faults
+        for att in client.attachments:
+            with contextlib.suppress(Exception):
+                await att.aclose()
+        try:
+            await client.pager.aclose()
+        except Exception as exc:
+            client.log.warning("uffd_aio.client_close_error",
+                               error=f"{type(exc).__name__}: {exc}")
+        st = client.pager.stats
+        self.stats.faults += st.faults
+        self.stats.resolved_bytes += st.resolved_bytes
+        self.stats.errors += st.errors
+        self._detached_clients.append(client)
+        if client.task is not None and client.task is not asyncio.current_task():
+            client.task.cancel()
+        client.log.info("uffd_aio.client_detached", faults=st.faults)
+
+    # -- takeover: the running (old) server's side
+
+    def _listen_takeover(self) -> None:
+        assert self.state_dir is not None and self._loop is not None
+        path = os.path.join(self.state_dir, TAKEOVER_SOCKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # we hold the lock: any socket there is a predecessor's
+        ts = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            ts.bind(path)
+        finally:
+            os.umask(old)
+        ts.listen(4)
+        ts.setblocking(False)
+        self._tsock = ts
+        self._takeover_task = self._loop.create_task(self._takeover_loop())
+
+    async def _takeover_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._tsock is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._tsock)
+            try:
+                done = await self._hand_over(conn)
+            except Exception as exc:
+                self._log.error("uffd_aio.takeover_failed", error=f"{type(exc).__name__}: {exc}",
+                                exc_info=exc)
+                done = False
+            finally:
+                conn.close()
+            if done:
+                self.handed_over = True
+                self._closing_task = loop.create_task(self.aclose())
+                return
+
+    async def _hand_over(self, conn: socket.socket) -> bool:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        if peer_credentials(conn)[1] != os.getuid():
+            self._log.error("uffd_aio.takeover_refused", error="peer of another uid")
+            return False
+        async with asyncio.timeout(10):
+            req, fds = await _arecv(loop, conn)
+        close_all(fds)
+        err = None
+        if req is None or req.get("op") != "takeover" or req.get("version") != TAKEOVER_VERSION:
+            err = f"not a takeover request of version {TAKEOVER_VERSION}: {req!r:.200}"
+        elif req.get("backend") != self._fingerprint:
+            err = (f"the new server's backend {req.get('backend')!r} is not this server's "
+                   f"{self._fingerprint!r}")
+        elif req.get("socket") != self.path:
+            err = f"the new server's socket {req.get('socket')!r} is not {self.path!r}"
+        if err is not None:
+            self._log.error("uffd_aio.takeover_refused", error=err)
+            await _asend(loop, conn, {"ok": False, "error": err})
+            return False
+        t0 = time.monotonic()
+        self._log.info("uffd_aio.takeover_started", clients=len(self._clients))
+        # 1. no new connections (they wait in the listen backlog for the new server)
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        # 2. handoffs under way complete here first (a real VMM sends at once)
+        deadline = time.monotonic() + self.handoff_timeout
+        while self._pending and time.monotonic() < deadline:  # noqa: ASYNC110 (rare)
+            await asyncio.sleep(0.005)
+        for c in list(self._pending.values()):
+            if c.task is not None:
+                c.task.cancel()
+        # 3. stop reading every uffd (running handlers finish within the close timeout)
+        clients = [c for c in self._clients.values() if c.pager is not None and c.stored]
+        await asyncio.gather(*(self._detach(c) for c in clients))
+        stopped = time.monotonic()
+        # 4. everything to the new server
+        assert self._lsock is not None
+        try:
+            await _asend(loop, conn, {"ok": True, "op": "listen", "path": self.path},
+                         [self._lsock.fileno()])
+            for c in clients:
+                fds = [c.keep_uffd] + ([c.sock.fileno()] if c.sock is not None else [])
+                await _asend(loop, conn, {"op": "client",
+                                          "state": encode(self._client_state(c)).decode()},
+                             fds)
+            await _asend(loop, conn, {"op": "end", "count": len(clients)})
+            async with asyncio.timeout(60):
+                reply, fds = await _arecv(loop, conn)
+            close_all(fds)
+        except (OSError, TimeoutError, StoreError) as exc:
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        if reply is None or reply.get("op") != "done":
+            self._log.error("uffd_aio.takeover_failed", error=f"the new server did not take "
+                            f"over: {reply!r:.300}", hint="serving every client again")
+            self._resume(clients)
+            return False
+        self._unlock()  # the new server writes the state from now on
+        with contextlib.suppress(OSError):
+            await _asend(loop, conn, {"op": "bye"})
+        for c in clients:
+            c.close_kept()
+        self._log.info("uffd_aio.handed_over", clients=len(clients),
+                       stop_seconds=round(stopped - t0, 6),
+                       seconds=round(time.monotonic() - t0, 6))
+        return True
+
+    def _resume(self, clients: list[_Client]) -> None:
+        """A takeover failed after we stopped: serve our clients again, then accept again."""
+        for c in clients:
+            self._detached_clients.remove(c)
+            st = self._client_state(c)
+            fds = [c.keep_uffd]
+            c.keep_uffd = -1
+            if c.sock is not None:
+                fds.append(os.dup(c.sock.fileno()))
+                c.sock.close()
+            self._adopt_state(attrs.evolve(st, generation=c.state_generation), fds, "resume")
+        assert self._loop is not None
+        self._accept_task = self._loop.create_task(self._accept_loop())
+        self._accept_task.add_done_callback(self._accept_done)
+
+    # -- takeover: the new server's side
+
+    async def _request_takeover(self) -> _Received:
+        assert self.state_dir is not None
+        loop = asyncio.get_running_loop()
+        path = os.path.join(self.state_dir, TAKEOVER_SOCKET)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                conn.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise ConnectionRefusedError(
+                    errno.ECONNREFUSED, f"no server to take over: nothing listens on {path} "
+                    "(start without --takeover to serve the state directory's clients "
+                    "again)") from None
+            conn.setblocking(False)
+            await _asend(loop, conn, {"op": "takeover", "version": TAKEOVER_VERSION,
+                                      "backend": self._fingerprint, "socket": self.path})
+            got = _Received(conn)
+            async with asyncio.timeout(60):
+                while True:
+                    msg, fds = await _arecv(loop, conn)
+                    if msg is None:
+                        close_all(fds)
+                        raise ConnectionError("the running server closed the takeover "
+                                              "connection")
+                    op = msg.get("op")
+                    if msg.get("ok") is False:
+                        close_all(fds)
+                        raise ConnectionRefusedError(
+                            errno.ECONNREFUSED,
+                            f"the running server refused the takeover: {msg.get('error')}")
+                    if op == "listen" and len(fds) == 1 and got.lsock is None:
+                        got.lsock = socket.socket(fileno=fds[0])
+                        got.lsock.setblocking(False)
+                    elif op == "client" and fds:
+                        try:
+                            st = decode(str(msg.get("state", "")).encode(),
+                                        backend=self._fingerprint)
+                        except StateError as exc:
+                            close_all(fds)
+                            self._log.error("uffd_aio.state_rejected", how="takeover",
+                                            error=str(exc))
+                            continue
+                        got.clients.append((st, fds))
+                    elif op == "end" and got.lsock is not None:
+                        break
+                    else:
+                        close_all(fds)
+                        raise ConnectionError(f"unexpected takeover message {msg!r:.200}")
+        except BaseException:
+            conn.close()
+            raise
+        return got
+
+    async def _adopt_received(self, got: _Received) -> None:
+        assert self._loop is not None
+        t0 = time.monotonic()
+        rep = RecoveryReport("takeover")
+        clients, got.clients = got.clients, []
+        self._defer_store = True
+        try:
+            self._adopt_all(clients, rep)
+        finally:
+            self._defer_store = False
+        # adopted and woken: the old server may go (it closes its copies, our fds stay)
+        await _asend(self._loop, got.conn, {"op": "done", "adopted": rep.adopted})
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(10):
+                await _arecv(self._loop, got.conn)  # "bye": it released the lock
+        got.conn.close()
+        await asyncio.to_thread(self._lock, 10.0)
+        for c in list(self._clients.values()):  # the fd store and state are ours from now
+            if c.pager is not None and not c.stored:
+                self._store_client(c)
+        rep.seconds = round(time.monotonic() - t0, 6)
+        self.recovery = rep
+        self._log.info("uffd_aio.took_over", **attrs.asdict(rep))
+
+    def _adopt_all(self, clients: list[tuple[ClientState, list[int]]],
+                   rep: RecoveryReport) -> None:
+        for st, fds in clients:
+            if not alive(st.pid, st.start_time):
+                close_all(fds)
+                rep.dropped += 1
+                self._forget(st.key, "process exited", self._log)
+            elif self._adopt_state(st, fds, "takeover"):
+                rep.adopted += 1
+            else:
+                rep.lost += 1
+
+
+class _Received:
+    """What a takeover brought: the listening socket and every client's state + fds."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.lsock: socket.socket | None = None
+        self.clients: list[tuple[ClientState, list[int]]] = []
+
+    def close(self) -> None:
+        for _, fds in self.clients:
+            close_all(fds)
+        self.clients = []
+        self.conn.close()
+
+
+async def _asend(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                 obj: dict[str, Any], fds: list[int] | None = None) -> None:
+    while True:
+        try:
+            send_msg(sock, obj, fds or [])
+            return
+        except (BlockingIOError, InterruptedError):
+            await _writable(loop, sock.fileno())
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+async def _arecv(loop: asyncio.AbstractEventLoop, sock: socket.socket
+                 ) -> tuple[dict[str, Any] | None, list[int]]:
+    while True:
+        try:
+            return recv_msg(sock)
+        except (BlockingIOError, InterruptedError):
+            await _readable(loop, sock.fileno())
+
+
+def _kill(pid: int, start_time: int | None, pidfd: int, log: Any, reason: str) -> bool:
+    """SIGKILL process ``pid`` if it is still the instance that started at ``start_time``."""
+    if start_time is None or process_start_time(pid) != start_time:
+        log.warning("uffd_aio.client_not_killed", peer_pid=pid,
+                    reason="the process is gone (or the pid is another process's now)")
+        return False
+    try:
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except OSError as exc:
+        log.error("uffd_aio.client_kill_failed", peer_pid=pid, error=str(exc))
+        return False
+    log.error("uffd_aio.client_killed", peer_pid=pid, reason=reason)
+    return True
+
+
+def steal_uffd(pid: int, start_time: int) -> int | None:
+    """The last resort when no copy of a client's uffd survived: take it from the client
+    itself with ``pidfd_getfd(2)`` (Linux 5.6+; needs ptrace access to the client: the
+    same uid and no Yama ``ptrace_scope`` >= 1 restriction, or CAP_SYS_PTRACE).  The fd
+    number is not in the handoff: /proc/PID/fd is scanned for ``anon_inode:[userfaultfd]``
+    and exactly one must be there (a client with several uffds is ambiguous: None)."""
+    import ctypes
+
+    try:
+        found = [int(n) for n in os.listdir(f"/proc/{pid}/fd")
+                 if os.readlink(f"/proc/{pid}/fd/{n}") == "anon_inode:[userfaultfd]"]
+    except OSError:
+        return None
+    if len(found) != 1 or process_start_time(pid) != start_time:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, found[0], 0))
+        if fd < 0:
+            return None
+        if process_start_time(pid) != start_time or not _is_uffd(fd):
+            os.close(fd)
+            return None
+        os.set_inheritable(fd, False)
+        return fd
+    finally:
+        os.close(pidfd)
+
+
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture (a 5.6 addition)
+TAKEOVER_SOCKET = "takeover.sock"
+TAKEOVER_VERSION = 1
+
 
 # ---- Prometheus metrics (optional) ------------------------------------------------
 
@@ -581,7 +1548,7 @@ def start_metrics(server: HandoffServer, port: int, addr: str = "127.0.0.1") -> 
                                     value=len(clients))
             for name, help_ in (("connections", "connections accepted"),
                                 ("served", "handoffs adopted"),
-                                ("rejected", "peers refused (allow-uid, client limit)"),
+                                ("rejected", "peers refused (allow-uid, client limit, full queue)"),
                                 ("invalid", "bad handoff messages"),
                                 ("failed", "handoffs that could not be set up"),
                                 ("closed", "clients released")):
@@ -651,12 +1618,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"mappings per client ({DEFAULT_MAX_MAPPINGS})")
     parser.add_argument("--max-total", type=parse_size, default=DEFAULT_MAX_TOTAL,
                         metavar="BYTES", help="memory per client (1T)")
-    parser.add_argument("--max-clients", type=int, default=1024)
+    parser.add_argument("--max-clients", type=int, default=1024,
+                        help="clients served at once (1024); only completed handoffs count")
+    parser.add_argument("--max-pending", type=int, default=128,
+                        help="connections that have not completed their handoff yet (128); "
+                             "when full, the one waiting longest is dropped")
     parser.add_argument("--handoff-timeout", type=float, default=5.0, metavar="S",
                         help="seconds a client has to send its handoff (5)")
     parser.add_argument("--on-error", choices=["poison", "zero"], default="poison",
                         help="a failed fetch: SIGBUS in the faulting thread (default) or a "
                              "zero page")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="crash-safe serving: keep each client's state in DIR and its "
+                             "uffd in an fd store, so a restarted server (or one started "
+                             "with --takeover) serves every client again (docs/handoff.md)")
+    parser.add_argument("--takeover", action="store_true",
+                        help="live upgrade: receive every client of the server running on "
+                             "--state-dir (which then exits) instead of starting empty")
+    parser.add_argument("--fd-store", choices=["auto", "keeper", "systemd"], default="auto",
+                        help="where the uffds survive the server: systemd's fd store "
+                             "(auto when NOTIFY_SOCKET is set) or an fd-keeper process")
+    parser.add_argument("--keeper-idle", type=float, default=30.0, metavar="S",
+                        help="the fd keeper exits after S seconds holding no fds with no "
+                             "server connected (30)")
+    parser.add_argument("--pidfd-getfd", action="store_true",
+                        help="last resort when a client's uffd is in no store: take it from "
+                             "the client with pidfd_getfd(2) (needs ptrace rights over it)")
+    parser.add_argument("--on-fatal", choices=["hang", "kill-clients"], default="hang",
+                        help="on an unrecoverable server failure: leave the clients waiting "
+                             "(default; with --state-dir the next server serves them) or "
+                             "SIGKILL them (Firecracker's advice without a state dir)")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
 
 
@@ -680,19 +1671,24 @@ async def _serve(args: argparse.Namespace) -> int:
         server = HandoffServer(args.socket, backend, allow_uids=args.allow_uid,
                                handoff_timeout=args.handoff_timeout,
                                max_mappings=args.max_mappings, max_total=args.max_total,
-                               max_clients=args.max_clients, remove=args.remove,
+                               max_clients=args.max_clients, max_pending=args.max_pending,
+                               remove=args.remove,
                                keep_after_eof=args.keep_after_eof, on_error=args.on_error,
                                attach_options=attach_options, close_backend=True,
-                               record=args.record, replay=args.replay)
+                               record=args.record, replay=args.replay,
+                               state_dir=args.state_dir, takeover=args.takeover,
+                               on_fatal=args.on_fatal, fd_store=args.fd_store,
+                               keeper_idle=args.keeper_idle, pidfd_getfd=args.pidfd_getfd)
     except (OSError, ValueError) as exc:
         await backend.aclose()
         print(f"uffd-aio serve: {exc}", file=sys.stderr)
         return 2
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         await backend.aclose()
-        print(f"uffd-aio serve: cannot listen on {args.socket}: {exc}", file=sys.stderr)
+        what = "cannot take over" if args.takeover else f"cannot listen on {args.socket}"
+        print(f"uffd-aio serve: {what}: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
     closing: list[asyncio.Task[None]] = []  # a reference keeps the task alive
@@ -700,9 +1696,21 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, lambda: closing.append(loop.create_task(server.aclose())))
     if args.metrics_port is not None:
         start_metrics(server, args.metrics_port)
-    print(f"uffd-aio serve: listening on {args.socket}, backend {backend.name}",
+    rec = server.recovery
+    print(f"uffd-aio serve: listening on {args.socket}, backend {backend.name}"
+          + (f", {rec.how}: {rec.adopted} clients served again, {rec.dropped} gone, "
+             f"{rec.rejected} state files rejected, {rec.lost} lost" if rec else ""),
           file=sys.stderr, flush=True)
-    await server.serve_forever()
+    if os.environ.get("NOTIFY_SOCKET"):
+        from uffd_aio.fdkeeper import sd_notify
+
+        sd_notify("READY=1")
+    try:
+        await server.serve_forever()
+    except Exception as exc:  # fatal: clients were killed (--on-fatal kill-clients) or wait
+        print(f"uffd-aio serve: fatal: {type(exc).__name__}: {exc}", file=sys.stderr)
+        await server.aclose()
+        return 1
     return 0
 
 

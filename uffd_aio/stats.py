@@ -74,6 +74,7 @@ class Counters:
     continues: int = 0
     unprotects: int = 0
     poisons: int = 0
+    moves: int = 0
     wakes: int = 0
     ring_writes: int = 0
     pwrites: int = 0
@@ -149,3 +150,5 @@ class PagerStats:
     #: io_uring WRITEs on the uffd (patched kernel) and pwrites finishing short ones
     native_ring_writes: int = attrs.field(default=0, kw_only=True)
     native_pwrites: int = attrs.field(default=0, kw_only=True)
+    #: UFFDIO_MOVEs done (``ev.move()``, handlers returning ``uffd_aio.Moved``)
+    moves: int = attrs.field(default=0, kw_only=True)

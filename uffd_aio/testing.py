@@ -78,6 +78,9 @@ class ScanResult:
     mismatches: int
     first_mismatch: int | None
     latencies_ns: list[int] | None
+    #: pages whose access raised SIGBUS (poisoned: the pager's error policy); they
+    #: count as mismatches too, and no longer kill the process
+    sigbus: int = 0
 
     @property
     def mib_per_s(self) -> float:
@@ -135,6 +138,7 @@ async def scan(
         mismatches=int(s.mismatches),
         first_mismatch=None if first < 0 else first,
         latencies_ns=[int(lat[i]) for i in range(npages)] if lat is not None else None,
+        sigbus=int(s.sigbus),
     )
 
 
@@ -186,3 +190,93 @@ def progress_printer(label: str, *, page_size: int | None = None, out: TextIO | 
         stream.flush()
 
     return show
+
+
+@attrs.frozen
+class CaughtRead:
+    """What :func:`read_catching` saw: the bytes, and the pages that raised SIGBUS."""
+
+    data: bytes
+    #: indexes (in pages from ``address``) of the pages whose access raised SIGBUS;
+    #: their bytes in ``data`` are zeros
+    sigbus: list[int]
+
+
+def read_catching_sync(address: int, length: int, page_size: int | None = None) -> CaughtRead:
+    """Copy memory out page by page in the calling thread (GIL released), catching SIGBUS.
+
+    A poisoned page (``on_error="poison"``) does not kill the process: it is
+    reported in ``sigbus``.  Never call it on the loop thread of the pager that
+    serves the memory (use :func:`read_catching`).
+    """
+    ps = page_size or os.sysconf("SC_PAGE_SIZE")
+    if length % ps:
+        raise ValueError(f"length {length} is not a multiple of the page size {ps}")
+    data, bus = ll.read_catch(address, length, ps)
+    return CaughtRead(data, bus)
+
+
+async def read_catching(address: int, length: int, page_size: int | None = None) -> CaughtRead:
+    """:func:`read_catching_sync` in a worker thread."""
+    return await asyncio.to_thread(read_catching_sync, address, length, page_size)
+
+
+def stamp_page(page: int, gen: int, page_size: int | None = None) -> bytes:
+    """The content the stamp writers put in page ``page`` at generation ``gen``."""
+    ps = page_size or os.sysconf("SC_PAGE_SIZE")
+    out = bytearray(ps)
+    addr, keep = ll.buffer_address(out, writable=True)
+    ll.stamp_fill(addr, ps, page, gen)
+    del keep
+    return bytes(out)
+
+
+@attrs.define(eq=False)
+class StampRun:
+    """Native writer threads that stamp whole pages with generation numbers.
+
+    Page ``p`` belongs to writer ``p % threads``, which writes it ``passes``
+    times (generations 1, 2, ...; ``order``: "seq", "random" or "mixed", which
+    alternates); ``gen(p)`` is the last generation written.  :meth:`verify`
+    then reads every page back (natively) and counts the pages that do not
+    hold their last stamp: a lost write shows up as an older generation.
+    Generation 0 is the initial content (:func:`stamp_page` with ``gen=0``).
+    """
+
+    address: int
+    npages: int
+    threads: int = 2
+    passes: int = 4
+    order: Literal["seq", "random", "mixed"] = "mixed"
+    rng_seed: int = 1
+    page_size: int = attrs.field(factory=lambda: os.sysconf("SC_PAGE_SIZE"))
+    _s: object = attrs.field(init=False, default=None)
+    _gen: object = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        s = ll.new_stamp()
+        self._gen = ll.new_u64_array(max(self.npages, 1))
+        s.addr, s.npages, s.page_size = self.address, self.npages, self.page_size
+        s.nthreads, s.passes, s.rng_seed = self.threads, self.passes, self.rng_seed
+        s.order = {"seq": 0, "random": 1, "mixed": 2}[self.order]
+        s.gen = self._gen
+        self._s = s
+
+    async def run(self) -> None:
+        """Run the writers (in a worker thread); cancelling asks them to stop."""
+        try:
+            await asyncio.to_thread(ll.stamp_run, self._s)
+        except BaseException:
+            self._s.stop = 1  # type: ignore[attr-defined]
+            raise
+
+    def stop(self) -> None:
+        self._s.stop = 1  # type: ignore[attr-defined]
+
+    def gen(self, page: int) -> int:
+        return int(self._gen[page])  # type: ignore[index]
+
+    async def verify(self) -> tuple[int, int]:
+        """(first page not holding its last stamp or -1, number of such pages)."""
+        return await asyncio.to_thread(ll.stamp_verify, self.address, self.npages,
+                                       self.page_size, self._gen)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import errno as E
 import functools
 import os
+from collections.abc import Callable
 
 import attrs
 import structlog
 
 from uffd_aio import modes
-from uffd_aio.errors import FeatureUnavailable, ResolveError
+from uffd_aio.errors import FeatureUnavailable, MoveError, ResolveError
 from uffd_aio.modes import Feature, Ioctl, Mode
 from uffd_aio.ring import _lowlevel as ll
 
@@ -79,6 +80,9 @@ class Userfaultfd:
     via_dev: bool = False
     owned: bool = True
     writer_fd: int | None = None
+    #: page size at an address (the pager's regions; hugetlbfs ranges are not 4 KiB):
+    #: an existing page (EEXIST) is skipped by that much
+    page_size_of: Callable[[int], int] | None = attrs.field(default=None, repr=False)
     _log: structlog.typing.FilteringBoundLogger = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -170,7 +174,7 @@ class Userfaultfd:
                 done += n
                 continue
             if rc == -E.EEXIST:  # this page is already there: skip it
-                done += ps
+                done += ps if self.page_size_of is None else self.page_size_of(start + done)
                 skipped = True
                 continue
             if rc == -E.EAGAIN and done:
@@ -229,7 +233,17 @@ class Userfaultfd:
 
     def move(self, dst: int, src: int, length: int, *, dontwake: bool = False,
              allow_src_holes: bool = False) -> int:
-        """UFFDIO_MOVE (6.8+): move pages from ``src`` into the missing range at ``dst``."""
+        """UFFDIO_MOVE (6.8+): move pages from ``src`` into the missing range at ``dst``.
+
+        Both ranges must be private anonymous memory of the process that owns
+        this uffd, with the same protection; the source becomes a hole.  Returns
+        bytes moved: ``length``, or less when the address space changed after
+        some pages were moved (the rest stays at the source).  Raises
+        :class:`~uffd_aio.errors.MoveError` (``EBUSY`` shared source page,
+        ``ENOENT`` hole in the source, ``EEXIST`` destination present,
+        ``EINVAL`` incompatible mappings; ``done`` = bytes moved before it),
+        :class:`MmChanging` (nothing moved yet) or :class:`RangeGone` (``ESRCH``).
+        """
         mode = (modes.MOVE_MODE_DONTWAKE if dontwake else 0) | (
             modes.MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0)
         done = 0
@@ -237,10 +251,17 @@ class Userfaultfd:
             rc, n = ll.uffd_move(self.fd, dst + done, src + done, length - done, mode)
             if rc == 0:
                 return length
-            if n > 0:
+            if n > 0:  # partial (the kernel reports -EAGAIN with progress): continue
                 done += n
                 continue
-            _raise(rc, "UFFDIO_MOVE", dst + done, length - done, done)
+            if rc == -E.EAGAIN:
+                if done:  # the rest after a change of the address space: report what moved
+                    return done
+                raise MmChanging(op="UFFDIO_MOVE", address=dst, length=length, done=0)
+            if rc == -E.ESRCH:
+                _raise(rc, "UFFDIO_MOVE", dst + done, length - done, done)
+            raise MoveError(-rc, os.strerror(-rc), op="UFFDIO_MOVE", address=dst + done,
+                            length=length - done, src=src + done, done=done)
         return done
 
     # ---- lifetime -----------------------------------------------------------

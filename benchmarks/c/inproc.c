@@ -46,7 +46,7 @@ static void fail(const char *what, const char *detail)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: inproc [--pages N] [--threads T] [--order seq|random]\n"
+		"usage: inproc [--pages N] [--page-size 4096|2097152] [--threads T] [--order seq|random]\n"
 		"              [--share chunk|interleave] [--write] [--regions M]\n"
 		"              [--readahead N] [--snapshot-mib N] [--thread-id] [--no-verify] [--baseline]\n"
 		"              [--churn-ms MS] [--timeout S] [--fault-cpu N] [--handler-cpu N] [--seed N] [--label STR]\n");
@@ -117,7 +117,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--no-verify")) verify = 0;
 		else usage();
 	}
-	if (!pages || !cfg.threads || ps != 4096 || !h.opts.readahead ||
+	if (!pages || !cfg.threads || (ps != 4096 && ps != (2u << 20)) || !h.opts.readahead ||
 	    h.opts.readahead > 4096 || (label && !json_plain(label)))
 		usage();
 	if (cfg.threads > pages)

@@ -11,6 +11,10 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 
+#ifndef MAP_HUGE_SHIFT
+#define MAP_HUGE_SHIFT 26
+#endif
+
 int layout_create(struct layout *l, int uffd, size_t pages, size_t ps, size_t nreg,
 		  char *err, size_t errlen)
 {
@@ -25,7 +29,9 @@ int layout_create(struct layout *l, int uffd, size_t pages, size_t ps, size_t nr
 	l->pages = pages;
 	l->page_size = ps;
 	l->nreg = nreg;
-	l->reserve_len = (pages + nreg) * ps;
+	/* ps > 4096: hugetlbfs pages (MAP_HUGETLB, from the reserved pool), placed at
+	 * huge-page-aligned addresses inside the reservation */
+	l->reserve_len = (pages + nreg) * ps + (ps > 4096 ? ps : 0);
 	l->reserve = mmap(NULL, l->reserve_len, PROT_NONE,
 			  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	l->page_addr = calloc(pages, sizeof(*l->page_addr));
@@ -35,6 +41,8 @@ int layout_create(struct layout *l, int uffd, size_t pages, size_t ps, size_t nr
 		return -1;
 	}
 	p = l->reserve;
+	if (ps > 4096)
+		p = (uint8_t *)(((uintptr_t)p + ps - 1) & ~(uintptr_t)(ps - 1));
 	for (size_t k = 0; k < nreg; k++) {
 		struct layout_region *r = &l->reg[k];
 		int e;
@@ -42,7 +50,9 @@ int layout_create(struct layout *l, int uffd, size_t pages, size_t ps, size_t nr
 		r->pages = pages / nreg + (k < pages % nreg);
 		r->first = idx;
 		r->base = mmap(p, r->pages * ps, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED |
+			       (ps > 4096 ? MAP_HUGETLB | (__builtin_ctzll(ps) << MAP_HUGE_SHIFT)
+					  : MAP_NORESERVE), -1, 0);
 		if (r->base == MAP_FAILED) {
 			snprintf(err, errlen, "mmap region %zu: %s", k, strerror(errno));
 			return -1;

@@ -55,7 +55,7 @@ static void fail(const char *what, const char *detail)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: workload --socket PATH [--pages N] [--page-size 4096] [--threads T]\n"
+		"usage: workload --socket PATH [--pages N] [--page-size 4096|2097152] [--threads T]\n"
 		"                [--order seq|random] [--share chunk|interleave] [--write]\n"
 		"                [--regions M] [--close-uffd] [--thread-id] [--no-verify]\n"
 		"                [--churn-ms MS] [--timeout S] [--connect-timeout S] [--fault-cpu N] [--seed N] [--label STR]\n");
@@ -154,7 +154,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--no-verify")) verify = 0;
 		else usage();
 	}
-	if (!sock_path || !pages || !cfg.threads || ps != 4096 || (label && !json_plain(label)))
+	if (!sock_path || !pages || !cfg.threads || (ps != 4096 && ps != (2u << 20)) || (label && !json_plain(label)))
 		usage();
 	if (cfg.threads > pages)
 		cfg.threads = (unsigned)pages;

@@ -22,15 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-# Floor and ceiling of the factor: below 1 the host limits already hold; above CEILING the
-# guest is too slow for the lane's budget anyway and a limit must still end a hang.
+# Floor and ceiling of the factor: below 1 the host limits already hold; the ceiling keeps
+# a hang's cost bounded (the host limits are already >= 20x what most tests need).
 FLOOR = 1.0
-CEILING = 40.0
+CEILING = 20.0
 # Host-tuned limits that the factor scales (seconds).
-HOST_TEST_TIMEOUT = 120       # pyproject.toml's default per-test timeout
+HOST_TEST_TIMEOUT = 120       # pyproject.toml's default per-test timeout (marks are <= 300)
 HOST_SUITE_BUDGET = 150       # the guest's test selection on the host, with 2x headroom
-# Bounds of the scaled limits (seconds): a hang must still end inside the CI budget.
-MAX_TEST_TIMEOUT = 1200
+# Bounds of the suite's hard limit (seconds): a hang must still end inside the CI budget.
 MIN_HARD, MAX_HARD = 900, 3300
 FAULT_REGION = 32 << 20
 
@@ -83,8 +82,9 @@ def limits(host: dict[str, float], guest: dict[str, float]) -> dict[str, float |
     """The factor (guest time / host time of the same work, clamped) and the limits it gives."""
     raw = guest["total_s"] / max(host["total_s"], 1e-6)
     factor = min(max(raw, FLOOR), CEILING)
-    timeout = min(int(HOST_TEST_TIMEOUT * factor), MAX_TEST_TIMEOUT)
-    # The stall guard must not fire before pytest-timeout reports a slow test by itself.
+    timeout = int(HOST_TEST_TIMEOUT * factor)
+    # The stall guard must not fire before pytest-timeout reports a slow test by itself
+    # (the few longer marks are bounded by the hard limit, which also dumps the stacks).
     stall = timeout + 120
     hard = min(max(int(HOST_SUITE_BUDGET * factor), MIN_HARD), MAX_HARD)
     return {"RAW_FACTOR": round(raw, 2), "FACTOR": round(factor, 2), "TIMEOUT": timeout,

@@ -7,7 +7,7 @@
 # Usage: guest-stall-guard.sh <watched file> <stall seconds> <hard limit seconds> <dump dir> <command...>
 #
 # Exit status: the command's, or 90 if it stalled (dump in <dump dir>/hang-*),
-# or 137 if it hit the hard limit while still making progress.
+# or 137 if it hit the hard limit while still making progress (dump there too).
 #
 # Why: a pager bug or a kernel bug can block every thread of the test process
 # (a thread that holds the GIL waiting in the kernel), so pytest-timeout cannot
@@ -80,7 +80,9 @@ while kill -0 "$pid" 2>/dev/null; do
         exit 90
     fi
     if [ $(( now - t0 )) -ge "$HARD" ]; then
-        echo "stall-guard: hard limit ${HARD}s reached; killing"
+        echo "stall-guard: hard limit ${HARD}s reached; collecting stacks..."
+        where=$(dump "$pid")
+        echo "stall-guard: stopped at the hard limit - task states, kernel stacks and gdb stacks in $where"
         kill -KILL -- -"$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
         exit 137

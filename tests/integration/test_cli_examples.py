@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-from uffd_aio.modes import feature_names
+from uffd_aio.modes import PATCHED_FEATURES, Feature, feature_names
 from uffd_aio.uffd import available_features
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -26,10 +26,19 @@ def test_doctor_reports_the_kernels_features() -> None:
     assert checks["io_uring"]["ok"] is True
     assert "READ" in checks["io_uring opcodes"]["value"].split()
     assert checks["liburing"]["value"][0].isdigit()
-    for name in ("patched: WRITE", "patched: POLL"):
-        assert checks[name]["ok"] in (True, False)
-        if not checks[name]["ok"]:
-            assert "kernel_patches" in checks[name]["reason"]
+    have = available_features()
+    for feat in (Feature.WRITE, Feature.POLL):
+        check = checks[f"patched: {feat.name}"]
+        assert check["ok"] is bool(have & feat), check  # what this kernel has
+        if check["ok"]:
+            assert check["value"] != "absent" and not check["reason"], check
+        else:
+            assert check["value"] == "absent" and "kernel_patches" in check["reason"], check
+    patched = bool(have & PATCHED_FEATURES)
+    # the write path and poll mode are probed on patched kernels only
+    assert ("write path" in checks) is patched and ("poll mode" in checks) is patched
+    ring = patched and checks["write path"]["ok"]
+    assert checks["resolution backend"]["value"].startswith("ring" if ring else "ioctl")
 
 
 def test_demo_verifies_every_byte_on_both_loops() -> None:

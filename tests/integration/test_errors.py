@@ -9,6 +9,7 @@ import signal
 import pytest
 
 import uffd_aio
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.ring import _lowlevel as ll
 
@@ -40,7 +41,7 @@ async def test_raise_policy_poisons_and_stops_the_pager() -> None:
 
             status = await child(region.address, region.length, op="read")
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS
-            await asyncio.wait_for(pager.wait_closed(), 5)
+            await asyncio.wait_for(pager.wait_closed(), limit(5))
     assert isinstance(ei.value.__cause__, KeyError)
 
 
@@ -115,28 +116,46 @@ async def test_shutdown_with_faults_in_flight_leaves_no_thread_hanging() -> None
                 return b""
 
             job = asyncio.ensure_future(scan(mem, PS, timeout=30))
-            await asyncio.wait_for(started.wait(), 10)
+            await asyncio.wait_for(started.wait(), limit(10))
             assert pager.stats.inflight == 1
         # the handler was cancelled at close and the policy resolved the fault
-        r = await asyncio.wait_for(job, 10)
+        r = await asyncio.wait_for(job, limit(10))
         assert r.pages == 1
         assert pager.stats.errors == 1
     finally:
         ll.munmap(mem, 4 * PS)
 
 
+def _thread_alive(tid: int) -> bool:
+    return os.path.exists(f"/proc/self/task/{tid}")
+
+
 async def test_cancelled_scan_stops_its_threads() -> None:
     async with uffd_aio.Pager() as pager:
         region = pager.map(256 * PS)
+        tids: set[int | None] = set()
+        faulting = asyncio.Event()
 
         @region.on_fault
         async def on_fault(ev: uffd_aio.PageFault) -> bytes:
+            tids.add(ev.thread_id)
+            faulting.set()
             await asyncio.sleep(0.01)
             return pattern_handler(ev)
 
         job = asyncio.ensure_future(testing.scan(region.address, region.length))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(faulting.wait(), limit(30))
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
-        await asyncio.sleep(0.1)  # the native thread finishes its current page and stops
+        (tid,) = tids  # the one native scan thread (THREAD_ID: its kernel tid)
+        assert tid is not None
+        # it finishes its current page and exits: 256 pages at >= 10 ms each would keep
+        # it faulting for seconds more had the stop request been ignored
+        async with asyncio.timeout(limit(30)):
+            while True:
+                if not _thread_alive(tid):
+                    break
+                await asyncio.sleep(0.01)
+        assert pager.stats.faults < 256
+        assert pager.stats.inflight == 0

@@ -6,6 +6,7 @@ child process and look for the native watchdog's explanation on its stderr.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import subprocess
@@ -113,10 +114,13 @@ def test_fork_from_a_worker_while_the_loop_allocates() -> None:
 
 
 async def test_no_stall_report_while_serving_normally() -> None:
-    async with uffd_aio.Pager(stall_warning=2.0) as pager:  # TCG in the VM lane is slow
+    stall = 2.0  # TCG in the VM lane is slow
+    async with uffd_aio.Pager(stall_warning=stall) as pager:
         region = pager.map(256 * PS)
         region.on_fault(pattern_handler)
         res = await scan(region.address, region.length, op="verify", threads=2)
         assert res.mismatches == 0
-        await uffd_aio.testing.read(region.address, PS)  # idle loop afterwards: no report
+        await uffd_aio.testing.read(region.address, PS)
+        # an idle loop is no stall: stay idle well past the threshold before looking
+        await asyncio.sleep(2 * stall)
         assert pager.ring.stalls_reported == 0

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import os
 import socket
+import struct
+import termios
 from collections.abc import Iterator
 
+import attrs
 import pytest
 
+from tests.limits import limit
 from uffd_aio.handoff import HandoffError, HandoffRejected, receive
 from uffd_aio.uffd import Userfaultfd
 
@@ -46,17 +52,35 @@ async def test_receive_one_uffd(pair: tuple[socket.socket, socket.socket]) -> No
         h.close()
 
 
+def unread(sock: socket.socket) -> int:
+    """Bytes queued on ``sock`` that nobody has read yet."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
 async def test_payload_split_over_several_sends(pair: tuple[socket.socket, socket.socket]
                                                 ) -> None:
     server, client = pair
     uffd = Userfaultfd.open()
     try:
         socket.send_fds(client, [GOOD[:20]], [uffd.fd])
+        task = asyncio.ensure_future(receive(server, timeout=10))
+        async with asyncio.timeout(limit(10)):  # receive() has read the first part...
+            while True:
+                if unread(server) == 0 or task.done():
+                    break
+                await asyncio.sleep(0.01)
+        assert not task.done(), task  # ...and waits for the rest
         client.send(GOOD[20:])
-        h = await receive(server, timeout=2)
-        h.close()
+        h = await task
     finally:
         uffd.close()
+    try:
+        assert h.pid == os.getpid() and h.uid == os.getuid() and h.gid == os.getgid()
+        assert [attrs.asdict(m) for m in h.mappings] == [
+            {"base_host_virt_addr": BASE, "size": 4 * PS, "offset": 0, "page_size": PS}]
+        assert os.readlink(f"/proc/self/fd/{h.uffd_fd}") == "anon_inode:[userfaultfd]"
+    finally:
+        h.close()
 
 
 async def test_no_fd(pair: tuple[socket.socket, socket.socket]) -> None:

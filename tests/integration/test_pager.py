@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.limits import size as scaled
 from uffd_aio import Mode, testing
 from uffd_aio.ring import _lowlevel as ll
 
-from .helpers import PS, pattern_handler, scan
+from .helpers import PS, child, pattern_handler, scan
 
 
 async def test_missing_anonymous_async_handler_verified() -> None:
@@ -223,39 +224,106 @@ async def test_write_protect_faults_and_unprotect() -> None:
         assert kinds.count("wp") == 9
 
 
-async def test_explicit_zero_and_poison_counts() -> None:
-    async with uffd_aio.Pager() as pager:
+async def test_explicit_zero_and_poison() -> None:
+    """ev.zero() maps zero pages; ev.poison() gives the faulting thread SIGBUS (ioctl path)."""
+    async with uffd_aio.Pager(backend="ioctl") as pager:
+        if not pager.features & uffd_aio.Feature.POISON:
+            pytest.skip(f"UFFDIO_POISON needs Linux 6.6 (this is {os.uname().release})")
         region = pager.map(4 * PS)
+        calls: list[int] = []
 
         @region.on_fault
         async def on_fault(ev: uffd_aio.PageFault) -> None:
-            await ev.zero(region.length - ev.offset)
+            calls.append(ev.offset)
+            if ev.offset == 3 * PS:
+                assert await ev.poison() == PS
+            else:
+                assert await ev.zero(3 * PS - ev.offset) == 3 * PS - ev.offset
 
-        await scan(region.address, region.length)
-        assert pager.stats.zeropages == 1 and pager.stats.handler_calls == 1
+        await scan(region.address, 3 * PS)  # in-process: one fault zeroes pages 0-2
+        assert calls == [0]
+        assert await region.read(0, 3 * PS) == bytes(3 * PS)
+        assert pager.stats.zeropages == 1 and pager.stats.poisons == 0
+        # a poisoned page kills the thread that touches it: fault it from a child
+        status = await child(region.address + 3 * PS, PS, op="read")
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, status
+        assert calls == [0, 3 * PS]
+        st = pager.stats
+        assert st.poisons == 1 and st.handler_calls == 2 and st.errors == 0
+
+
+def _thread_state(tid: int) -> tuple[str, str]:
+    """(state letter, wait channel) of a thread of this process; ("gone", "") once it exited."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            return state, f.read().strip()
+    except FileNotFoundError:
+        return "gone", ""
+
+
+ASLEEP_IN_FAULT = ("S", "handle_userfault")
 
 
 async def test_uffd_level_ops_wake_move_dontwake() -> None:
+    """pager.uffd's own ioctls: a thread waiting on a page stays asleep after a COPY with
+    DONTWAKE (the page is there) until WAKE; MOVE; COPY onto a present page is no error."""
     async with uffd_aio.Pager() as pager:
         region = pager.map(4 * PS)
         uffd = pager.uffd
+        waiters: list[int | None] = []
+        waiting, release = asyncio.Event(), asyncio.Event()
+
+        @region.on_fault
+        async def on_fault(ev: uffd_aio.PageFault) -> bytes | None:
+            if ev.offset != 2 * PS:
+                return pattern_handler(ev)
+            waiters.append(ev.thread_id)
+            waiting.set()
+            await release.wait()  # the test resolves this fault through pager.uffd
+            return None  # a zero page: EEXIST by then, which changes nothing
+
+        job = asyncio.ensure_future(scan(region.address + 2 * PS, PS, op="verify",
+                                         offset=2 * PS))
+        try:
+            async with asyncio.timeout(limit(30)):
+                await waiting.wait()
+                (tid,) = waiters
+                assert tid is not None
+                while True:  # it goes to sleep in the kernel
+                    if _thread_state(tid) == ASLEEP_IN_FAULT:
+                        break
+                    await asyncio.sleep(0.01)
+            data = testing.pattern_bytes(2 * PS, 2 * PS)
+            addr, keep = ll.buffer_address(data)
+            assert uffd.copy(region.address + 2 * PS, addr, 2 * PS, dontwake=True) == 2 * PS
+            del keep
+            # a wake makes it runnable at once, and the page being there it would not
+            # sleep in the fault again: still asleep there means it was not woken
+            await asyncio.sleep(0.2)
+            assert not job.done()
+            assert _thread_state(tid) == ASLEEP_IN_FAULT
+            uffd.wake(region.address + 2 * PS, PS)
+            r = await asyncio.wait_for(job, limit(30))
+            assert r.mismatches == 0  # and it read the copied page
+        finally:
+            release.set()
         src = ll.mmap(2 * PS)
         try:
             ll.fill_pattern(src, 2 * PS, 0, testing.DEFAULT_SEED)
             if pager.features & uffd_aio.Feature.MOVE:
                 assert uffd.move(region.address, src, 2 * PS) == 2 * PS
-            data = testing.pattern_bytes(2 * PS, 2 * PS)
-            addr, keep = ll.buffer_address(data)
-            assert uffd.copy(region.address + 2 * PS, addr, 2 * PS, dontwake=True) == 2 * PS
-            uffd.wake(region.address, region.length)
-            # EEXIST is "already resolved", not an error
-            assert uffd.copy(region.address + 2 * PS, addr, PS) == PS
-            del keep
         finally:
             ll.munmap(src, 2 * PS)
-        region.on_fault(pattern_handler)
+        data = testing.pattern_bytes(2 * PS, PS)
+        addr, keep = ll.buffer_address(data)
+        # EEXIST is "already resolved", not an error
+        assert uffd.copy(region.address + 2 * PS, addr, PS) == PS
+        del keep
         r = await scan(region.address, region.length, op="verify")
         assert r.mismatches == 0
+        assert waiters == [tid]  # the page-2 handler ran once: nothing faulted there again
 
 
 async def test_register_callers_memory_and_adopt_errors() -> None:

@@ -184,3 +184,70 @@ def test_roundtrip_or_clear_error(raw: list[tuple[int, int, int]]) -> None:
         (e["base_host_virt_addr"], e["size"], e["offset"]) for e in entries)
     for a, b in itertools.pairwise(maps):
         assert a.end <= b.base_host_virt_addr
+
+
+# ---- robustness: every bad payload is a HandoffError, nothing else (issue 11, bug 5) ----
+
+
+@pytest.mark.parametrize("digits", [25, 4301, 5000, 60000])
+def test_huge_integers_are_a_clear_error(digits: int) -> None:
+    # Python refuses to convert more than 4300 decimal digits (a ValueError from json.loads)
+    number = b"9" * digits
+    bad(b'[{"base_host_virt_addr": ' + number + b', "size": 4096, "offset": 0, '
+        b'"page_size": 4096}]', f"integer of {digits} digits")
+    bad(b"[" + number + b"]", f"integer of {digits} digits")
+
+
+@pytest.mark.parametrize("payload", [
+    b'[{"size": 1e999}]', b'[{"size": NaN}]', b'[{"size": -Infinity}]', b"[1e400]",
+    b'[{"base_host_virt_addr": -' + b"1" * 4000 + b"}]",
+    b'["' + b"\\ud800" * 10 + b'"]', b'[{"\\u0000": 1}]', b"\x00[]",
+])
+def test_odd_json_is_a_clear_error(payload: bytes) -> None:
+    with pytest.raises(HandoffError):
+        parse_mappings(payload)
+
+
+def _parse_or_reject(payload: bytes) -> None:
+    try:
+        maps = parse_mappings(payload)
+    except HandoffError as exc:
+        assert str(exc) and len(str(exc)) < 1000  # a readable message, not the payload
+        return
+    assert maps and all(isinstance(m, Mapping) for m in maps)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.text(max_size=20)
+    | st.integers() | st.integers(min_value=-(10**6000), max_value=10**6000),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.sampled_from(["base_host_virt_addr", "size", "offset", "page_size",
+                                       "page_size_kib", "x"]) | st.text(max_size=5),
+                      inner, max_size=6),
+    max_leaves=20)
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_bytes(payload: bytes) -> None:
+    _parse_or_reject(payload)
+
+
+@given(_json)
+def test_fuzz_json(doc: Any) -> None:
+    try:
+        text = json.dumps(doc)
+    except ValueError:  # an integer Python itself will not print
+        text = "[" + "9" * 5000 + "]"
+    _parse_or_reject(text.encode())
+    _parse_or_reject(text.encode()[: len(text) // 2])
+
+
+_field = st.one_of(st.integers(-(1 << 70), 1 << 70), st.integers(0, 64).map(lambda n: n * PS),
+                   st.sampled_from([PS, 2 << 20, 1 << 30, 0, -1, True, 4096.0, "4096", None]))
+
+
+@given(st.lists(st.fixed_dictionaries({}, optional={
+    "base_host_virt_addr": _field, "size": _field, "offset": _field, "page_size": _field,
+    "page_size_kib": _field}), min_size=0, max_size=5))
+def test_fuzz_mapping_objects(entries: list[dict[str, Any]]) -> None:
+    _parse_or_reject(json.dumps(entries).encode())

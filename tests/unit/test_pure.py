@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from uffd_aio import modes, testing
-from uffd_aio.resolve import Kind, Op, covering, merge
+from uffd_aio.errors import MoveError
+from uffd_aio.resolve import Kind, Moved, Op, covering, merge
 from uffd_aio.stats import Counters, Histogram
 
 PS = 4096
@@ -32,6 +33,27 @@ def test_merge_keeps_kinds_and_wp_apart() -> None:
     out = merge([Op(Kind.COPY, 0, PS, b"x" * PS), Op(Kind.COPY, PS, PS, b"y" * PS, wp=True),
                  Op(Kind.ZERO, 2 * PS, PS)])
     assert len(out) == 3
+
+
+def test_merge_never_merges_moves() -> None:
+    a = Op(Kind.MOVE, 0, PS, Moved(0x10000))
+    b = Op(Kind.MOVE, PS, PS, Moved(0x90000))  # touching, but another source
+    inner = Op(Kind.MOVE, 0, PS, Moved(0x20000))  # same page: kept, the kernel says EEXIST
+    assert merge([b, inner, a]) == [inner, a, b]  # sorted (stably), nothing merged
+    assert len(merge([a, b, Op(Kind.ZERO, 2 * PS, PS)])) == 3
+
+
+def test_move_error_explains_errno() -> None:
+    import errno
+
+    e = MoveError(errno.EBUSY, "Device or resource busy", op="UFFDIO_MOVE", address=0x1000,
+                  length=PS, src=0x5000, done=0)
+    assert e.errno == errno.EBUSY and e.src == 0x5000 and e.done == 0
+    assert "source 0x5000" in str(e) and "MADV_DONTFORK" in str(e)
+    assert "allow_src_holes" in str(MoveError(errno.ENOENT, "x", op="m", address=0, length=PS,
+                                              src=0))
+    assert str(MoveError(errno.EPERM, "x", op="m", address=0, length=PS, src=0)).endswith(
+        "x (source 0x0)")
 
 
 def test_merge_overlapping_read_ahead() -> None:

@@ -39,3 +39,21 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size(text)
+
+
+@pytest.mark.parametrize("kw", [{"max_clients": 0}, {"max_pending": 0}])
+def test_client_limits_must_be_positive(kw: dict[str, int]) -> None:
+    from uffd_aio.handlers.zero import ZeroBackend
+    from uffd_aio.server import HandoffServer
+
+    with pytest.raises(ValueError, match="at least 1"):
+        HandoffServer("/nonexistent/uffd.sock", ZeroBackend(), **kw)
+
+
+def test_serve_command_has_the_pending_limit() -> None:
+    from uffd_aio.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--socket", "s", "--backend", "zero"])
+    assert (args.max_clients, args.max_pending) == (1024, 128)
+    args = build_parser().parse_args(["soak", "--faults", "1000000"])
+    assert args.faults == 1_000_000 and args.duration is None

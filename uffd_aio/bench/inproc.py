@@ -2,6 +2,7 @@
 
     python -m uffd_aio.bench.inproc [--loop asyncio|uvloop] [--readahead N] [--pages N]
                                     [--threads "1 4 16"] [--order seq|random]
+                                    [--page-size 4096|2097152]
                                     [--pin same|split|none] [--label STR]
 
 One process: a :class:`~uffd_aio.Pager` on the loop thread serving an anonymous region
@@ -28,27 +29,28 @@ PAGE = 4096
 
 
 async def run_one(args: argparse.Namespace, store: PatternStore, threads: int) -> dict[str, Any]:
-    length = args.pages * PAGE
+    ps = args.page_size
+    length = args.pages * ps
     async with Pager(name="bench-inproc", max_inflight=args.max_inflight,
                      read_mode=args.read_mode, native_reads=args.native_reads,
                      native_budget_us=args.native_budget_us) as pager:
-        region = pager.map(length)
+        region = pager.map(length, page_size=ps)
         if args.handler == "native":  # the native engine (C) copies from the same buffer
             region.serve_from(store.buf, readahead=args.readahead)
         else:
             attach(region, store, args.readahead, sync=args.handler == "sync")
         res = await testing.scan(region.address, length, threads=threads, op="read",
-                                 order=args.order, latencies=True)
+                                 order=args.order, latencies=True, page_size=ps)
         bad = await testing.verify(region.address, length)
         st = pager.stats
     lat = res.latencies_ns or []
     out: dict[str, Any] = {"mode": "inproc", "label": args.label, "affinity": affinity(),
-                           "pages": args.pages, "page_size": PAGE, "regions": 1,
+                           "pages": args.pages, "page_size": ps, "regions": 1,
                            "threads": threads, "order": args.order, "share": "chunk",
                            "access": "read", "faults_timed": len(lat)}
     out.update({k: round(v, 3) for k, v in percentiles(lat).items()})
     out["wall_s"] = round(res.wall_s, 6)
-    out["mib_per_s"] = round(res.mib_per_s, 1)
+    out["mib_per_s"] = round(length / (1 << 20) / res.wall_s, 1) if res.wall_s else 0.0
     out["fault_cpu"] = args.fault_cpu
     out["verified"] = bad < 0
     out["bad_offset"] = None if bad < 0 else bad
@@ -66,7 +68,7 @@ async def run(args: argparse.Namespace) -> int:
         cpu = args.fault_cpu
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=2, initializer=pin, initargs=(cpu,)))
-    store = PatternStore(args.pages * PAGE)
+    store = PatternStore(args.pages * args.page_size)
     rc = 0
     for t in args.threads:
         out = await run_one(args, store, t)
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=LOOPS, default="asyncio")
     p.add_argument("--readahead", type=int, default=1, metavar="PAGES")
     p.add_argument("--pages", type=int, default=16384)
+    p.add_argument("--page-size", type=int, default=PAGE,
+                   help="4096, or 2097152 for hugetlbfs pages (reserve them first)")
     p.add_argument("--threads", type=lambda s: [int(x) for x in s.replace(",", " ").split()],
                    default=[1], help='thread counts, e.g. "1 4 16" (one run each)')
     p.add_argument("--order", choices=("seq", "random"), default="seq")

@@ -34,6 +34,13 @@ faults back in: correct, just slower).  Each batch:
    the written-back content; a blocked writer is woken, faults the page back
    in as a write fault and dirties it again.
 
+The evictor never takes a page that a WP fault is unprotecting (*busy*) or
+that has any fault in flight, and a WP fault never unprotects a page that is
+being evicted or was evicted since (it waits, then only wakes the writer):
+an unprotect between steps 2 and 4 would let a write land after the
+write-back read the page, and be dropped with it (docs/backends.md, "Dirty
+tracking": the protocol).
+
 If a write-back fails, the dirty pages it could not store stay resident,
 dirty and write-protected (a later write just faults once more) and move to
 the hot end, so clean pages are evicted first; a round that can evict
@@ -111,6 +118,12 @@ class DirtyTracker:
         self._evicting: dict[int, asyncio.Future[None]] = {}
         #: evicting pages that a Remove/Unmap dropped meanwhile (see forget())
         self._dropped: set[int] = set()
+        #: pages with a WP fault being handled that may unprotect them (on_wp_fault):
+        #: the evictor and flush() leave them alone, and a page mapped meanwhile is dirty
+        self._wp_busy: set[int] = set()
+        #: pages this tracker knows are not mapped (evicted, or dropped by Remove/Unmap)
+        #: since it last saw them mapped: a WP fault on one is stale (see on_wp_fault)
+        self._gone: set[int] = set()
         self._wakeup: asyncio.Event | None = None
         self._progress: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -124,6 +137,10 @@ class DirtyTracker:
         self.written_back_pages = 0
         self.writeback_failures = 0
         self.wp_faults = 0
+        #: WP faults on pages evicted since they were raised (the writer was just woken)
+        self.stale_wp_faults = 0
+        #: eviction candidates passed over because a fault on them was in flight
+        self.busy_skips = 0
         self.admission_waits = 0
         self.evict_seconds = 0.0
         self.peak_resident_pages = 0
@@ -172,30 +189,57 @@ class DirtyTracker:
         return page in self._evicting
 
     async def on_wp_fault(self, ev: PageFault, page: int) -> None:
+        """Mark the page dirty and unprotect it, unless it is (being) evicted.
+
+        The write-fault half of the protocol with the evictor (docs/backends.md,
+        "Dirty tracking"): an unprotect is only issued for a page that is mapped and
+        not being evicted, and from then until the unprotect is done the page is
+        *busy*: the evictor and flush() skip it, so no write-back can read it before
+        the writer's write is in and then drop it.  A page that was evicted is never
+        unprotected (a late unprotect could make a page mapped again meanwhile
+        writable without being dirty): the writer is only woken, and faults it back
+        in as a MISSING write fault, served from the written-back store.
+        """
         self.wp_faults += 1
         att = self._att
         assert att is not None
         fut = self._evicting.get(page)
-        if fut is not None:
+        while fut is not None:
             await asyncio.shield(fut)
-            if not att.is_present(page):
-                # evicted (or dropped) while the writer waited: wake it; it faults the
-                # page back in as a write fault, which maps it writable and dirty
-                await ev.unprotect()
-                return
+            fut = self._evicting.get(page)  # a new batch may have taken it meanwhile
+        if page in self._gone:
+            await self._wake(ev)
+            return
         # a WP fault means the page is mapped, whoever mapped it
         att._mark_present(page, 1)
         self._dirty.add(page)
         lru = self._lru
         lru[page] = None
         lru.move_to_end(page)
-        await ev.unprotect()
+        self._wp_busy.add(page)
+        try:
+            await ev.unprotect()
+        finally:
+            self._wp_busy.discard(page)
+
+    async def _wake(self, ev: PageFault) -> None:
+        """Resolve a stale WP fault by waking the writer, changing no protection: the
+        page is not mapped any more (evicted since the fault), so the writer's retry
+        is a MISSING write fault, which maps the page writable and dirty."""
+        from uffd_aio.resolve import Kind, Op
+
+        self.stale_wp_faults += 1
+        await ev._run(Op(Kind.WAKE, ev.page, ev.page_size))
 
     def resident(self, first: int, count: int, written: int | None) -> None:
         lru = self._lru
+        gone, busy = self._gone, self._wp_busy
         for p in range(first, first + count):
             lru[p] = None
             lru.move_to_end(p)
+            gone.discard(p)
+            if p in busy:  # an unprotect for a writer is on its way: count it written
+                self._dirty.add(p)
         if written is not None:
             self._dirty.add(written)
         if len(lru) > self.peak_resident_pages:
@@ -219,10 +263,13 @@ class DirtyTracker:
             for p in [p for p in lru if first <= p < end and p not in evicting]:
                 del lru[p]
                 dirty.discard(p)
+                self._gone.add(p)
         else:
             for p in range(first, end):
                 if p not in evicting:
-                    lru.pop(p, None)
+                    if p in lru:
+                        del lru[p]
+                        self._gone.add(p)
                     dirty.discard(p)
 
     async def aclose(self) -> None:
@@ -288,9 +335,15 @@ class DirtyTracker:
                                "cannot be read from here")
         total = 0
         while True:
-            pages = [p for p in self._dirty if p not in self._evicting][:self.batch_pages * 16]
+            busy = self._wp_busy
+            pages = [p for p in self._dirty if p not in self._evicting and p not in busy
+                     ][:self.batch_pages * 16]
             if not pages:
-                return total
+                if not any(p in self._dirty for p in busy):
+                    return total
+                # a writer is being unprotected: its write is not in yet (see on_wp_fault)
+                await asyncio.sleep(0.001)
+                continue
             fut = asyncio.get_running_loop().create_future()
             for p in pages:
                 self._evicting[p] = fut  # faults on them wait while we read them
@@ -368,10 +421,17 @@ class DirtyTracker:
         out: list[int] = []
         skipped: list[int] = []
         lru = self._lru
+        busy = self._wp_busy
+        base, ps = att.region.address, att.page_size
+        in_flight = att.region.pager.fault_in_flight
         while lru and len(out) < self.batch_pages:
             p, _ = lru.popitem(last=False)
-            if att.is_pending(p):  # being re-fetched right now: keep it, try later
+            # being re-fetched, being unprotected for a writer, or any fault on it in
+            # flight (say a read-ahead hit about to map it): keep it, try later.  A
+            # fault that comes in after this waits for the eviction (evicting()).
+            if att.is_pending(p) or p in busy or in_flight(base + p * ps):
                 skipped.append(p)
+                self.busy_skips += 1
                 continue
             out.append(p)
         for p in reversed(skipped):
@@ -442,6 +502,7 @@ class DirtyTracker:
                     continue
                 att._mark_absent(p, p + 1)
                 self._dirty.discard(p)
+                self._gone.add(p)
             self.evicted_pages += len(victims)
             self.eviction_batches += 1
             ok = True

@@ -8,7 +8,12 @@ out (the copy is what the pager hands to UFFDIO_COPY; the buffer goes back to
 the pool at once).
 
 * Ranges past the end of the file read as zeros (``None`` when the whole
-  range is past the end, so the pager maps zero pages).
+  range is past the end, so the pager maps zero pages).  The end is the size
+  *announced at open*: ``st_size`` for a regular file, ``BLKGETSIZE64`` (or
+  ``lseek(SEEK_END)``) for a block device, whose ``st_size`` is 0.  A read that
+  comes back short *inside* that size (the file was truncated while served)
+  is an error, logged as ``uffd_aio.file_short_read``: the pager's error policy
+  applies (SIGBUS by default), never silent zeros.
 * Read-only by default: snapshot files are shared by every VM restored from
   them and must never change, so :meth:`store` raises
   :class:`~uffd_aio.handlers.base.BackendError`.  ``FileBackend.open(path,
@@ -32,8 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import mmap
 import os
+import stat
+import struct
 from typing import Any
 
 import structlog
@@ -42,6 +50,23 @@ from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.ring import Ring
 
 PAGE = mmap.PAGESIZE
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
+
+
+def file_size(fd: int) -> int:
+    """Bytes readable from ``fd``: ``st_size``, or a block device's size (``st_size`` 0)."""
+    st = os.fstat(fd)
+    if not stat.S_ISBLK(st.st_mode):
+        return st.st_size
+    try:
+        buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+        return int(struct.unpack("@Q", buf)[0])
+    except OSError:
+        pos = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.lseek(fd, pos, os.SEEK_SET)
 
 
 def _split_options(p: str) -> tuple[str, set[str]]:
@@ -82,6 +107,7 @@ class FileBackend:
         for i in range(buffers):
             self._free.put_nowait(i)
         self._closed = False
+        self._log = structlog.get_logger("uffd_aio").bind(component="file_backend", path=path)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, writable: bool = False,
@@ -103,7 +129,7 @@ class FileBackend:
             raise BackendError(f"cannot open the snapshot file {p!r}: {exc.strerror}") from exc
         ring: Ring | None = None
         try:
-            size = os.fstat(fd).st_size
+            size = file_size(fd)
             ring = Ring(64, loop=asyncio.get_running_loop())
             pool = mmap.mmap(-1, buffers * buffer_size)
             views = [memoryview(pool)[i * buffer_size:(i + 1) * buffer_size]
@@ -135,18 +161,35 @@ class FileBackend:
     async def _read_piece(self, off: int, n: int, out: Any, at: int) -> None:
         """Read file [off, off+n) into out[at:at+n] through a pool buffer."""
         idx = await self._free.get()
+        done = 0
         try:
-            if self.fixed:
-                got = await self._ring.read_fixed(self._fd, idx, off, n)
-            else:
-                got = await self._ring.read(self._fd, self._views[idx][:n], off)
-            self.reads += 1
-            self.bytes_read += got
-            out[at:at + got] = self._views[idx][:got]  # a short read (file shrank): zeros
+            while done < n:  # a short read is continued; 0 bytes is the end of the file
+                m = n - done
+                if self.fixed:
+                    got = await self._ring.read_fixed(self._fd, idx, off + done, m)
+                else:
+                    got = await self._ring.read(self._fd, self._views[idx][:m], off + done)
+                self.reads += 1
+                if got <= 0:
+                    break
+                self.bytes_read += got
+                out[at + done:at + done + got] = self._views[idx][:got]
+                done += got
         except OSError as exc:
             raise BackendError(f"reading {self.path!r} at {off:#x}+{n:#x}: {exc}") from exc
         finally:
             self._free.put_nowait(idx)
+        if done < n:
+            self._short_read(off, n, done)
+
+    def _short_read(self, off: int, expected: int, got: int) -> None:
+        """The file ended inside the announced size (truncated while served): an error,
+        so that the pager's policy applies, instead of zeros that look like data."""
+        self._log.warning("uffd_aio.file_short_read", offset=off, expected=expected, got=got,
+                          size=self.size)
+        raise BackendError(
+            f"short read from {self.path!r} at {off:#x}: {got} of {expected} bytes; the file "
+            f"ends inside its announced size {self.size} (truncated while served?)")
 
     async def fetch(self, offset: int, length: int) -> Buffer | None:
         """``length`` bytes at ``offset``; zeros past the end of the file."""
@@ -166,8 +209,7 @@ class FileBackend:
                                        f"{exc}") from exc
                 # this filesystem has no RWF_NOWAIT (tmpfs before 6.x, 9p...): io_uring only
                 self.nowait = False
-                structlog.get_logger("uffd_aio").bind(component="file_backend").warning(
-                    "uffd_aio.nowait_unsupported", path=self.path, error=str(exc))
+                self._log.warning("uffd_aio.nowait_unsupported", error=str(exc))
                 got = 0
             self.nowait_bytes += got
             if got >= avail:

@@ -369,3 +369,37 @@ def gettid() -> int:
 
 def malloc_churn(n: int) -> None:
     lib.ua_malloc_churn(n)
+
+
+def read_catch(addr: int, length: int, page_size: int) -> tuple[bytes, list[int]]:
+    """Copy [addr, addr+length) page by page, catching SIGBUS (GIL released).
+
+    Returns the bytes (pages that raised SIGBUS read as zeros) and the indexes
+    of the pages that raised SIGBUS.
+    """
+    npages = length // page_size
+    out = bytearray(length)
+    bus = ffi.new("uint8_t[]", max(npages, 1))
+    dst, keep = buffer_address(out, writable=True)
+    check(int(lib.ua_read_catch(addr, length, page_size, dst, bus)), "read_catch")
+    del keep
+    return bytes(out), [i for i in range(npages) if bus[i]]
+
+
+def new_stamp() -> Any:
+    return ffi.new("struct ua_stamp *")
+
+
+def stamp_run(stamp: Any) -> None:
+    check(lib.ua_stamp_run(stamp), "stamp writers")
+
+
+def stamp_fill(addr: int, page_size: int, page: int, gen: int) -> None:
+    lib.ua_stamp_fill(addr, page_size, page, gen)
+
+
+def stamp_verify(addr: int, npages: int, page_size: int, gen: Any) -> tuple[int, int]:
+    """(first page not holding its gen[p] stamp or -1, number of such pages)."""
+    bad = ffi.new("int64_t *")
+    first = int(lib.ua_stamp_verify(addr, npages, page_size, gen, bad))
+    return first, int(bad[0])

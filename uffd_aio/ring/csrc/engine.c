@@ -309,6 +309,10 @@ int ua_engine_add(struct ua_engine *e, uint64_t start, uint64_t len, uint64_t pa
 	    (kind != UA_SRC_ZERO && src_len < len) ||
 	    (kind == UA_SRC_FILE && src & (page_size - 1)))
 		return -EINVAL;
+	/* base pages only: hugetlbfs has no UFFDIO_ZEROPAGE and the mincore()
+	 * vector in serve() holds one byte per window page, not per 4 KiB */
+	if (page_size != (uint64_t)sysconf(_SC_PAGESIZE))
+		return -EOPNOTSUPP;
 	for (i = 0; i < e->nent; i++)
 		if (e->ent[i].start < start + len && start < e->ent[i].end)
 			return -EEXIST;

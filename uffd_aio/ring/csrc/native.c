@@ -10,6 +10,7 @@
 #include <liburing.h>
 #include <linux/ioctl.h>
 #include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -735,6 +736,10 @@ static uint64_t touch_page(struct ua_scan *s, uint64_t page)
 	}
 }
 
+static int catch_install(void);
+static void catch_remove(void);
+static int touch_page_catch(struct ua_scan *s, uint64_t page, uint64_t *sum);
+
 struct scan_thread {
 	struct ua_scan *s;
 	int index;
@@ -773,7 +778,13 @@ static void *scan_main(void *arg)
 		uint64_t page = perm ? perm[i] : first + i;
 		int64_t t0 = s->lat_ns ? now_ns() : 0;
 
-		t->sum += touch_page(s, page);
+		if (!s->catch_sigbus) {
+			t->sum += touch_page(s, page);
+		} else if (touch_page_catch(s, page, &t->sum)) {
+			__atomic_fetch_add(&s->sigbus, 1, __ATOMIC_RELAXED);
+			if (__atomic_fetch_add(&s->mismatches, 1, __ATOMIC_RELAXED) == 0)
+				s->first_mismatch = (int64_t)(s->offset + page * s->page_size);
+		}
 		if (s->lat_ns)
 			s->lat_ns[page] = (uint64_t)(now_ns() - t0);
 		__atomic_fetch_add(&s->progress, 1, __ATOMIC_RELAXED);
@@ -799,6 +810,13 @@ int ua_scan_run(struct ua_scan *s)
 		return -ENOMEM;
 	}
 	s->first_mismatch = -1;
+	s->catch_sigbus = 1;
+	ret = catch_install();
+	if (ret) {
+		free(tids);
+		free(ts);
+		return ret;
+	}
 	t0 = now_ns();
 	for (i = 0; i < s->nthreads; i++) {
 		ts[i].s = s;
@@ -814,6 +832,7 @@ int ua_scan_run(struct ua_scan *s)
 		s->checksum += ts[i].sum;
 	}
 	s->wall_ns = now_ns() - t0;
+	catch_remove();
 	free(tids);
 	free(ts);
 	return ret;
@@ -883,4 +902,235 @@ uint64_t ua_malloc_churn(uint64_t n)
 		free((void *)p);
 	}
 	return sum;
+}
+
+/* ---- reading pages that may raise SIGBUS (tests: poisoned pages) ----- */
+/* volatile: the stores around memcpy() must not be optimized away */
+static __thread sigjmp_buf *volatile catch_jmp;
+static struct sigaction catch_old;
+static pthread_mutex_t catch_lock = PTHREAD_MUTEX_INITIALIZER;
+static int catch_users;
+
+static void catch_handler(int sig, siginfo_t *si, void *uc)
+{
+	sigjmp_buf *jb = catch_jmp;
+
+	if (jb) {
+		catch_jmp = NULL;
+		siglongjmp(*jb, 1);
+	}
+	/* another thread's SIGBUS: what was installed before us, else the default
+	 * action (returning repeats the access, which then kills the process) */
+	if (catch_old.sa_flags & SA_SIGINFO) {
+		catch_old.sa_sigaction(sig, si, uc);
+		return;
+	}
+	if (catch_old.sa_handler != SIG_DFL && catch_old.sa_handler != SIG_IGN) {
+		catch_old.sa_handler(sig);
+		return;
+	}
+	signal(sig, SIG_DFL);
+}
+
+static int catch_install(void)
+{
+	int rc = 0;
+
+	pthread_mutex_lock(&catch_lock);
+	if (catch_users++ == 0) {
+		struct sigaction sa;
+
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_sigaction = catch_handler;
+		sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+		sigemptyset(&sa.sa_mask);
+		if (sigaction(SIGBUS, &sa, &catch_old) < 0) {
+			rc = -errno;
+			catch_users--;
+		}
+	}
+	pthread_mutex_unlock(&catch_lock);
+	return rc;
+}
+
+static void catch_remove(void)
+{
+	pthread_mutex_lock(&catch_lock);
+	if (--catch_users == 0)
+		sigaction(SIGBUS, &catch_old, NULL);
+	pthread_mutex_unlock(&catch_lock);
+}
+
+/* 1 if copying this page raised SIGBUS */
+static __attribute__((noinline)) int copy_page_catch(uint64_t dst, uint64_t src, uint64_t n)
+{
+	sigjmp_buf jb;
+
+	if (sigsetjmp(jb, 1)) {
+		memset((void *)(uintptr_t)dst, 0, n);
+		return 1;
+	}
+	catch_jmp = &jb;
+	memcpy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n);
+	catch_jmp = NULL;
+	return 0;
+}
+
+/* 1 if touching this page raised SIGBUS; no signal mask saved (SA_NODEFER: the
+ * handler leaves it unchanged), so the per-page cost stays a few instructions */
+static __attribute__((noinline)) int touch_page_catch(struct ua_scan *s, uint64_t page,
+						      uint64_t *sum)
+{
+	sigjmp_buf jb;
+
+	if (sigsetjmp(jb, 0))
+		return 1;
+	catch_jmp = &jb;
+	*sum += touch_page(s, page);
+	catch_jmp = NULL;
+	return 0;
+}
+
+int64_t ua_read_catch(uint64_t addr, uint64_t len, uint64_t page_size, uint64_t dst,
+		      uint8_t *bus)
+{
+	uint64_t i, n;
+	int64_t hits = 0;
+	int rc;
+
+	if (page_size == 0 || len % page_size)
+		return -EINVAL;
+	rc = catch_install();
+	if (rc)
+		return rc;
+	n = len / page_size;
+	for (i = 0; i < n; i++) {
+		bus[i] = (uint8_t)copy_page_catch(dst + i * page_size, addr + i * page_size,
+						  page_size);
+		hits += bus[i];
+	}
+	catch_remove();
+	return hits;
+}
+
+/* ---- stamp writers (tests: lost writes under eviction) --------------- */
+#define STAMP_MUL 0xD6E8FEB86659FD93ULL
+
+static inline uint64_t stamp_word(uint64_t page, uint64_t gen, uint64_t i)
+{
+	if (i == 0)
+		return page;
+	if (i == 1)
+		return gen;
+	return ((page << 24) ^ gen ^ (i << 48)) * STAMP_MUL;
+}
+
+void ua_stamp_fill(uint64_t addr, uint64_t page_size, uint64_t page, uint64_t gen)
+{
+	volatile uint64_t *w = (volatile uint64_t *)(uintptr_t)addr;
+	uint64_t i, n = page_size >> 3;
+
+	/* the generation word last: a torn page never verifies */
+	for (i = 0; i < n; i++)
+		if (i != 1)
+			w[i] = stamp_word(page, gen, i);
+	w[1] = gen;
+}
+
+struct stamp_thread {
+	struct ua_stamp *s;
+	int index;
+};
+
+static void *stamp_main(void *arg)
+{
+	struct stamp_thread *t = arg;
+	struct ua_stamp *s = t->s;
+	uint64_t rng = s->rng_seed + (uint64_t)t->index * 7919, n = 0, i, pass, *mine;
+
+	mine = malloc((s->npages / (uint64_t)s->nthreads + 1) * sizeof(*mine));
+	if (!mine)
+		return NULL;
+	for (i = (uint64_t)t->index; i < s->npages; i += (uint64_t)s->nthreads)
+		mine[n++] = i;
+	for (pass = 1; pass <= s->passes && !s->stop; pass++) {
+		int shuffle = s->order == 1 || (s->order == 2 && (pass & 1) == 0);
+
+		if (shuffle && n > 1) {
+			for (i = n - 1; i > 0; i--) {
+				uint64_t j = splitmix(&rng) % (i + 1), tmp = mine[i];
+
+				mine[i] = mine[j];
+				mine[j] = tmp;
+			}
+		} else if (!shuffle) {
+			for (i = 0; i < n; i++)
+				mine[i] = (uint64_t)t->index + i * (uint64_t)s->nthreads;
+		}
+		for (i = 0; i < n && !s->stop; i++) {
+			uint64_t p = mine[i];
+
+			ua_stamp_fill(s->addr + p * s->page_size, s->page_size, p, pass);
+			__atomic_store_n(&s->gen[p], pass, __ATOMIC_RELEASE);
+			__atomic_fetch_add(&s->progress, 1, __ATOMIC_RELAXED);
+		}
+	}
+	free(mine);
+	return NULL;
+}
+
+int ua_stamp_run(struct ua_stamp *s)
+{
+	pthread_t *tids;
+	struct stamp_thread *ts;
+	int i, started = 0, ret = 0;
+	int64_t t0;
+
+	if (s->nthreads < 1 || s->page_size < 16 || !s->gen)
+		return -EINVAL;
+	tids = calloc((size_t)s->nthreads, sizeof(*tids));
+	ts = calloc((size_t)s->nthreads, sizeof(*ts));
+	if (!tids || !ts) {
+		free(tids);
+		free(ts);
+		return -ENOMEM;
+	}
+	t0 = now_ns();
+	for (i = 0; i < s->nthreads; i++) {
+		ts[i].s = s;
+		ts[i].index = i;
+		ret = -pthread_create(&tids[i], NULL, stamp_main, &ts[i]);
+		if (ret)
+			break;
+		started++;
+	}
+	for (i = 0; i < started; i++)
+		pthread_join(tids[i], NULL);
+	s->wall_ns = now_ns() - t0;
+	free(tids);
+	free(ts);
+	return ret;
+}
+
+int64_t ua_stamp_verify(uint64_t addr, uint64_t npages, uint64_t page_size,
+			const uint64_t *gen, int64_t *bad)
+{
+	uint64_t p, i, n = page_size >> 3;
+	int64_t first = -1;
+
+	*bad = 0;
+	for (p = 0; p < npages; p++) {
+		const volatile uint64_t *w =
+			(const volatile uint64_t *)(uintptr_t)(addr + p * page_size);
+
+		for (i = 0; i < n; i++) {
+			if (w[i] != stamp_word(p, gen[p], i)) {
+				if (first < 0)
+					first = (int64_t)p;
+				(*bad)++;
+				break;
+			}
+		}
+	}
+	return first;
 }

@@ -1,0 +1,113 @@
+"""The file store never serves silent zeros: truncated snapshots and block devices."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import structlog
+
+import uffd_aio
+from tests.limits import limit
+from uffd_aio import testing
+from uffd_aio.handlers import attach
+from uffd_aio.handlers.base import BackendError
+from uffd_aio.handlers.file import FileBackend
+
+from .helpers import PS
+
+NPAGES = 64
+
+
+@pytest.fixture
+def snap(tmp_path: Path) -> Path:
+    p = tmp_path / "mem.snap"
+    p.write_bytes(testing.pattern_bytes(0, NPAGES * PS))
+    return p
+
+
+@pytest.mark.parametrize("readahead", ["off", "adaptive"])
+async def test_truncated_while_served_gives_sigbus_not_zeros(snap: Path, readahead: str) -> None:
+    new_end = 40
+    async with asyncio.timeout(limit(60)):
+        backend = await FileBackend.open(snap)
+        try:
+            async with uffd_aio.Pager() as pager:  # on_error="poison": SIGBUS
+                region = pager.map(NPAGES * PS)
+                att = attach(region, backend, readahead=readahead)
+                first = await testing.read_catching(region.address, 8 * PS)
+                assert first.sigbus == [] and first.data == testing.pattern_bytes(0, 8 * PS)
+                os.truncate(snap, new_end * PS)
+                with structlog.testing.capture_logs() as logs:
+                    got = await testing.read_catching(region.address, NPAGES * PS)
+                await att.aclose()
+            assert backend.size == NPAGES * PS  # the size announced at open
+        finally:
+            await backend.aclose()
+    bus = set(got.sigbus)
+    for p in range(new_end, NPAGES):  # past the new end: SIGBUS, never zeros
+        assert p in bus, f"page {p} past the truncated end did not raise SIGBUS"
+    for p in range(NPAGES):
+        page = got.data[p * PS:(p + 1) * PS]
+        if p in bus:
+            continue
+        # served pages hold the file's data (with read-ahead, a window that crossed the
+        # new end may have poisoned a page before it: loud, never wrong data)
+        assert page == testing.pattern_bytes(p * PS, PS), f"page {p} holds wrong data"
+    if readahead == "off":
+        assert bus == set(range(new_end, NPAGES))
+    short = [e for e in logs if e["event"] == "uffd_aio.file_short_read"]
+    assert short and short[0]["log_level"] == "warning"
+    assert {"offset", "expected", "got", "path"} <= set(short[0])
+    assert short[0]["got"] < short[0]["expected"]
+
+
+async def test_short_read_is_an_error_without_a_pager(snap: Path) -> None:
+    backend = await FileBackend.open(snap)
+    try:
+        os.truncate(snap, 10 * PS + 100)
+        assert await backend.fetch(0, 10 * PS) == testing.pattern_bytes(0, 10 * PS)
+        with pytest.raises(BackendError, match="short read"):
+            await backend.fetch(8 * PS, 4 * PS)
+        with pytest.raises(BackendError, match="short read"):
+            await backend.fetch(20 * PS, PS)
+        # past the announced size: zeros, as before
+        assert await backend.fetch(NPAGES * PS, PS) is None
+    finally:
+        await backend.aclose()
+
+
+def _losetup(*args: str) -> str:
+    return subprocess.run(["losetup", *args], check=True, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+async def test_block_device_source_is_served_with_its_content(snap: Path) -> None:
+    if shutil.which("losetup") is None:
+        pytest.skip("losetup is not installed: cannot make a loop device")
+    try:
+        dev = _losetup("-f", "--show", str(snap))
+    except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
+        err = getattr(exc, "stderr", "") or exc
+        pytest.skip(f"cannot set up a loop device here: {err}")
+    try:
+        assert os.stat(dev).st_size == 0  # what made it look empty
+        async with asyncio.timeout(limit(60)):
+            backend = await FileBackend.open(dev)
+            try:
+                assert backend.size == NPAGES * PS
+                async with uffd_aio.Pager() as pager:
+                    region = pager.map(NPAGES * PS)
+                    att = attach(region, backend, readahead="adaptive")
+                    got = await testing.read_catching(region.address, NPAGES * PS)
+                    await att.aclose()
+            finally:
+                await backend.aclose()
+        assert got.sigbus == []
+        assert got.data == testing.pattern_bytes(0, NPAGES * PS)
+    finally:
+        _losetup("-d", dev)
