@@ -1006,7 +1006,10 @@ class Pager:
             return
         ctx, rid, src = entry
         if ctx.engine is not None:
-            ctx.engine.drop(rid)
+            waited = ctx.engine.inflight()
+            ctx.engine.drop(rid)  # waits for the region's WRITEs (they read src)
+            if waited and self._ring is not None:
+                self._ring.schedule_drain()  # what that wait reaped, to its owners
         src.close()
 
     def _native_close(self, ctx: _Context) -> None:

@@ -392,6 +392,13 @@ class Ring:
         if hook in self._engine_hooks:
             self._engine_hooks.remove(hook)
 
+    def schedule_drain(self) -> None:
+        """Reap soon, even if the ring fd does not become readable again: an engine that
+        waited for its own CQEs (dropping a region waits for its WRITEs) may have reaped
+        other completions into the C stash, and queued work for Python."""
+        if not self._closed:
+            self._loop.call_soon(self._on_readable)
+
     def _run_engine_hooks(self) -> None:
         if self._closed or not self._h.engine_flags():
             return
