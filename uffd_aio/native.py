@@ -8,8 +8,10 @@
   keeps the buffer alive until it is unregistered;
 * a path or an open file: a snapshot file, mapped read-only; pages in the page
   cache are copied straight from the mapping, the others (checked with
-  ``mincore``, without blocking) go up to Python, which reads them with an
-  io_uring READ on the pager's ring;
+  ``mincore``, without blocking) are read by the engine with an io_uring READ
+  on the pager's ring into a buffer of its own and copied when the READ
+  completes, in C (``Pager(native_read_slots=0)``: they go up to Python, which
+  reads them the same way);
 * :data:`ZERO`: zero pages.
 
 Whatever the engine does not serve (page-cache misses, EAGAIN while the address
@@ -97,6 +99,7 @@ class NativeSource:
     keep: Any = None  # pins a buffer for as long as the engine may copy from it
     mapping: tuple[int, int] | None = None  # our read-only file mapping (addr, len)
     fd: int | None = None  # our file descriptor (file source)
+    file_offset: int = 0  # file offset of the region's first page (file source)
     ra: tuple[int, int] = (1, 1)
 
     def close(self) -> None:
@@ -201,4 +204,4 @@ def _file_source(region: Any, source: Any, offset: int, ra: tuple[int, int]) -> 
         return out
 
     return NativeSource(_engine.SRC_FILE, base + offset, region.length, f"file({name})",
-                        file_fallback, mapping=(base, maplen), fd=fd, ra=ra)
+                        file_fallback, mapping=(base, maplen), fd=fd, file_offset=offset, ra=ra)

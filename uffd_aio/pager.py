@@ -61,6 +61,7 @@ ReadMode = Literal["auto", "multishot", "read", "poll"]
 
 _READ_BATCH = 64  # uffd_msg per read
 _READ_ON = 16  # direct reads after a dispatched batch before re-arming the ring read
+_NATIVE_SLOT_BYTES = 256 * 1024  # native engine: one io_uring READ of page-cache misses
 _MAX_EAGAIN_RETRIES = 2000  # x 1 ms
 _CoroType = types.CoroutineType
 _WRITE = ev_mod.PAGEFAULT_FLAG_WRITE
@@ -196,6 +197,7 @@ class _Context:
         self.errors_in_row = 0
         self.thread_ids = uffd.has(Feature.THREAD_ID)
         self.engine: Engine | None = None  # native fault engine (region.serve_from)
+        self.engine_up: bytearray | None = None  # what its completions pass up (take)
 
     def add_extent(self, start: int, end: int, region: Region, offset: int) -> None:
         i = bisect.bisect_left(self.starts, start)
@@ -330,6 +332,10 @@ class Pager:
       most ``native_reads`` times and, with a budget, keeps polling an empty
       uffd (yielding the CPU) for up to ``native_budget_us`` before returning
       to the loop (0: return as soon as the uffd is empty).
+    * ``native_read_slots``: buffers (256 KiB each) the native engine reads
+      page-cache misses of file sources into, with io_uring READs on the
+      pager's ring, copying in C when they complete; 0 passes misses up to the
+      Python fallback instead.
     """
 
     def __init__(
@@ -352,6 +358,7 @@ class Pager:
         stall_warning: float | None = 10.0,
         native_reads: int = 16,
         native_budget_us: float = 0.0,
+        native_read_slots: int = 16,
         name: str = "pager",
     ) -> None:
         if on_error not in ("poison", "zero", "raise"):
@@ -393,6 +400,10 @@ class Pager:
             raise ValueError("native_reads must be >= 0 and native_budget_us in 0..10000")
         self._native_reads = native_reads
         self._native_budget_ns = int(native_budget_us * 1000)
+        if not 0 <= native_read_slots <= 1024:
+            raise ValueError("native_read_slots must be in 0..1024")
+        self._native_read_slots = native_read_slots
+        self._native_hooked = False
         #: regions served by the native engine -> (context, engine region id, source)
         self._native: dict[Region, tuple[_Context, int, Any]] = {}
         self._native_retired = EngineStats()  # counters of engines already freed
@@ -942,10 +953,12 @@ class Pager:
         src = native.make_source(region, source, offset=offset, readahead=readahead)
         self._native_drop(region)  # serving a new source replaces the old one
         if ctx.engine is None:
-            ctx.engine = Engine(ctx.uffd.fd)
+            ctx.engine = self._native_engine(ctx)
         try:
             rid = ctx.engine.add(region.address, region.length, region.page_size, src.kind,
                                  src.src, src.src_len, *src.ra)
+            if src.fd is not None:
+                ctx.engine.set_file(rid, src.fd, src.file_offset)
         except BaseException:
             src.close()
             raise
@@ -955,13 +968,48 @@ class Pager:
         self._log.debug("uffd_aio.native_region", region=region.name, source=src.description,
                         readahead=src.ra)
 
+    def _native_engine(self, ctx: _Context) -> Engine:
+        """A context's engine, on the pager's ring: READs of page-cache misses, and
+        io_uring WRITEs on the uffd when the backend is the ring-write one."""
+        engine = Engine(ctx.uffd.fd)
+        try:
+            wfd = -1
+            if self._backend.name == "ring":
+                from uffd_aio import resolve_ring
+
+                wfd = resolve_ring.writer_fd(ctx.uffd)
+            engine.attach(self.ring.native_handle, wfd, self._native_read_slots,
+                          _NATIVE_SLOT_BYTES if self._native_read_slots else 0)
+        except BaseException:
+            engine.close()
+            raise
+        ctx.engine_up = bytearray(ev_mod.MSG_SIZE * _READ_BATCH)
+        if not self._native_hooked:
+            self.ring.add_engine_hook(self._native_completions)
+            self._native_hooked = True
+        return engine
+
+    def _native_completions(self) -> None:
+        """Ring hook: faults the engines' READs/WRITEs could not serve, to Python."""
+        for ctx in self._contexts:
+            engine, buf = ctx.engine, ctx.engine_up
+            if engine is None or buf is None:
+                continue
+            addr, keep = ll.buffer_address(buf, writable=True)
+            while n := engine.take(addr, len(buf)):
+                self._dispatch(ctx, ev_mod.decode(buf, n * ev_mod.MSG_SIZE))
+            del keep
+
     def _native_drop(self, region: Region) -> None:
         entry = self._native.pop(region, None)
         if entry is None:
             return
         ctx, rid, src = entry
         if ctx.engine is not None:
-            ctx.engine.drop(rid)
+            waited = ctx.engine.inflight()
+            ctx.engine.drop(rid)  # waits for the region's WRITEs (they read src)
+            if waited and self._ring is not None:
+                self._ring.schedule_drain()  # what that wait reaped, to its owners
         src.close()
 
     def _native_close(self, ctx: _Context) -> None:
@@ -970,8 +1018,13 @@ class Pager:
         for region in [r for r, (c, _, _) in self._native.items() if c is ctx]:
             self._native_drop(region)
         self._native_retired += ctx.engine.stats()
-        ctx.engine.close()
+        ctx.engine.close()  # READs in flight: C frees their buffers when they complete
         ctx.engine = None
+        ctx.engine_up = None
+        if self._native_hooked and not any(c.engine for c in self._contexts) \
+                and self._ring is not None:
+            self._ring.remove_engine_hook(self._native_completions)
+            self._native_hooked = False
 
     def _native_pass(self, ctx: _Context, nbytes: int) -> int:
         """Run the engine on the nbytes read into ctx.buf; the bytes left for Python."""
@@ -1000,7 +1053,10 @@ class Pager:
             native_faults=es.native_faults, native_pages=es.pages_copied + es.zero_pages,
             native_readahead_pages=es.readahead_pages, native_wakes=es.wakes,
             native_cache_misses=es.cache_misses, native_passed_up=es.passed_up,
-            native_reads=es.reads, native_ioctls=es.ioctls)
+            native_reads=es.reads, native_ioctls=es.ioctls,
+            native_cache_reads=es.cache_reads, native_cache_read_pages=es.cache_read_pages,
+            native_read_waits=es.read_waits, native_read_passed_up=es.read_passed_up,
+            native_ring_writes=es.ring_writes, native_pwrites=es.pwrites)
 
     # ---- dispatch ---------------------------------------------------------
 

@@ -141,5 +141,14 @@ class PagerStats:
     native_passed_up: int = attrs.field(default=0, kw_only=True)
     native_reads: int = attrs.field(default=0, kw_only=True)
     native_ioctls: int = attrs.field(default=0, kw_only=True)
+    #: phase 2: io_uring READs of page-cache misses (and their pages), faults that
+    #: waited for one in flight, faults passed up after a failed/short READ
+    native_cache_reads: int = attrs.field(default=0, kw_only=True)
+    native_cache_read_pages: int = attrs.field(default=0, kw_only=True)
+    native_read_waits: int = attrs.field(default=0, kw_only=True)
+    native_read_passed_up: int = attrs.field(default=0, kw_only=True)
+    #: io_uring WRITEs on the uffd (patched kernel) and pwrites finishing short ones
+    native_ring_writes: int = attrs.field(default=0, kw_only=True)
+    native_pwrites: int = attrs.field(default=0, kw_only=True)
     #: UFFDIO_MOVEs done (``ev.move()``, handlers returning ``uffd_aio.Moved``)
     moves: int = attrs.field(default=0, kw_only=True)

@@ -24,6 +24,15 @@ Configurations: ``ioctl`` (the stock path: UFFDIO_COPY on the loop thread),
 the next read), ``ring+poll`` (plus UFFD_FEATURE_POLL, faulting threads spin up
 to ``--budget-us``), ``ioctl+poll``; ``X+poll=N`` overrides the budget (N us).
 On a kernel without the series only the ``ioctl`` configurations run.
+
+``native*`` configurations serve the same content with the native engine
+(``region.serve_from(pattern)``, one page per fault, no handler): ``native``
+(UFFDIO_COPY from C), ``native+ring`` (the engine's io_uring WRITEs on the
+writer fd), ``native+ring+poll``, ``native+poll`` (ioctls + poll mode), and
+the same with ``+spin`` (the engine keeps reading the uffd in C for
+``--native-budget-us`` after a batch: ``Pager(native_budget_us=)``); their
+ratio column is relative to ``native`` (the engine's own stock path: ioctls,
+no poll mode, no spin), not to ``ioctl``.
 """
 
 from __future__ import annotations
@@ -45,12 +54,29 @@ import uffd_aio
 from uffd_aio import Feature, testing
 
 PS = os.sysconf("SC_PAGE_SIZE")
+NATIVE_BUDGET_US = 200.0  # --native-budget-us
 CONFIGS: dict[str, dict[str, Any]] = {
     "ioctl": {"backend": "ioctl"},
     "ring": {"backend": "ring"},
     "ring+poll": {"backend": "ring", "poll": True},
     "ioctl+poll": {"backend": "ioctl", "poll": True},
+    "native": {"backend": "ioctl", "native": True},
+    "native+ring": {"backend": "ring", "native": True},
+    "native+ring+poll": {"backend": "ring", "poll": True, "native": True},
+    "native+poll": {"backend": "ioctl", "poll": True, "native": True},
+    # +spin: the engine keeps reading the uffd in C for --native-budget-us after a
+    # batch (Pager(native_budget_us=)), so consecutive faults skip the event loop
+    "native+spin": {"backend": "ioctl", "native": True, "spin": True},
+    "native+ring+spin": {"backend": "ring", "native": True, "spin": True},
+    "native+ring+poll+spin": {"backend": "ring", "poll": True, "native": True, "spin": True},
+    "native+poll+spin": {"backend": "ioctl", "poll": True, "native": True, "spin": True},
 }
+
+
+def baseline(name: str) -> str:
+    """The configuration a row's ratio is relative to (its own stock path)."""
+    return "native" if name.startswith("native") else "ioctl"
+
 
 
 def config_kwargs(name: str, budget_us: float) -> dict[str, Any]:
@@ -67,13 +93,18 @@ def config_kwargs(name: str, budget_us: float) -> dict[str, Any]:
 async def one_round(name: str, pages: int, threads: int, budget_us: float,
                     store: bytearray) -> dict[str, Any]:
     kw = config_kwargs(name, budget_us)
+    native = kw.pop("native", False)
+    if kw.pop("spin", False):
+        kw["native_budget_us"] = NATIVE_BUDGET_US
     view = memoryview(store)
     async with uffd_aio.Pager(name=f"bench-{name}", **kw) as pager:
         region = pager.map(pages * PS)
-
-        @region.on_fault
-        def on_fault(ev: uffd_aio.PageFault) -> memoryview:
-            return view[ev.offset:ev.offset + PS]
+        if native:
+            region.serve_from(store)  # the engine, one page per fault
+        else:
+            @region.on_fault
+            def on_fault(ev: uffd_aio.PageFault) -> memoryview:
+                return view[ev.offset:ev.offset + PS]
 
         res = await asyncio.wait_for(
             testing.scan(region.address, region.length, threads=threads, op="read",
@@ -81,14 +112,17 @@ async def one_round(name: str, pages: int, threads: int, budget_us: float,
         bad = await testing.verify(region.address, region.length)
         st = pager.stats
         lat = sorted(res.latencies_ns or [])
-        out = {
+        out: dict[str, Any] = {
             "config": name, "backend": pager.backend, "poll_budget_ns": pager.poll_budget_ns,
             "pages": pages, "threads": threads,
             "lat_ns": statistics.median(lat), "p90_ns": lat[int(len(lat) * 0.9)],
             "wall_ns": res.wall_s * 1e9 / pages, "verified": bad < 0,
-            "faults": st.faults, "ring_writes": st.ring_writes, "ioctls": st.ioctls,
-            "reads": st.reads, "errors": st.errors,
+            "faults": st.faults, "ring_writes": st.ring_writes + st.native_ring_writes,
+            "ioctls": st.ioctls + st.native_ioctls, "reads": st.reads + st.native_reads,
+            "errors": st.errors, "native_faults": st.native_faults,
         }
+    if native and (st.native_faults < pages or st.python_faults):
+        raise SystemExit(f"{name}: faults not served by the native engine: {out}")
     if not out["verified"] or out["errors"]:
         raise SystemExit(f"{name}: verification failed or errors: {out}")
     return out
@@ -96,7 +130,13 @@ async def one_round(name: str, pages: int, threads: int, budget_us: float,
 
 def run(args: argparse.Namespace) -> int:
     patched = bool(uffd_aio.available_features() & Feature.WRITE)
-    configs = [c for c in args.configs if patched or "ring" not in c and "poll" not in c]
+    configs = [c for c in args.configs if patched or ("ring" not in c and "poll" not in c)]
+    global NATIVE_BUDGET_US
+    NATIVE_BUDGET_US = args.native_budget_us
+    if args.native_reads is not None:
+        for c in CONFIGS.values():
+            if c.get("native"):
+                c["native_reads"] = args.native_reads
     store = testing.pattern_bytes(0, args.pages * PS)
     loops = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     rows: list[dict[str, Any]] = []
@@ -123,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"kernel {meta['kernel']}, {args.pages} faults x {args.rounds} rounds per cell, "
           f"{args.threads} faulting thread(s), poll budget {args.budget_us} us; "
-          f"medians over rounds, ratio = ioctl / config (higher = faster)\n")
+          f"medians over rounds, ratio = base / config (higher = faster; base: ioctl, "
+          f"native for the native engine's rows)\n")
     print("| loop | config | fault round trip (median) | ratio | wall per fault | ratio |")
     print("|---|---|---|---|---|---|")
     for loop_name in args.loops:
@@ -132,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
             sel = [x for x in rows if x["loop"] == loop_name and x["config"] == name]
             med[name] = (statistics.median(x["lat_ns"] for x in sel),
                          statistics.median(x["wall_ns"] for x in sel))
-        base = med.get("ioctl")
         for name in configs:
+            base = med.get(baseline(name.partition("=")[0]))
             lat, wall = med[name]
             rl = f"{base[0] / lat:.2f}" if base else "-"
             rw = f"{base[1] / wall:.2f}" if base else "-"
@@ -153,6 +194,11 @@ def main() -> int:
     p.add_argument("--configs", nargs="+",
                    default=["ioctl", "ring", "ring+poll", "ioctl+poll", "ring+poll=1000"],
                    help=f"from {', '.join(CONFIGS)}; X+poll=N: poll budget N us")
+    p.add_argument("--native-reads", type=int, default=None,
+                   help="Pager(native_reads=) of the native configurations (default: the "
+                        "Pager's)")
+    p.add_argument("--native-budget-us", type=float, default=200.0,
+                   help="Pager(native_budget_us=) of the +spin configurations")
     p.add_argument("--json", help="write every round here")
     args = p.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))

@@ -246,10 +246,11 @@ async def test_file_source_open_file_and_offset(tmp_path: Path) -> None:
 
 
 async def test_file_source_not_cached_falls_back(tmp_path: Path) -> None:
-    """Pages not in the page cache go up to Python (io_uring READ) and verify."""
+    """Without read slots, pages not in the page cache go up to Python (io_uring READ)
+    and verify (with them the engine reads them: test_native_engine_io.py)."""
     snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
     _require_evicted(snap)
-    async with Pager(handler_timeout=20) as pager:
+    async with Pager(handler_timeout=20, native_read_slots=0) as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap)
         res = await scan(region.address, LENGTH, threads=2, op="verify", order="random")
@@ -291,7 +292,7 @@ async def test_on_fault_after_serve_from_gets_what_is_passed_up(tmp_path: Path) 
     snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
     _require_evicted(snap)
     seen: list[int] = []
-    async with Pager() as pager:
+    async with Pager(native_read_slots=0) as pager:  # misses go up (not read in C)
         region = pager.map(LENGTH)
         region.serve_from(snap)
 

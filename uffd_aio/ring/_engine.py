@@ -7,6 +7,8 @@ Like :mod:`uffd_aio.ring._lowlevel`, this is the only place that touches
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from uffd_aio.ring._lowlevel import check
@@ -31,6 +33,13 @@ class EngineStats:
     passed_up: int = 0
     reads: int = 0
     ioctls: int = 0
+    cache_reads: int = 0
+    cache_read_pages: int = 0
+    read_waits: int = 0
+    read_passed_up: int = 0
+    ring_writes: int = 0
+    pwrites: int = 0
+    submits: int = 0
 
     def __add__(self, other: EngineStats) -> EngineStats:
         return EngineStats(*(getattr(self, a.name) + getattr(other, a.name)
@@ -41,7 +50,10 @@ _STAT_FIELDS = tuple(a.name for a in attrs.fields(EngineStats))
 
 
 class Engine:
-    """One ``struct ua_engine`` for the uffd ``fd`` (which must be O_NONBLOCK)."""
+    """One ``struct ua_engine`` for the uffd ``fd`` (which must be O_NONBLOCK).
+
+    :meth:`close` frees it; if READs are still in flight the C side keeps their
+    buffers until the completions come back (or the ring is freed)."""
 
     __slots__ = ("_e", "_st", "fd")
 
@@ -61,6 +73,27 @@ class Engine:
         if self._e is not None:
             lib.ua_engine_free(self._e)
             self._e = None
+
+    def attach(self, ring_handle: Any, writer_fd: int = -1, read_slots: int = 0,
+               slot_bytes: int = 0) -> None:
+        """Put the engine on a ring (``Ring.native_handle``): ``read_slots`` buffers of
+        ``slot_bytes`` for io_uring READs of page-cache misses (0: pass misses up), and
+        ``writer_fd`` >= 0 to resolve with io_uring WRITEs on the uffd (patched kernel)."""
+        check(lib.ua_engine_attach(self._e, ring_handle, writer_fd, read_slots, slot_bytes),
+              "native engine: attach to the ring")
+
+    def set_file(self, region_id: int, fd: int, offset: int) -> None:
+        """File region ``region_id`` reads its misses from ``fd`` at ``offset`` (page 0)."""
+        check(lib.ua_engine_file(self._e, region_id, fd, offset),
+              f"native engine: file of region {region_id}")
+
+    def take(self, buf: int, cap: int) -> int:
+        """Move the messages completions queued for Python to ``buf``; how many."""
+        return check(lib.ua_engine_take(self._e, buf, cap), "native engine: take")
+
+    def inflight(self) -> int:
+        """READs / WRITEs whose completion has not come back."""
+        return 0 if self._e is None else int(lib.ua_engine_inflight(self._e))
 
     def add(self, start: int, length: int, page_size: int, kind: int, src: int, src_len: int,
             ra_min: int, ra_max: int) -> int:

@@ -119,6 +119,19 @@ class RingHandle:
     def sq_space(self) -> int:
         return int(lib.ua_ring_sq_space(self._r))
 
+    def sq_ready(self) -> int:
+        """SQEs prepared and not submitted (a native engine's included)."""
+        return int(lib.ua_ring_sq_ready(self._r))
+
+    def engine_flags(self) -> int:
+        """Read and clear the native engines' flags (bit 0: messages queued for Python)."""
+        return int(lib.ua_ring_engine_flags(self._r))
+
+    @property
+    def native(self) -> Any:
+        """The ``struct ua_ring *`` (for the native engine); None once closed."""
+        return self._r
+
     def submit(self) -> int:
         return check(lib.ua_ring_submit(self._r), "io_uring_submit")
 

@@ -92,6 +92,9 @@ class Ring:
         self._fixed_keep: list[Any] = []
         self._watchdog: StallWatchdog | None = None
         self._bufrings: dict[int, ll.BufRing] = {}
+        #: native engines' completion hooks (attach_engine); run after a reap in which
+        #: an engine queued messages for Python
+        self._engine_hooks: list[Callable[[], None]] = []
         self.submits = 0
         self.completions = 0
         self._loop.add_reader(self.fd, self._on_readable)
@@ -171,7 +174,7 @@ class Ring:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._dirty:
+        if self._dirty or (self._engine_hooks and not self._closed and self._h.sq_ready()):
             self._submit_now()
 
     def flush(self) -> None:
@@ -362,10 +365,49 @@ class Ring:
                 n = self.drain()
             finally:
                 self._in_reap = False
-            if self._dirty:
+            if self._dirty or (self._engine_hooks and self._h.sq_ready()):
                 self._submit_now()
             if not n:
                 return
+
+    # ---- native engines (uffd_aio/ring/csrc/engine.c) -------------------
+    # An engine attached to this ring prepares its own SQEs (io_uring READs of
+    # page-cache misses, WRITEs on a uffd's writer fd) with user_data values
+    # that have the top bit set (ring_engine.h); the reaper serves their CQEs
+    # in C, so they never reach this class.  It only has to submit what the
+    # engines prepared, and run their hooks when they queued work for Python.
+
+    @property
+    def native_handle(self) -> Any:
+        """The C ring (``struct ua_ring *``) an engine attaches to."""
+        if self._closed:
+            raise RuntimeError("ring is closed")
+        return self._h.native
+
+    def add_engine_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` after a reap in which a native engine queued messages for Python."""
+        self._engine_hooks.append(hook)
+
+    def remove_engine_hook(self, hook: Callable[[], None]) -> None:
+        if hook in self._engine_hooks:
+            self._engine_hooks.remove(hook)
+
+    def schedule_drain(self) -> None:
+        """Reap soon, even if the ring fd does not become readable again: an engine that
+        waited for its own CQEs (dropping a region waits for its WRITEs) may have reaped
+        other completions into the C stash, and queued work for Python."""
+        if not self._closed:
+            self._loop.call_soon(self._on_readable)
+
+    def _run_engine_hooks(self) -> None:
+        if self._closed or not self._h.engine_flags():
+            return
+        for hook in list(self._engine_hooks):
+            try:
+                hook()
+            except Exception as exc:
+                self._loop.call_exception_handler(
+                    {"message": "uffd_aio native engine hook failed", "exception": exc})
 
     def drain(self) -> int:
         """Reap and dispatch every completion that is ready now; returns how many."""
@@ -374,6 +416,8 @@ class Ring:
         while True:
             batch = self._h.reap()
             if not batch:
+                if self._engine_hooks:  # a reap of engine CQEs only
+                    self._run_engine_hooks()
                 return total
             total += len(batch)
             for ud, res, flags in batch:
@@ -389,6 +433,8 @@ class Ring:
                         {"message": "uffd_aio ring completion callback failed",
                          "exception": exc})
             self.completions += len(batch)
+            if self._engine_hooks:
+                self._run_engine_hooks()
             if len(batch) < self._h.batch:
                 return total
 
@@ -426,6 +472,7 @@ class Ring:
             if isinstance(cb, _FutureOp) and not cb.fut.done():
                 cb.fut.set_exception(OSError(125, "ring closed: " + os.strerror(125)))
         self._ops.clear()
+        self._engine_hooks.clear()
         for br in self._bufrings.values():
             br.close()
         self._bufrings.clear()

@@ -15,6 +15,14 @@ struct ua_engine_stats {
     uint64_t passed_up;        /* messages left for Python (faults, events, errors) */
     uint64_t reads;            /* read(2) calls made by the engine on the uffd */
     uint64_t ioctls;           /* COPY/ZEROPAGE/WAKE ioctls */
+    /* phase 2 (ua_engine_attach) */
+    uint64_t cache_reads;      /* io_uring READs of file pages not in the page cache */
+    uint64_t cache_read_pages; /* pages those READs asked for */
+    uint64_t read_waits;       /* faults that joined a READ already in flight */
+    uint64_t read_passed_up;   /* faults passed up after a failed or short READ */
+    uint64_t ring_writes;      /* io_uring WRITEs on the uffd's writer fd (patched kernel) */
+    uint64_t pwrites;          /* pwrite(2)s finishing a short or EEXIST ring write */
+    uint64_t submits;          /* io_uring_enter calls made by the engine (before lingering) */
 };
 
 /* source kinds */
@@ -54,6 +62,25 @@ int ua_engine_nranges(struct ua_engine *e);
 int ua_engine_run(struct ua_engine *e, uint64_t buf, uint32_t nbytes, uint32_t cap,
                   int max_reads, int64_t budget_ns);
 void ua_engine_get_stats(struct ua_engine *e, struct ua_engine_stats *out);
+
+/* Phase 2: put the engine on the pager's io_uring ring r (a struct ua_ring
+ * of native.h; it must stay alive until ua_engine_free, or tell the engine
+ * when freed, which ua_ring_free does).  read_slots > 0: a file page not in
+ * the page cache becomes an io_uring READ (file regions with ua_engine_file)
+ * into a pool of read_slots buffers of slot_bytes each, and the COPY happens
+ * in C when it completes (other faults on its pages wait for it); 0 passes
+ * misses up as before.  wfd >= 0: the uffd's writer fd (UFFDIO_WRITE_FD,
+ * patched kernels): resolutions become io_uring WRITEs on it instead of
+ * ioctls, submitted with the pager's next io_uring_enter.  0 or -errno. */
+int ua_engine_attach(struct ua_engine *e, struct ua_ring *r, int wfd, uint32_t read_slots,
+                     uint32_t slot_bytes);
+/* file region id reads from fd at file offset off for its page 0 */
+int ua_engine_file(struct ua_engine *e, int id, int fd, uint64_t off);
+/* Move up to cap/32 messages queued by completions (faults a READ or a
+ * WRITE could not serve) to buf, in order; returns their number. */
+int ua_engine_take(struct ua_engine *e, uint64_t buf, uint32_t cap);
+/* engine operations (READs, WRITEs) whose completion has not come back */
+int ua_engine_inflight(struct ua_engine *e);
 
 /* Pure pieces, exposed for tests: the window the region's read-ahead policy
  * gives a fault at page index rel (updates the adaptive state), and whether

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "native.h"
+#include "ring_engine.h"
 
 #ifndef IORING_SETUP_SINGLE_ISSUER
 #define IORING_SETUP_SINGLE_ISSUER (1U << 12)
@@ -32,9 +33,148 @@
 #endif
 
 /* ---- io_uring ------------------------------------------------------ */
+struct ua_cqe_copy {
+	uint64_t user_data;
+	int32_t res;
+	uint32_t flags;
+};
+
 struct ua_ring {
 	struct io_uring ring;
+	/* native engines using this ring (ring_engine.h) */
+	struct ua_engine **engs;
+	int neng, engcap;
+	int eng_inflight;   /* engine SQEs whose CQE has not been routed yet */
+	uint32_t eng_flags; /* UA_ENG_FLAG_*, read and cleared by ua_ring_engine_flags */
+	/* CQEs reaped by ua_ring_eng_settle for ua_reap (in order) */
+	struct ua_cqe_copy *stash;
+	unsigned nstash, stash_head, stashcap;
 };
+
+static int64_t mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* route every ready CQE: the engine's to their engine, the others into the
+ * stash (keep) or nowhere (the ring is being freed) */
+static void eng_drain(struct ua_ring *r, int keep)
+{
+	struct io_uring_cqe *cqe;
+	unsigned head, n = 0;
+
+	if (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW)
+		io_uring_get_events(&r->ring);
+	io_uring_for_each_cqe(&r->ring, head, cqe) {
+		n++;
+		if (cqe->user_data & UA_ENGINE_UD_TAG) {
+			r->eng_inflight--;
+			r->eng_flags |= ua_engine_cqe(cqe->user_data, cqe->res);
+			continue;
+		}
+		if (!keep)
+			continue;
+		if (r->nstash == r->stashcap) {
+			unsigned cap = r->stashcap ? 2 * r->stashcap : 64;
+			struct ua_cqe_copy *s = realloc(r->stash, cap * sizeof(*s));
+
+			if (!s) /* cannot keep it: its owner will never hear of it */
+				continue;
+			r->stash = s;
+			r->stashcap = cap;
+		}
+		r->stash[r->nstash].user_data = cqe->user_data;
+		r->stash[r->nstash].res = cqe->res;
+		r->stash[r->nstash].flags = cqe->flags;
+		r->nstash++;
+	}
+	if (n)
+		io_uring_cq_advance(&r->ring, n);
+}
+
+int ua_ring_eng_prep(struct ua_ring *r, int op, int fd, uint64_t addr, uint32_t len,
+		     uint64_t off, uint64_t user_data)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+
+	if (!sqe) {
+		io_uring_submit(&r->ring);
+		sqe = io_uring_get_sqe(&r->ring);
+		if (!sqe)
+			return -EBUSY;
+	}
+	io_uring_prep_rw(op, sqe, fd, (const void *)(uintptr_t)addr, len, off);
+	io_uring_sqe_set_data64(sqe, user_data | UA_ENGINE_UD_TAG);
+	r->eng_inflight++;
+	return 0;
+}
+
+int ua_ring_eng_submit(struct ua_ring *r) { return io_uring_submit(&r->ring); }
+
+int ua_ring_eng_link(struct ua_ring *r, struct ua_engine *e)
+{
+	if (r->neng == r->engcap) {
+		int cap = r->engcap ? 2 * r->engcap : 4;
+		struct ua_engine **n = realloc(r->engs, (size_t)cap * sizeof(*n));
+
+		if (!n)
+			return -ENOMEM;
+		r->engs = n;
+		r->engcap = cap;
+	}
+	r->engs[r->neng++] = e;
+	return 0;
+}
+
+void ua_ring_eng_unlink(struct ua_ring *r, struct ua_engine *e)
+{
+	int i;
+
+	for (i = 0; i < r->neng; i++)
+		if (r->engs[i] == e) {
+			r->engs[i] = r->engs[--r->neng];
+			return;
+		}
+}
+
+int ua_ring_eng_settle(struct ua_ring *r, int (*pending)(void *), void *arg, int timeout_ms)
+{
+	int64_t deadline = mono_ms() + timeout_ms;
+
+	io_uring_submit(&r->ring);
+	for (;;) {
+		struct __kernel_timespec ts = { 0, 10 * 1000000 };
+		struct io_uring_cqe *cqe;
+		int rc;
+
+		eng_drain(r, 1);
+		if (!pending(arg))
+			return 0;
+		if (mono_ms() >= deadline)
+			return -ETIMEDOUT;
+		rc = io_uring_wait_cqe_timeout(&r->ring, &cqe, &ts);
+		if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EAGAIN)
+			return rc;
+	}
+}
+
+static int any_engine_op(void *arg)
+{
+	return ((struct ua_ring *)arg)->eng_inflight > 0;
+}
+
+uint32_t ua_ring_engine_flags(struct ua_ring *r)
+{
+	uint32_t f = r->eng_flags;
+
+	r->eng_flags = 0;
+	return f;
+}
+
+unsigned ua_ring_sq_ready(struct ua_ring *r) { return io_uring_sq_ready(&r->ring); }
 
 struct ua_ring *ua_ring_new(unsigned entries, uint32_t flags, uint32_t sq_thread_idle,
 			    int *err, uint32_t *out_flags, uint32_t *out_features)
@@ -65,6 +205,15 @@ struct ua_ring *ua_ring_new(unsigned entries, uint32_t flags, uint32_t sq_thread
 void ua_ring_free(struct ua_ring *r)
 {
 	if (r) {
+		/* engine READs write into engine buffers: let them finish (bounded),
+		 * then tell the engines the ring is gone (a dying engine with an
+		 * operation still out is leaked rather than freed under the kernel) */
+		if (r->eng_inflight > 0)
+			ua_ring_eng_settle(r, any_engine_op, r, 1000);
+		while (r->neng > 0)
+			ua_engine_ring_gone(r->engs[--r->neng]);
+		free(r->engs);
+		free(r->stash);
 		io_uring_queue_exit(&r->ring);
 		free(r);
 	}
@@ -162,8 +311,19 @@ unsigned ua_reap(struct ua_ring *r, uint64_t *user_data, int32_t *res, uint32_t 
 		 unsigned max)
 {
 	struct io_uring_cqe *cqe;
-	unsigned head, n = 0;
+	unsigned head, n = 0, seen = 0;
 
+	/* first what ua_ring_eng_settle reaped for us */
+	while (r->stash_head < r->nstash && n < max) {
+		struct ua_cqe_copy *c = &r->stash[r->stash_head++];
+
+		user_data[n] = c->user_data;
+		res[n] = c->res;
+		flags[n] = c->flags;
+		n++;
+	}
+	if (r->stash_head == r->nstash)
+		r->stash_head = r->nstash = 0;
 	/* CQEs that overflowed the CQ ring wait in the kernel until an enter
 	 * flushes them; without this a burst larger than the CQ stalls. */
 	if (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_CQ_OVERFLOW)
@@ -171,13 +331,19 @@ unsigned ua_reap(struct ua_ring *r, uint64_t *user_data, int32_t *res, uint32_t 
 	io_uring_for_each_cqe(&r->ring, head, cqe) {
 		if (n == max)
 			break;
+		seen++;
+		if (cqe->user_data & UA_ENGINE_UD_TAG) { /* the engine's: served here */
+			r->eng_inflight--;
+			r->eng_flags |= ua_engine_cqe(cqe->user_data, cqe->res);
+			continue;
+		}
 		user_data[n] = cqe->user_data;
 		res[n] = cqe->res;
 		flags[n] = cqe->flags;
 		n++;
 	}
-	if (n)
-		io_uring_cq_advance(&r->ring, n);
+	if (seen)
+		io_uring_cq_advance(&r->ring, seen);
 	return n;
 }
 

@@ -27,6 +27,12 @@ int ua_prep_nop(struct ua_ring *r, uint64_t user_data);
 /* reap up to max CQEs into three parallel arrays; returns the count */
 unsigned ua_reap(struct ua_ring *r, uint64_t *user_data, int32_t *res,
                  uint32_t *flags, unsigned max);
+/* native engine on this ring (engine.h): CQEs with the engine's tag bit are
+ * served in C by ua_reap; these flags (bit 0: an engine queued messages for
+ * Python, see ua_engine_take) are read and cleared here */
+uint32_t ua_ring_engine_flags(struct ua_ring *r);
+/* SQEs prepared and not submitted yet (the engine's included) */
+unsigned ua_ring_sq_ready(struct ua_ring *r);
 
 int ua_register_buffers(struct ua_ring *r, const uint64_t *addrs, const uint64_t *lens,
                         unsigned n);
