@@ -23,7 +23,6 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Literal
 
 import attrs
-import structlog
 
 from uffd_aio import events as ev_mod
 from uffd_aio import hugepages
@@ -37,6 +36,7 @@ from uffd_aio.errors import (
 )
 from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
 from uffd_aio.fault import PageFault
+from uffd_aio.log import get_logger
 from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode, feature_names
 from uffd_aio.region import EventHandler, Region
 from uffd_aio.resolve import (
@@ -396,7 +396,7 @@ class Pager:
         #: regions served by the native engine -> (context, engine region id, source)
         self._native: dict[Region, tuple[_Context, int, Any]] = {}
         self._native_retired = EngineStats()  # counters of engines already freed
-        self._log = structlog.get_logger("uffd_aio").bind(component="pager", pager=name)
+        self._log = get_logger(component="pager", pager=name)
         self._counters = Counters()
         self._contexts: list[_Context] = []
         self._main: _Context | None = None

@@ -46,7 +46,6 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any, Literal
 
 import attrs
-import structlog
 
 from uffd_aio.fdkeeper import (
     FdStore,
@@ -68,6 +67,7 @@ from uffd_aio.handoff import (
     receive,
 )
 from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
+from uffd_aio.log import get_logger
 from uffd_aio.pager import ErrorPolicy, Pager
 from uffd_aio.ring import Ring
 from uffd_aio.serve_state import (
@@ -337,7 +337,7 @@ class HandoffServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = asyncio.Event()
         self._changed = asyncio.Event()  # a client was adopted or released
-        self._log = structlog.get_logger("uffd_aio").bind(component="server", socket=self.path)
+        self._log = get_logger(component="server", socket=self.path)
         self._attach = _load_attach()
         if self._attach is None:
             self._log.warning("uffd_aio.attach_unavailable",

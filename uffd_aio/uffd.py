@@ -25,6 +25,7 @@ import structlog
 
 from uffd_aio import modes
 from uffd_aio.errors import FeatureUnavailable, MoveError, ResolveError
+from uffd_aio.log import get_logger
 from uffd_aio.modes import Feature, Ioctl, Mode
 from uffd_aio.ring import _lowlevel as ll
 
@@ -86,7 +87,7 @@ class Userfaultfd:
     _log: structlog.typing.FilteringBoundLogger = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self._log = structlog.get_logger("uffd_aio").bind(component="uffd", uffd=self.fd)
+        self._log = get_logger(component="uffd", uffd=self.fd)
 
     @classmethod
     def open(

@@ -40,7 +40,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
-import structlog
 
 from uffd_aio.errors import PagerClosed, ResolveError
 from uffd_aio.events import Remove, Unmap
@@ -52,6 +51,7 @@ from uffd_aio.handlers.readahead import (
     policy_from,
     read_trace,
 )
+from uffd_aio.log import get_logger
 from uffd_aio.modes import Mode
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import MmChanging, RangeGone
@@ -197,7 +197,7 @@ class Attachment:
         self._closed = False
         self._replay_task: asyncio.Task[None] | None = None
         self._replay_tasks: set[asyncio.Task[None]] = set()
-        self._log = structlog.get_logger("uffd_aio").bind(
+        self._log = get_logger(
             component="attach", region=region.name, backend=backend.name)
         if replay is not None:
             lo = self._store_page0

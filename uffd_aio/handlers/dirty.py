@@ -67,8 +67,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-import structlog
-
+from uffd_aio.log import get_logger
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import RangeGone
 
@@ -130,7 +129,7 @@ class DirtyTracker:
         self._closing = False
         self._can_evict = False
         self._advice = ll.MADV_DONTNEED
-        self._log = structlog.get_logger("uffd_aio").bind(component="dirty")
+        self._log = get_logger(component="dirty")
         #: counters
         self.evicted_pages = 0
         self.eviction_batches = 0

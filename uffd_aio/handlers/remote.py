@@ -36,10 +36,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
-import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from uffd_aio.handlers.base import BackendError, Buffer
+from uffd_aio.log import get_logger
 
 __all__ = ["RedisBackend"]
 
@@ -87,7 +87,7 @@ class RedisBackend:
         self.retry_for = retry_for
         self.name = name or f"redis(prefix={prefix!r})"
         self._zero = bytes(page_size)
-        self._log = structlog.get_logger("uffd_aio").bind(component="redis", backend=self.name)
+        self._log = get_logger(component="redis", backend=self.name)
         self._down_since: float | None = None
         #: coalesce concurrent fetches into shared MGETs (``coalesce=0`` in the URL: off)
         self.coalesce = coalesce
