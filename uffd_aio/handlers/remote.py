@@ -34,12 +34,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
-import redis.exceptions as rexc
-from redis.asyncio.cluster import RedisCluster
-
+from uffd_aio.errors import MissingExtra
 from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.log import get_logger
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as rexc
+    from redis.asyncio.cluster import RedisCluster
+except ImportError as _exc:  # redis-py is the optional extra [redis]
+    raise MissingExtra("redis", "redis", "the Redis backend") from _exc
 
 __all__ = ["RedisBackend"]
 
