@@ -1165,7 +1165,7 @@ class Pager:
             kind = "write-protect" if inf.msg.is_wp else "minor"
             raise BadHandlerResult(
                 f"handler for a {kind} fault at {inf.page:#x} returned data; the page is "
-                f"already present: return None (or call ev.unprotect()/ev.continue_())")
+                f"already present: return None (or await ev.unprotect()/ev.continue_())")
         try:
             view = memoryview(result).cast("B")
         except TypeError:

@@ -9,7 +9,7 @@
    *in flight*.
 2. ``backend.fetch(store_offset + p * page_size, window)`` -- bytes, or None
    for zeros.
-3. One ``ev.copy(data)`` spanning the whole window (``ev.zero`` for None;
+3. One ``await ev.copy(data)`` spanning the whole window (``ev.zero`` for None;
    with dirty tracking, a copy with ``wp=True``; a write fault's own page is
    mapped writable and marked dirty at once).  Pages that another thread
    got in first are skipped by the uffd layer (EEXIST).
