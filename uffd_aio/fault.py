@@ -206,6 +206,15 @@ class PageFault:
         return await self._run(Op(Kind.UNPROTECT, self.page, n))
 
     @_resolution
+    async def wake(self) -> int:
+        """Wake the threads waiting on this page without mapping anything (UFFDIO_WAKE).
+
+        For a fault that needs no resolution any more: the page is there already, or
+        it is gone and the woken thread's retry faults again (as a MISSING fault).
+        """
+        return await self._run(Op(Kind.WAKE, self.page, self.page_size))
+
+    @_resolution
     async def poison(self) -> int:
         """Make this page raise SIGBUS in the faulting thread (and on later accesses)."""
         return await self._run(Op(Kind.POISON, self.page, self.page_size))
