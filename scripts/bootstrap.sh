@@ -38,6 +38,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! .venv/bin/python -c 'import uffd_aio.ring._native' 2>/dev/null; then
+    # .[test] includes the extras the tests and the demo use (redis, zstd, metrics)
     log "pip: installing uffd-aio[test] (builds the cffi extension against liburing)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[test]"

@@ -12,6 +12,10 @@
   says how many of them ran.
 * Every pytest-timeout limit is scaled by the VM lane's measured speed factor
   (tests/limits.py).
+* The suite is an application: it configures structlog (its defaults: every
+  level, printed and captured by pytest), so the library's events reach
+  ``structlog.testing.capture_logs`` wherever a pager was created
+  (uffd_aio/log.py: an unconfigured structlog sends them to stdlib logging).
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
+import structlog
 import uvloop
 
 from tests import limits
 from uffd_aio.modes import PATCHED_FEATURES, Feature, feature_names
 from uffd_aio.uffd import available_features
+
+structlog.configure()
 
 if os.environ.get("UFFD_AIO_IN_VM"):
     # the guest sees the repository read-only: no example database on disk

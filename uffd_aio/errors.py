@@ -86,3 +86,19 @@ class MoveError(ResolveError):
 
 class GILDeadlockRisk(UffdError):
     """Raised when Python code would touch registered memory while holding the GIL."""
+
+
+class MissingExtra(UffdError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it.
+
+    ``uffd-aio`` keeps its hard dependencies to what every pager needs; the Redis
+    backend (``redis``), the compressed backend (``zstd``), the server's Prometheus
+    metrics (``metrics``) and the benchmark plots (``plots``) are extras.
+    """
+
+    def __init__(self, package: str, extra: str, feature: str) -> None:
+        self.package = package
+        self.extra = extra
+        self.install = f"pip install 'uffd-aio[{extra}]'"
+        super().__init__(f"{feature} needs the {package!r} package, which is not installed: "
+                         f"{self.install}", name=package)

@@ -2,16 +2,85 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 import attrs
 
+from uffd_aio.log import get_logger
 from uffd_aio.resolve import Kind, Moved, Op, zero_source
 from uffd_aio.uffd import PAGE_SIZE
 
 if TYPE_CHECKING:
     from uffd_aio.pager import _Inflight
     from uffd_aio.region import Region
+
+_P = ParamSpec("_P")
+
+
+class Resolution(Coroutine[Any, Any, int]):
+    """What the resolution methods of :class:`PageFault` return: **await it**.
+
+    ``await ev.zero()`` resolves the fault and returns the bytes resolved.  Nothing
+    happens until it is awaited (it is a coroutine: ``asyncio.create_task`` and
+    ``asyncio.gather`` take it too), so a handler that writes ``ev.zero()`` without
+    ``await`` resolves nothing itself; the pager's default resolution then applies
+    when the handler returns.  Such a dropped resolution logs the warning
+    ``uffd_aio.resolution_not_awaited`` (naming the method and the fault) when it is
+    garbage-collected, which CPython does as soon as the expression is dropped.
+    """
+
+    __slots__ = ("_coro", "_fault", "_method", "_used")
+
+    def __init__(self, coro: Coroutine[Any, Any, int], fault: PageFault, method: str) -> None:
+        self._used = False
+        self._coro = coro
+        self._fault = fault
+        self._method = method
+
+    def __await__(self) -> Generator[Any, None, int]:
+        self._used = True
+        return self._coro.__await__()
+
+    def send(self, value: Any) -> Any:
+        self._used = True
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        self._used = True
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._used = True
+        self._coro.close()
+
+    def __repr__(self) -> str:
+        return f"<Resolution ev.{self._method}() of {self._fault!r}>"
+
+    def __del__(self) -> None:
+        if self._used:
+            return
+        try:
+            self._coro.close()  # never started: no "coroutine was never awaited" on top
+            get_logger(component="fault").warning(
+                "uffd_aio.resolution_not_awaited", method=f"ev.{self._method}()",
+                fault=repr(self._fault),
+                hint=f"write `await ev.{self._method}(...)`: without await nothing is resolved")
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def _resolution(fn: Callable[Concatenate[PageFault, _P], Coroutine[Any, Any, int]]
+                ) -> Callable[Concatenate[PageFault, _P], Resolution]:
+    """Wrap a resolution coroutine method so that a dropped, un-awaited call is reported."""
+    name = fn.__name__
+
+    def method(self: PageFault, /, *args: _P.args, **kwargs: _P.kwargs) -> Resolution:
+        return Resolution(fn(self, *args, **kwargs), self, name)
+
+    functools.update_wrapper(method, fn)  # name, docstring, signature (help(), docs)
+    return method
 
 
 @attrs.frozen(slots=True, repr=False)
@@ -23,7 +92,22 @@ class PageFault:
     anonymous memory, moved in without a copy) or ``None`` (zero page for
     MISSING faults, unprotect for WP faults, CONTINUE for MINOR faults) from
     the handler, or resolve explicitly with the methods below (then the
-    return value is ignored).
+    return value is ignored).  The methods are coroutines: ``await ev.zero()``;
+    one called without ``await`` does nothing and logs
+    ``uffd_aio.resolution_not_awaited`` (:class:`Resolution`).
+
+    Fields (addresses are virtual addresses in the faulting process, ints):
+
+    * ``address``: the faulting address, as the kernel reported it;
+    * ``page``: the **address** of the faulting page (``address`` rounded down to
+      ``page_size``), not a page number; also :attr:`page_address`.  The page's
+      index in the region is ``offset // page_size``;
+    * ``offset``: ``page`` relative to the region's start (the offset in the
+      region's store);
+    * ``page_size``: the region's page size (4 KiB, or 2 MiB for hugetlbfs);
+    * ``region``: the :class:`~uffd_aio.Region` faulted;
+    * ``is_write``, ``is_wp``, ``is_minor`` (and :attr:`is_missing`): the kind of fault;
+    * ``thread_id``: the faulting thread's id when ``THREAD_ID`` was negotiated.
     """
 
     address: int
@@ -41,6 +125,11 @@ class PageFault:
     def is_missing(self) -> bool:
         return not (self.is_wp or self.is_minor)
 
+    @property
+    def page_address(self) -> int:
+        """The faulting page's address (the same as :attr:`page`, under a clearer name)."""
+        return self.page
+
     def __repr__(self) -> str:
         kind = "wp" if self.is_wp else "minor" if self.is_minor else "missing"
         rw = "write" if self.is_write else "read"
@@ -53,6 +142,7 @@ class PageFault:
             return res
         return await res
 
+    @_resolution
     async def copy(self, data: Any, *, offset: int | None = None, wp: bool = False) -> int:
         """Copy ``data`` in at region ``offset`` (default: this fault's page); returns bytes.
 
@@ -68,6 +158,7 @@ class PageFault:
         self._inf.pager._check_range(self._inf, start, view.nbytes, what="copy")
         return await self._run(Op(Kind.COPY, start, view.nbytes, view, wp))
 
+    @_resolution
     async def move(self, src_address: int, length: int | None = None, *,
                    offset: int | None = None, allow_src_holes: bool = False) -> int:
         """UFFDIO_MOVE (6.8+): move the pages at ``src_address`` in, zero-copy.
@@ -91,6 +182,7 @@ class PageFault:
         self._inf.pager._check_move(self._inf, start, n, moved)
         return await self._run(Op(Kind.MOVE, start, n, moved))
 
+    @_resolution
     async def zero(self, length: int | None = None) -> int:
         """Map zero pages from this fault's page on (``length`` bytes, default one page)."""
         n = self.page_size if length is None else length
@@ -99,18 +191,30 @@ class PageFault:
         data = None if self.page_size == PAGE_SIZE else zero_source(n)
         return await self._run(Op(Kind.ZERO, self.page, n, data))
 
+    @_resolution
     async def continue_(self, length: int | None = None, *, wp: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages that are already there (MINOR faults)."""
         n = self.page_size if length is None else length
         self._inf.pager._check_range(self._inf, self.page, n, what="continue")
         return await self._run(Op(Kind.CONTINUE, self.page, n, None, wp))
 
+    @_resolution
     async def unprotect(self, length: int | None = None) -> int:
         """Remove write protection (WP faults) and wake the writer."""
         n = self.page_size if length is None else length
         self._inf.pager._check_range(self._inf, self.page, n, what="unprotect")
         return await self._run(Op(Kind.UNPROTECT, self.page, n))
 
+    @_resolution
+    async def wake(self) -> int:
+        """Wake the threads waiting on this page without mapping anything (UFFDIO_WAKE).
+
+        For a fault that needs no resolution any more: the page is there already, or
+        it is gone and the woken thread's retry faults again (as a MISSING fault).
+        """
+        return await self._run(Op(Kind.WAKE, self.page, self.page_size))
+
+    @_resolution
     async def poison(self) -> int:
         """Make this page raise SIGBUS in the faulting thread (and on later accesses)."""
         return await self._run(Op(Kind.POISON, self.page, self.page_size))

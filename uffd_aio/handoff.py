@@ -33,7 +33,7 @@ from uffd_aio.handoff_proto import (
 )
 
 __all__ = ["Handoff", "HandoffError", "HandoffRejected", "Mapping", "peer_credentials",
-           "receive"]
+           "receive", "wait_readable"]
 
 #: fds we make room for in one message: enough to see (and close) a few extra ones
 _MAX_FDS = 16
@@ -75,7 +75,8 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+async def wait_readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Return when ``fd`` is readable (``loop.add_reader`` for one wakeup)."""
     fut: asyncio.Future[None] = loop.create_future()
 
     def ready() -> None:
@@ -114,7 +115,7 @@ async def _recvmsg(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: i
         try:
             data, ancdata, flags, _ = sock.recvmsg(size, anc, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
-            await _readable(loop, sock.fileno())
+            await wait_readable(loop, sock.fileno())
             continue
         return data, _fds_of(ancdata), flags
 

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import attrs
-import structlog
 
 from uffd_aio.fault import PageFault
 from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow, NoReadahead
+from uffd_aio.log import get_logger
 from uffd_aio.ring import _engine
 from uffd_aio.ring import _lowlevel as ll
 
@@ -179,7 +179,7 @@ def _file_source(region: Any, source: Any, offset: int, ra: tuple[int, int]) -> 
             # mincore() only reports the page cache of files one owns or may write
             # (Linux 5.0+); for others it says "resident", and a page-cache miss is then
             # read synchronously by the COPY on the loop thread
-            structlog.get_logger("uffd_aio").bind(component="native").warning(
+            get_logger(component="native").warning(
                 "uffd_aio.native_file_mincore_blind", path=str(name),
                 hint="own the file or open it writable: page-cache misses would block the "
                      "loop")

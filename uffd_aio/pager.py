@@ -23,7 +23,6 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Literal
 
 import attrs
-import structlog
 
 from uffd_aio import events as ev_mod
 from uffd_aio import hugepages
@@ -37,6 +36,7 @@ from uffd_aio.errors import (
 )
 from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
 from uffd_aio.fault import PageFault
+from uffd_aio.log import get_logger
 from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode, feature_names
 from uffd_aio.region import EventHandler, Region
 from uffd_aio.resolve import (
@@ -53,7 +53,15 @@ from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring._engine import Engine, EngineStats
 from uffd_aio.stats import Counters, PagerStats
-from uffd_aio.uffd import PAGE_SIZE, MmChanging, RangeGone, Userfaultfd
+from uffd_aio.uffd import (
+    EAGAIN_MAX_RETRIES,
+    EAGAIN_RETRY_INTERVAL,
+    PAGE_SIZE,
+    MmChanging,
+    RangeGone,
+    Userfaultfd,
+    retry_while_mm_changing,
+)
 
 ErrorPolicy = Literal["poison", "zero", "raise"]
 BackendName = Literal["auto", "ioctl", "ring"]
@@ -62,7 +70,6 @@ ReadMode = Literal["auto", "multishot", "read", "poll"]
 _READ_BATCH = 64  # uffd_msg per read
 _READ_ON = 16  # direct reads after a dispatched batch before re-arming the ring read
 _NATIVE_SLOT_BYTES = 256 * 1024  # native engine: one io_uring READ of page-cache misses
-_MAX_EAGAIN_RETRIES = 2000  # x 1 ms
 _CoroType = types.CoroutineType
 _WRITE = ev_mod.PAGEFAULT_FLAG_WRITE
 _WP = ev_mod.PAGEFAULT_FLAG_WP
@@ -166,6 +173,24 @@ class _Resume:
 
 async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
     return await _Resume(coro, first)
+
+
+def _count_op(c: Counters, kind: Kind) -> None:
+    """Count one resolution of ``kind`` (the batched, explicit and policy paths)."""
+    if kind is Kind.COPY:
+        c.copies += 1
+    elif kind is Kind.ZERO:
+        c.zeropages += 1
+    elif kind is Kind.CONTINUE:
+        c.continues += 1
+    elif kind is Kind.UNPROTECT:
+        c.unprotects += 1
+    elif kind is Kind.POISON:
+        c.poisons += 1
+    elif kind is Kind.MOVE:
+        c.moves += 1
+    else:
+        c.wakes += 1
 
 
 class _Extent:
@@ -407,7 +432,7 @@ class Pager:
         #: regions served by the native engine -> (context, engine region id, source)
         self._native: dict[Region, tuple[_Context, int, Any]] = {}
         self._native_retired = EngineStats()  # counters of engines already freed
-        self._log = structlog.get_logger("uffd_aio").bind(component="pager", pager=name)
+        self._log = get_logger(component="pager", pager=name)
         self._counters = Counters()
         self._contexts: list[_Context] = []
         self._main: _Context | None = None
@@ -727,8 +752,14 @@ class Pager:
                         address=hex(region.address), length=region.length,
                         mode=str(region.mode))
 
-    def _uffd_for(self, region: Region) -> Userfaultfd:
+    def uffd_for(self, region: Region) -> Userfaultfd:
+        """The uffd that serves ``region`` (for its write-protect and prefetch ioctls)."""
         return self.uffd
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`aclose` has started (faults then get the policy, not handlers)."""
+        return self._closing
 
     async def unregister(self, region: Region) -> None:
         """Stop serving ``region`` (waits for its running handlers)."""
@@ -1221,7 +1252,7 @@ class Pager:
             kind = "write-protect" if inf.msg.is_wp else "minor"
             raise BadHandlerResult(
                 f"handler for a {kind} fault at {inf.page:#x} returned data; the page is "
-                f"already present: return None (or call ev.unprotect()/ev.continue_())")
+                f"already present: return None (or await ev.unprotect()/ev.continue_())")
         try:
             view = memoryview(result).cast("B")
         except TypeError:
@@ -1382,21 +1413,7 @@ class Pager:
     def _resolved(self, op: Op, infs: list[_Inflight]) -> None:
         c = self._counters
         c.resolved_bytes += op.length
-        kind = op.kind
-        if kind is Kind.COPY:
-            c.copies += 1
-        elif kind is Kind.ZERO:
-            c.zeropages += 1
-        elif kind is Kind.CONTINUE:
-            c.continues += 1
-        elif kind is Kind.UNPROTECT:
-            c.unprotects += 1
-        elif kind is Kind.POISON:
-            c.poisons += 1
-        elif kind is Kind.MOVE:
-            c.moves += 1
-        else:
-            c.wakes += 1
+        _count_op(c, op.kind)
         for inf in infs:
             c.resolved_pages += 1
             self._finish(inf)
@@ -1406,13 +1423,13 @@ class Pager:
         for inf in infs:
             inf.attempts = attempts
         self._counters.eagain_retries += 1
-        if attempts > _MAX_EAGAIN_RETRIES:
+        if attempts > EAGAIN_MAX_RETRIES:
             self._resolve_failed(ctx, op, infs, ResolveError(
                 E.EAGAIN, "address space kept changing", op=op.kind.value, address=op.address,
                 length=op.length))
             return
         assert self._loop is not None
-        self._loop.call_later(0.001, self._execute, ctx, op, infs)
+        self._loop.call_later(EAGAIN_RETRY_INTERVAL, self._execute, ctx, op, infs)
 
     def _resolve_failed(self, ctx: _Context, op: Op, infs: list[_Inflight],
                         exc: ResolveError) -> None:
@@ -1469,34 +1486,22 @@ class Pager:
         return n
 
     async def _explicit_retry(self, inf: _Inflight, op: Op) -> int:
-        for _ in range(_MAX_EAGAIN_RETRIES):
+        async def attempt() -> int:
+            res = self._sync_backend.execute(inf.ctx.uffd, op)
+            return res if isinstance(res, int) else await res
+
+        def count() -> None:
             self._counters.eagain_retries += 1
-            await asyncio.sleep(0.001)
-            try:
-                res = self._sync_backend.execute(inf.ctx.uffd, op)
-                n = res if isinstance(res, int) else await res
-            except MmChanging:
-                continue
-            self._mark_explicit(inf, op, n)
-            return n
-        raise ResolveError(E.EAGAIN, "address space kept changing", op=op.kind.value,
-                           address=op.address, length=op.length)
+
+        n = await retry_while_mm_changing(attempt, op=op.kind.value, address=op.address,
+                                          length=op.length, on_retry=count)
+        self._mark_explicit(inf, op, n)
+        return n
 
     def _mark_explicit(self, inf: _Inflight, op: Op, n: int) -> None:
         c = self._counters
         c.resolved_bytes += n
-        if op.kind is Kind.COPY:
-            c.copies += 1
-        elif op.kind is Kind.ZERO:
-            c.zeropages += 1
-        elif op.kind is Kind.CONTINUE:
-            c.continues += 1
-        elif op.kind is Kind.UNPROTECT:
-            c.unprotects += 1
-        elif op.kind is Kind.POISON:
-            c.poisons += 1
-        elif op.kind is Kind.MOVE:
-            c.moves += 1
+        _count_op(c, op.kind)
         if op.address <= inf.page < op.end and not inf.resolved:
             inf.resolved = True
             c.resolved_pages += 1
@@ -1542,10 +1547,7 @@ class Pager:
                 res = backend.execute(ctx.uffd, op)
                 if not isinstance(res, int):
                     res.add_done_callback(lambda f: f.exception())
-                self._counters.poisons += op.kind is Kind.POISON
-                self._counters.zeropages += op.kind is Kind.ZERO
-                self._counters.unprotects += op.kind is Kind.UNPROTECT
-                self._counters.continues += op.kind is Kind.CONTINUE
+                _count_op(self._counters, op.kind)
                 return
             except RangeGone:
                 return

@@ -158,4 +158,4 @@ class Region:
                       protect: bool = True) -> None:
         """Write-protect (or unprotect) present pages of a WP-registered region."""
         n = self.length - offset if length is None else length
-        self.pager._uffd_for(self).writeprotect(self.address_of(offset), n, protect=protect)
+        self.pager.uffd_for(self).writeprotect(self.address_of(offset), n, protect=protect)

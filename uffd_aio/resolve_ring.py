@@ -41,10 +41,9 @@ import os
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, cast
 
-import structlog
-
 from uffd_aio import modes, wpos
 from uffd_aio.errors import FeatureUnavailable, ResolveError
+from uffd_aio.log import get_logger
 from uffd_aio.modes import Feature
 from uffd_aio.resolve import Kind, Op, execute_move
 from uffd_aio.ring import _lowlevel as ll
@@ -432,7 +431,7 @@ class RingWriteBackend:
         self.hold = False
         self.ring_writes = 0
         self.sync = PwriteBackend()
-        self._log = structlog.get_logger("uffd_aio").bind(component="resolve_ring",
+        self._log = get_logger(component="resolve_ring",
                                                          ring_fd=ring.fd)
 
     @property

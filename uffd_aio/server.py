@@ -46,7 +46,6 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any, Literal
 
 import attrs
-import structlog
 
 from uffd_aio.fdkeeper import (
     FdStore,
@@ -63,11 +62,12 @@ from uffd_aio.handoff import (
     HandoffError,
     HandoffRejected,
     _is_uffd,
-    _readable,
     peer_credentials,
     receive,
+    wait_readable,
 )
 from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
+from uffd_aio.log import get_logger
 from uffd_aio.pager import ErrorPolicy, Pager
 from uffd_aio.ring import Ring
 from uffd_aio.serve_state import (
@@ -218,7 +218,7 @@ async def _hangup(loop: asyncio.AbstractEventLoop, fd: int) -> None:
     ep = select.epoll(1)
     try:
         ep.register(fd, select.EPOLLRDHUP)
-        await _readable(loop, ep.fileno())
+        await wait_readable(loop, ep.fileno())
     finally:
         ep.close()
 
@@ -337,7 +337,7 @@ class HandoffServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = asyncio.Event()
         self._changed = asyncio.Event()  # a client was adopted or released
-        self._log = structlog.get_logger("uffd_aio").bind(component="server", socket=self.path)
+        self._log = get_logger(component="server", socket=self.path)
         self._attach = _load_attach()
         if self._attach is None:
             self._log.warning("uffd_aio.attach_unavailable",
@@ -537,6 +537,11 @@ class HandoffServer:
                        **attrs.asdict(self.stats))
 
     # ---- introspection ----------------------------------------------------------
+
+    def call_later_while_open(self, delay: float, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the server's loop in ``delay`` s, unless the server closed."""
+        if self._loop is not None and not self._closed.is_set():
+            self._loop.call_later(delay, fn)
 
     @property
     def clients(self) -> list[ClientInfo]:
@@ -786,7 +791,7 @@ class HandoffServer:
                 return "process exited"  # the pid is another process's now
             client.pidfd = pidfd
             if pidfd >= 0:
-                waits[asyncio.ensure_future(_readable(loop, pidfd))] = "process exited"
+                waits[asyncio.ensure_future(wait_readable(loop, pidfd))] = "process exited"
             elif client.sock is None:
                 waits[asyncio.ensure_future(self._poll_alive(client))] = "process exited"
             if client.sock is not None:
@@ -837,7 +842,7 @@ class HandoffServer:
             try:
                 data = sock.recv(4096)
             except (BlockingIOError, InterruptedError):
-                await _readable(loop, sock.fileno())
+                await wait_readable(loop, sock.fileno())
                 continue
             except OSError:
                 return None
@@ -1453,7 +1458,7 @@ async def _arecv(loop: asyncio.AbstractEventLoop, sock: socket.socket
         try:
             return recv_msg(sock)
         except (BlockingIOError, InterruptedError):
-            await _readable(loop, sock.fileno())
+            await wait_readable(loop, sock.fileno())
 
 
 def _kill(pid: int, start_time: int | None, pidfd: int, log: Any, reason: str) -> bool:
@@ -1537,8 +1542,7 @@ def start_metrics(server: HandoffServer, port: int, addr: str = "127.0.0.1") -> 
         with lock:
             snap["clients"] = server.clients
             snap["stats"] = attrs.evolve(server.stats)
-        if server._loop is not None and not server._closed.is_set():
-            server._loop.call_later(1.0, refresh)
+        server.call_later_while_open(1.0, refresh)
 
     class Collector:
         def collect(self) -> Iterator[Any]:

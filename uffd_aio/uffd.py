@@ -15,16 +15,19 @@ Errors carry context (operation, range, errno).  Semantics the pager relies on:
 
 from __future__ import annotations
 
+import asyncio
 import errno as E
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import attrs
 import structlog
 
 from uffd_aio import modes
 from uffd_aio.errors import FeatureUnavailable, MoveError, ResolveError
+from uffd_aio.log import get_logger
 from uffd_aio.modes import Feature, Ioctl, Mode
 from uffd_aio.ring import _lowlevel as ll
 
@@ -39,6 +42,33 @@ class MmChanging(ResolveError):
 
 class RangeGone(ResolveError):
     """ENOENT/ESRCH: the range is no longer registered, or its process has exited."""
+
+
+#: A resolution that meets EAGAIN (:class:`MmChanging`) is tried again every
+#: EAGAIN_RETRY_INTERVAL s, at most EAGAIN_MAX_RETRIES times (2 s), by when the
+#: pending REMAP/REMOVE/UNMAP events have long been read and applied.
+EAGAIN_RETRY_INTERVAL = 0.001
+EAGAIN_MAX_RETRIES = 2000
+
+_T = TypeVar("_T")
+
+
+async def retry_while_mm_changing(attempt: Callable[[], Awaitable[_T]], *, op: str,
+                                  address: int, length: int,
+                                  on_retry: Callable[[], None] | None = None) -> _T:
+    """Await ``attempt()`` again (after a first one raised :class:`MmChanging`) until it
+    does not raise :class:`MmChanging`; past EAGAIN_MAX_RETRIES, ResolveError(EAGAIN).
+    ``on_retry`` runs before each attempt (to count retries)."""
+    for _ in range(EAGAIN_MAX_RETRIES):
+        if on_retry is not None:
+            on_retry()
+        await asyncio.sleep(EAGAIN_RETRY_INTERVAL)
+        try:
+            return await attempt()
+        except MmChanging:
+            continue
+    raise ResolveError(E.EAGAIN, "address space kept changing", op=op, address=address,
+                       length=length)
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -86,7 +116,7 @@ class Userfaultfd:
     _log: structlog.typing.FilteringBoundLogger = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        self._log = structlog.get_logger("uffd_aio").bind(component="uffd", uffd=self.fd)
+        self._log = get_logger(component="uffd", uffd=self.fd)
 
     @classmethod
     def open(

@@ -293,7 +293,7 @@ def main(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             print("uffd-aio bench: matplotlib is not installed, no plots this time "
-                  "(pip install 'uffd-aio[bench]')", file=sys.stderr)
+                  "(pip install 'uffd-aio[plots]')", file=sys.stderr)
             want_plots = False
 
     contenders = list(args.contenders)

@@ -1,6 +1,6 @@
 """Benchmark results -> medians, ratios to the C handler, target verdicts, markdown, plots.
 
-Pure except :func:`plot` (matplotlib, the optional ``bench`` extra).  A run is one JSON
+Pure except :func:`plot` (matplotlib, the optional ``plots`` extra).  A run is one JSON
 line of a workload (C ``workload``/``inproc`` or :mod:`uffd_aio.bench.inproc`) plus the
 harness's keys ``contender`` (``c``/``asyncio``/``uvloop``), ``round`` and ``readahead``.
 """

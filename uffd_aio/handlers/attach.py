@@ -9,7 +9,7 @@
    *in flight*.
 2. ``backend.fetch(store_offset + p * page_size, window)`` -- bytes, or None
    for zeros.
-3. One ``ev.copy(data)`` spanning the whole window (``ev.zero`` for None;
+3. One ``await ev.copy(data)`` spanning the whole window (``ev.zero`` for None;
    with dirty tracking, a copy with ``wp=True``; a write fault's own page is
    mapped writable and marked dirty at once).  Pages that another thread
    got in first are skipped by the uffd layer (EEXIST).
@@ -40,9 +40,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
-import structlog
 
-from uffd_aio.errors import PagerClosed, ResolveError
+from uffd_aio.errors import PagerClosed
 from uffd_aio.events import Remove, Unmap
 from uffd_aio.handlers.base import Backend, BackendError, Buffer
 from uffd_aio.handlers.readahead import (
@@ -52,9 +51,10 @@ from uffd_aio.handlers.readahead import (
     policy_from,
     read_trace,
 )
+from uffd_aio.log import get_logger
 from uffd_aio.modes import Mode
 from uffd_aio.ring import _lowlevel as ll
-from uffd_aio.uffd import MmChanging, RangeGone
+from uffd_aio.uffd import MmChanging, RangeGone, retry_while_mm_changing
 
 if TYPE_CHECKING:
     from uffd_aio.fault import PageFault
@@ -197,7 +197,7 @@ class Attachment:
         self._closed = False
         self._replay_task: asyncio.Task[None] | None = None
         self._replay_tasks: set[asyncio.Task[None]] = set()
-        self._log = structlog.get_logger("uffd_aio").bind(
+        self._log = get_logger(
             component="attach", region=region.name, backend=backend.name)
         if replay is not None:
             lo = self._store_page0
@@ -248,7 +248,7 @@ class Attachment:
         return self._store_page0 + page
 
     def uffd(self) -> Userfaultfd:
-        return self.region.pager._uffd_for(self.region)
+        return self.region.pager.uffd_for(self.region)
 
     async def aclose(self) -> None:
         """Stop the replay and the dirty tracker, save the recording; the region keeps its
@@ -564,18 +564,21 @@ class Attachment:
         buf = data if data is not None else self._zero_buffer(n * ps)
         src, keep = ll.buffer_address(buf)
         dst = self.region.address + page * ps
-        for _ in range(2000):
+
+        async def attempt() -> bool:
             if self._closed or self.region.closed:
-                return
-            try:
-                self.uffd().copy(dst, src, n * ps, wp=self._wp)
-                break
-            except MmChanging:
-                await asyncio.sleep(0.001)
-        else:
-            raise ResolveError(11, "address space kept changing", op="UFFDIO_COPY",
-                               address=dst, length=n * ps)
+                return False
+            self.uffd().copy(dst, src, n * ps, wp=self._wp)
+            return True
+
+        try:
+            done = await attempt()
+        except MmChanging:
+            done = await retry_while_mm_changing(attempt, op="UFFDIO_COPY", address=dst,
+                                                 length=n * ps)
         del keep
+        if not done:
+            return
         self._c.prefetches += 1
         self._c.prefetched_pages += n
         self._mark_present(page, n)

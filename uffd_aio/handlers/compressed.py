@@ -17,9 +17,14 @@ import os
 from collections.abc import Iterator
 
 import attrs
-import zstandard
 
+from uffd_aio.errors import MissingExtra
 from uffd_aio.handlers.base import BackendError, Buffer
+
+try:
+    import zstandard
+except ImportError as _exc:  # zstandard is the optional extra [zstd]
+    raise MissingExtra("zstandard", "zstd", "the compressed backend") from _exc
 
 __all__ = ["CompressedBackend", "CompressedStats"]
 

@@ -67,8 +67,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-import structlog
-
+from uffd_aio.log import get_logger
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import RangeGone
 
@@ -130,7 +129,7 @@ class DirtyTracker:
         self._closing = False
         self._can_evict = False
         self._advice = ll.MADV_DONTNEED
-        self._log = structlog.get_logger("uffd_aio").bind(component="dirty")
+        self._log = get_logger(component="dirty")
         #: counters
         self.evicted_pages = 0
         self.eviction_batches = 0
@@ -226,10 +225,8 @@ class DirtyTracker:
         """Resolve a stale WP fault by waking the writer, changing no protection: the
         page is not mapped any more (evicted since the fault), so the writer's retry
         is a MISSING write fault, which maps the page writable and dirty."""
-        from uffd_aio.resolve import Kind, Op
-
         self.stale_wp_faults += 1
-        await ev._run(Op(Kind.WAKE, ev.page, ev.page_size))
+        await ev.wake()
 
     def resident(self, first: int, count: int, written: int | None) -> None:
         lru = self._lru
@@ -403,7 +400,7 @@ class DirtyTracker:
                     ok = await self._evict(victims)
                 except Exception as exc:  # the region went away under us (pager closed)
                     att = self._att
-                    gone = att is not None and (att.region.closed or att.region.pager._closing)
+                    gone = att is not None and (att.region.closed or att.region.pager.closing)
                     if not gone:
                         self._log.error("uffd_aio.eviction_failed", exc_info=exc)
                     self._can_evict = False

@@ -44,9 +44,8 @@ import stat
 import struct
 from typing import Any
 
-import structlog
-
 from uffd_aio.handlers.base import BackendError, Buffer
+from uffd_aio.log import get_logger
 from uffd_aio.ring import Ring
 
 PAGE = mmap.PAGESIZE
@@ -107,7 +106,7 @@ class FileBackend:
         for i in range(buffers):
             self._free.put_nowait(i)
         self._closed = False
-        self._log = structlog.get_logger("uffd_aio").bind(component="file_backend", path=path)
+        self._log = get_logger(component="file_backend", path=path)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, writable: bool = False,
@@ -139,7 +138,7 @@ class FileBackend:
                 fixed = True
             except OSError as exc:
                 fixed = False
-                structlog.get_logger("uffd_aio").bind(component="file_backend").warning(
+                get_logger(component="file_backend").warning(
                     "uffd_aio.fixed_buffers_unavailable", path=p, error=str(exc),
                     hint="raise RLIMIT_MEMLOCK (ulimit -l) for registered buffers; "
                          "using plain io_uring reads")

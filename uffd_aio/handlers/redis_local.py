@@ -19,7 +19,12 @@ import tempfile
 import time
 from types import TracebackType
 
-import redis
+from uffd_aio.errors import MissingExtra
+
+try:
+    import redis
+except ImportError as _exc:  # redis-py is the optional extra [redis]
+    raise MissingExtra("redis", "redis", "uffd_aio.handlers.redis_local") from _exc
 
 __all__ = ["REDIS_SERVER", "LocalRedis", "LocalRedisCluster", "RedisNotInstalled",
            "RedisUnavailable", "free_port"]

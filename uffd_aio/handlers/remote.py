@@ -34,12 +34,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
-import redis.exceptions as rexc
-import structlog
-from redis.asyncio.cluster import RedisCluster
-
+from uffd_aio.errors import MissingExtra
 from uffd_aio.handlers.base import BackendError, Buffer
+from uffd_aio.log import get_logger
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as rexc
+    from redis.asyncio.cluster import RedisCluster
+except ImportError as _exc:  # redis-py is the optional extra [redis]
+    raise MissingExtra("redis", "redis", "the Redis backend") from _exc
 
 __all__ = ["RedisBackend"]
 
@@ -87,7 +91,7 @@ class RedisBackend:
         self.retry_for = retry_for
         self.name = name or f"redis(prefix={prefix!r})"
         self._zero = bytes(page_size)
-        self._log = structlog.get_logger("uffd_aio").bind(component="redis", backend=self.name)
+        self._log = get_logger(component="redis", backend=self.name)
         self._down_since: float | None = None
         #: coalesce concurrent fetches into shared MGETs (``coalesce=0`` in the URL: off)
         self.coalesce = coalesce

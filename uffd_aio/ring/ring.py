@@ -19,8 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import structlog
-
+from uffd_aio.log import get_logger
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring.watchdog import StallWatchdog
 
@@ -82,7 +81,7 @@ class Ring:
             self._supported = self._h.probe(64)
         except OSError:
             self._supported = [False] * 64
-        self._log = structlog.get_logger("uffd_aio").bind(component="ring", ring_fd=self.fd)
+        self._log = get_logger(component="ring", ring_fd=self.fd)
         self._ops: dict[int, Callback] = {}
         self._next_ud = 1
         self._dirty = False
