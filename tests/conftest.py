@@ -43,8 +43,14 @@ if os.environ.get("UFFD_AIO_IN_VM"):
     settings.load_profile("vm")
 
 
+_LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Any]:
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    # UFFD_AIO_TEST_LOOPS=asyncio: the VM lane runs each async test on one loop (the loop
+    # does not change what the kernel sees; the host runs both).
+    names = [n for n in os.environ.get("UFFD_AIO_TEST_LOOPS", "asyncio,uvloop").split(",") if n]
+    return {n: _LOOPS[n] for n in names}
 
 
 def _uffd_fds() -> list[int]:
@@ -76,7 +82,43 @@ _patched_ids: set[str] = set()
 _patched_outcomes: dict[str, str] = {}
 
 
+# What the VM lane leaves to the host (UFFD_AIO_TEST_SCALE=guest; kernel_patches/README.md):
+# tests whose behaviour does not depend on the kernel beyond what the guest runs anyway. The
+# guest is ~20-40x slower than the host under TCG; the host runs all of them on every run.
+HOST_ONLY: dict[str, str] = {
+    "tests/unit/": "pure: no kernel involved",
+    "tests/integration/test_backend_examples.py": "examples through subprocesses: same paths",
+    "tests/integration/test_cli_examples.py": "CLI through subprocesses: same paths",
+    "tests/integration/test_backends.py::test_redis_restart_mid_run":
+        "Redis client retry logic (test_redis_dirty_eviction_writes_back covers Redis in the guest)",
+    "tests/integration/test_backends.py::test_redis_cluster_url": "Redis Cluster client routing",
+    "tests/integration/test_backends.py::test_redis_concurrent_fetches": "store-side batching",
+    "tests/integration/test_backends.py::test_redis_window_is_one_mget": "store-side batching",
+    "tests/integration/test_backends.py::test_redis_server_fixture": "test fixture",
+    "tests/integration/test_backends.py::test_replay": "replay scheduling (store side)",
+    "tests/integration/test_crash_recovery.py": "server process management and the state dir",
+    "tests/integration/test_soak.py": "the soak tool's reporting (its faults: test_handoff_server)",
+    "tests/integration/test_handoff_receive.py": "socket protocol, no uffd served",
+    "tests/integration/test_logging.py": "logging configuration",
+    "tests/integration/test_resolution_await.py": "un-awaited coroutine detection",
+    "tests/integration/test_range_gone_log.py": "log levels",
+    "tests/integration/test_file_store.py": "file reads (block devices, truncation): store side",
+}
+
+
+def _deselect_host_only(config: Any, items: list[Any]) -> list[Any]:
+    if not limits.IN_GUEST_SCALE:
+        return items
+    keep, drop = [], []
+    for item in items:
+        (drop if any(item.nodeid.startswith(p) for p in HOST_ONLY) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    return keep
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    items[:] = _deselect_host_only(config, items)
     _scale_timeouts(config, items)
     _patched_ids.update(item.nodeid for item in items if "patched_kernel" in item.keywords)
     missing = Feature(int(PATCHED_FEATURES) & ~int(available_features()))

@@ -29,10 +29,12 @@ echo "guest-pytest: speed factor ${FACTOR} (raw ${RAW_FACTOR}): per-test timeout
      "(marks scaled alike), stall ${STALL}s, suite ${HARD}s"
 
 export UFFD_AIO_TIME_FACTOR=$FACTOR UFFD_AIO_TEST_SCALE=guest
+# one event loop per async test in the guest (asyncio; the host runs asyncio and uvloop)
+export UFFD_AIO_TEST_LOOPS=${UFFD_AIO_TEST_LOOPS:-asyncio}
 if [ "$FLAVOUR" = patched ]; then export UFFD_AIO_EXPECT_PATCHED=1; fi
 
 bash "$HERE/guest-stall-guard.sh" "$DIR/output.log" "$STALL" "$HARD" "$DIR" \
-    "$PY" -m pytest -p no:cacheprovider -q -ra -o timeout_method=thread \
+    "$PY" -m pytest -p no:cacheprovider -v -ra -o timeout_method=thread \
     --junitxml="$DIR/junit.xml" --durations=25 --durations-min=1.0 "$@"
 rc=$?
 # Every test's time, slowest first: the next slowdown shows here before it fails.
