@@ -90,7 +90,7 @@ HOST_ONLY: dict[str, str] = {
     "tests/integration/test_backend_examples.py": "examples through subprocesses: same paths",
     "tests/integration/test_cli_examples.py": "CLI through subprocesses: same paths",
     "tests/integration/test_backends.py::test_redis_restart_mid_run":
-        "Redis client retry logic (test_redis_dirty_eviction_writes_back covers Redis in the guest)",
+        "Redis client retry (test_redis_dirty_eviction_writes_back covers Redis in the guest)",
     "tests/integration/test_backends.py::test_redis_cluster_url": "Redis Cluster client routing",
     "tests/integration/test_backends.py::test_redis_concurrent_fetches": "store-side batching",
     "tests/integration/test_backends.py::test_redis_window_is_one_mget": "store-side batching",

@@ -83,20 +83,6 @@ async def test_cache_miss_read_in_c(tmp_path: Path, readahead: Any) -> None:
         assert st.native_pages == NPAGES
 
 
-async def test_cache_miss_slots_zero_falls_back(tmp_path: Path) -> None:
-    """native_read_slots=0: misses go up to the Python fallback (phase 1 behaviour)."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
-    async with Pager(native_read_slots=0, handler_timeout=20) as pager:
-        region = pager.map(LENGTH)
-        region.serve_from(snap)
-        res = await scan(region.address, LENGTH, threads=2, op="verify", order="random")
-        assert res.mismatches == 0
-        st = pager.stats
-        assert st.native_cache_misses > 0 and st.python_faults > 0
-        assert st.native_cache_reads == 0 and st.errors == 0
-
-
 async def test_faults_on_an_inflight_read_wait_for_it(tmp_path: Path) -> None:
     """Two faults on one page and one on the next, in one batch: one READ, the others
     join it, and all three are served by its COPY."""
