@@ -155,6 +155,11 @@ run_pytest() {  # <kernel dir>
         return 0
     fi
     mkdir -p "$dir"
+    # The repository is read-only in the guest: build the C programs the tests run there
+    # (the Firecracker-style client, the stand-in VMM) here first.
+    make -s -C "$REPO_DIR/benchmarks/c" build/workload \
+        && make -s -C "$REPO_DIR/examples/snapshot_restore" vmm \
+        || { record pytest FAIL "building the tests' C programs failed"; return 0; }
     # The guest's limits follow its speed: calibrate.py times the same workload here
     # (now, right before the boot) and in the guest (guest-pytest.sh), and every
     # limit of the suite is scaled by the ratio. The boot's own limit is the ceiling
