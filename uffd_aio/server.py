@@ -778,13 +778,6 @@ class HandoffServer:
 
     def _serve_region(self, client: _Client, region: Any, store_offset: int) -> None:
         plan = self._native_plan(region, store_offset)
-        attached = False
-        if not isinstance(plan, str) and self._replay is not None:
-            # the replay prefetches through an Attachment (Python, alongside the native
-            # faults: a page the engine placed first makes its UFFDIO_COPY skip, EEXIST);
-            # serve_from below replaces the Attachment's fault handler
-            self._attach_python(client, region, store_offset)
-            attached = True
         if not isinstance(plan, str):
             source, readahead = plan
             try:
@@ -792,20 +785,27 @@ class HandoffServer:
                                   readahead=readahead)
             except (OSError, ValueError, TypeError) as exc:
                 plan = f"serve_from refused the region: {exc}"
+        # The Python path, also behind a native region: what the engine passes up (EAGAIN
+        # while the client's mm changes, page-cache misses without a read slot, errors)
+        # goes to the same attach handler as without the engine (the shared backend: its
+        # error policy, e.g. SIGBUS for a truncated snapshot), not to serve_from's own
+        # fallback, whose file descriptor is closed as soon as the engine lets go of the
+        # region (stop_reading before a takeover) while such faults may still be running;
+        # and a --replay prefetches through it alongside the native faults (a page the
+        # engine placed first makes its UFFDIO_COPY skip, EEXIST)
+        self._attach_python(client, region, store_offset)
         if isinstance(plan, str):
             client.python_regions += 1
             self.stats.python_regions += 1
-            if self.native and self._native_capable():
+            if self._native_capable():
                 client.log.debug("uffd_aio.client_python_path", region=region.name,
                                  reason=plan)
-            if not attached:
-                self._attach_python(client, region, store_offset)
         else:
             client.native_regions += 1
             self.stats.native_regions += 1
             client.log.debug("uffd_aio.client_native_path", region=region.name,
                              source=repr(plan[0]) if plan[0] is _ZERO else self.backend.name,
-                             offset=store_offset, replay=attached)
+                             offset=store_offset, replay=self._replay is not None)
         if self.remove == "zero":
             inner = region.fault_handler
             removed = client.removed
