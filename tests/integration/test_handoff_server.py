@@ -912,13 +912,15 @@ async def test_native_truncated_snapshot_gives_sigbus(workload: Path, tmp_path: 
                 os.truncate(snap, pages // 4 * PS)  # before any of its faults is served
 
             monkeypatch.setattr(server, "_serve_region", then_truncate)
+            # one thread, in order: the pages before the new end are faulted (natively)
+            # before the first one past it
             rc, out, err = await kids.finish(
-                await kids.start(*workload_args(workload, sock_path, pages, 4, 1)))
+                await kids.start(*workload_args(workload, sock_path, pages, 1, 1)))
             assert rc == -signal.SIGBUS, (rc, out, err)
             await server.wait_clients(0)
         st = server.stats
         assert st.native_regions == 1 and st.errors >= 1
-        assert st.native_faults > 0  # pages before the new end were served in C
+        assert st.native_faults >= pages // 4  # pages before the new end were served in C
     finally:
         await backend.aclose()
 
