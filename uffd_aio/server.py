@@ -13,7 +13,12 @@ Per client:
    share one io_uring :class:`~uffd_aio.ring.Ring`); each mapping becomes a
    region (:meth:`Pager.adopt`) served from the backend through
    :func:`uffd_aio.handlers.attach.attach`: a fault at ``address`` reads
-   the backend at ``offset + (address - base_host_virt_addr)``.
+   the backend at ``offset + (address - base_host_virt_addr)``.  With a
+   ``file:`` or ``zero`` backend the region is served by the native engine
+   instead (:meth:`Region.serve_from`: faults resolved in C), unless an
+   option needs Python on every fault (``record``, ``dirty``, ``remove="zero"``
+   on a file, a mapping past the end of the file, huge pages, ``native=False``):
+   see :meth:`HandoffServer._native_plan`.
 3. REMOVE events (balloon, MADV_DONTNEED) forget the range: the pages are
    fetched again when touched (``remove="zero"``: they read as zeros from
    then on, as Firecracker's example handler does).
@@ -68,6 +73,7 @@ from uffd_aio.handoff import (
 )
 from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
 from uffd_aio.log import get_logger
+from uffd_aio.native import ZERO as _ZERO
 from uffd_aio.pager import ErrorPolicy, Pager
 from uffd_aio.ring import Ring
 from uffd_aio.serve_state import (
@@ -85,6 +91,11 @@ from uffd_aio.serve_state import (
 from uffd_aio.uffd import Userfaultfd
 
 RemovePolicy = Literal["refetch", "zero"]
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+#: attach options the native path honours (read-ahead: the engine's window; the rest
+#: only concern a --replay's prefetching Attachment)
+_NATIVE_ATTACH_OPTIONS = frozenset({"readahead", "replay_concurrency", "replay_batch",
+                                    "replay_max_wait", "eager"})
 FatalPolicy = Literal["hang", "kill-clients"]
 FdStoreChoice = Literal["auto", "keeper", "systemd"]
 
@@ -132,6 +143,11 @@ class ClientInfo:
     resolved_bytes: int
     removes: int
     since: float
+    #: faults resolved by the native engine / seen by Python (``faults`` is their sum)
+    native_faults: int = 0
+    python_faults: int = 0
+    #: how its regions are served: "native", "python" or "mixed"
+    path: str = "python"
 
 
 @attrs.define(eq=False)
@@ -159,6 +175,12 @@ class ServerStats:
     faults: int = 0
     resolved_bytes: int = 0
     errors: int = 0
+    #: of ``faults``: resolved in C by the native engine / seen by Python
+    native_faults: int = 0
+    python_faults: int = 0
+    #: regions served by the native engine / by Python (since start)
+    native_regions: int = 0
+    python_regions: int = 0
     #: bytes read from clients after their handoff (the protocol expects none)
     extra_bytes: int = 0
 
@@ -185,6 +207,8 @@ class _Client:
         self.recorder: Any = None
         self.removed = _Ranges()
         self.removes = 0
+        self.native_regions = 0
+        self.python_regions = 0
         self.since = time.monotonic()
         self.stop_reason = ""
 
@@ -208,7 +232,21 @@ class _Client:
         h = self.handoff
         return ClientInfo(self.id, self.pid, self.uid, len(h.mappings) if h else 0,
                           h.total if h else 0, st.faults if st else 0,
-                          st.resolved_bytes if st else 0, self.removes, self.since)
+                          _resolved_bytes(st) if st else 0, self.removes, self.since,
+                          st.native_faults if st else 0, st.python_faults if st else 0,
+                          self.path)
+
+    @property
+    def path(self) -> str:
+        if self.native_regions and self.python_regions:
+            return "mixed"
+        return "native" if self.native_regions else "python"
+
+
+def _resolved_bytes(st: Any) -> int:
+    """Bytes placed for a client: Python's resolutions and the engine's pages (base
+    pages only; read-ahead included on both sides)."""
+    return int(st.resolved_bytes) + int(st.native_pages) * _PAGE_SIZE
 
 
 async def _hangup(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -238,7 +276,9 @@ class HandoffServer:
     The backend is shared by all clients and closed with the server only if
     ``close_backend``.  ``attach_options`` go to
     :func:`uffd_aio.handlers.attach.attach` (e.g. ``readahead="adaptive"``);
-    ``pager_options`` to each client's :class:`Pager`.
+    ``pager_options`` to each client's :class:`Pager`.  ``native`` (default True):
+    serve ``file:``/``zero`` backends with the native engine where no option needs
+    Python (False: always the Python path, e.g. to compare).
     """
 
     def __init__(
@@ -269,6 +309,7 @@ class HandoffServer:
         keeper_idle: float = 30.0,
         pidfd_getfd: bool = False,
         takeover_drain: float = 1.0,
+        native: bool = True,
     ) -> None:
         if remove not in ("refetch", "zero"):
             raise ValueError(f"remove must be 'refetch' or 'zero', not {remove!r}")
@@ -314,6 +355,7 @@ class HandoffServer:
         self.keeper_idle = keeper_idle
         self.pidfd_getfd = pidfd_getfd
         self.takeover_drain = takeover_drain
+        self.native = native
         #: set when the server handed its clients over (or left them for the next one)
         self.handed_over = False
         self._store: FdStore | None = None
@@ -735,6 +777,98 @@ class HandoffServer:
             self._store_client(client)
 
     def _serve_region(self, client: _Client, region: Any, store_offset: int) -> None:
+        plan = self._native_plan(region, store_offset)
+        if not isinstance(plan, str):
+            source, readahead = plan
+            try:
+                region.serve_from(source, offset=store_offset if source is not _ZERO else 0,
+                                  readahead=readahead)
+            except (OSError, ValueError, TypeError) as exc:
+                plan = f"serve_from refused the region: {exc}"
+        # The Python path, also behind a native region: what the engine passes up (EAGAIN
+        # while the client's mm changes, page-cache misses without a read slot, errors)
+        # goes to the same attach handler as without the engine (the shared backend: its
+        # error policy, e.g. SIGBUS for a truncated snapshot), not to serve_from's own
+        # fallback, whose file descriptor is closed as soon as the engine lets go of the
+        # region (stop_reading before a takeover) while such faults may still be running;
+        # and a --replay prefetches through it alongside the native faults (a page the
+        # engine placed first makes its UFFDIO_COPY skip, EEXIST)
+        self._attach_python(client, region, store_offset)
+        if isinstance(plan, str):
+            client.python_regions += 1
+            self.stats.python_regions += 1
+            if self._native_capable():
+                client.log.debug("uffd_aio.client_python_path", region=region.name,
+                                 reason=plan)
+        else:
+            client.native_regions += 1
+            self.stats.native_regions += 1
+            client.log.debug("uffd_aio.client_native_path", region=region.name,
+                             source=repr(plan[0]) if plan[0] is _ZERO else self.backend.name,
+                             offset=store_offset, replay=self._replay is not None)
+        if self.remove == "zero":
+            inner = region.fault_handler
+            removed = client.removed
+
+            def on_fault(ev: Any) -> Any:
+                if removed and ev.page in removed:
+                    return None  # a zero page: the client discarded this memory
+                return inner(ev)
+
+            region.fault_handler = on_fault
+
+    def _native_capable(self) -> bool:
+        from uffd_aio.handlers.file import FileBackend
+        from uffd_aio.handlers.zero import ZeroBackend
+
+        return isinstance(self.backend, (FileBackend, ZeroBackend))
+
+    def _native_plan(self, region: Any, store_offset: int) -> tuple[Any, Any] | str:
+        """``(source, readahead)`` for :meth:`Region.serve_from`, or why ``region`` stays
+        on the Python path (every fault through :func:`~uffd_aio.handlers.attach.attach`).
+
+        Native: a ``file:`` backend (the snapshot's fd, the mapping's ``offset``) or
+        ``zero``, with the read-ahead policy as the engine's window.  Python: ``native``
+        off, another backend, ``record`` (first-touch order is recorded per fault in
+        Python), ``dirty`` tracking (write-protect faults), ``remove="zero"`` on a file
+        (removed ranges read as zeros), a mapping past the end of the file (zeros there),
+        huge pages, a read-ahead policy the engine has no equivalent for."""
+        from uffd_aio import native
+        from uffd_aio.handlers.file import FileBackend
+        from uffd_aio.handlers.readahead import policy_from
+
+        backend = self.backend
+        if not self.native:
+            return "native serving is off (--no-native)"
+        if not self._native_capable():
+            return f"backend {backend.name} has no native source"
+        if self._attach is None:
+            return "uffd_aio.handlers.attach is unavailable"
+        if self.record is not None:
+            return "--record: the order of first faults is recorded per fault in Python"
+        if self.attach_options.get("dirty") is not None:
+            return "dirty tracking needs the write-protect faults in Python"
+        extra = set(self.attach_options) - _NATIVE_ATTACH_OPTIONS
+        if extra:
+            return f"attach options {sorted(extra)} need the Python path"
+        if region.page_size != _PAGE_SIZE:
+            return "huge pages: the native engine serves base pages only"
+        spec = self.attach_options.get("readahead")
+        try:
+            readahead: Any = policy_from(spec)  # readahead_bounds: TypeError if custom
+            native.readahead_bounds(readahead)
+        except (TypeError, ValueError) as exc:
+            return f"read-ahead {spec!r} has no native equivalent: {exc}"
+        if not isinstance(backend, FileBackend):
+            return _ZERO, readahead
+        if self.remove == "zero":
+            return "--remove zero: removed ranges of a file are served as zeros by Python"
+        if store_offset + region.length > backend.size:
+            return (f"the mapping ends past the end of {backend.path!r} ({backend.size} "
+                    "bytes): Python serves zeros there")
+        return backend, readahead
+
+    def _attach_python(self, client: _Client, region: Any, store_offset: int) -> None:
         backend = self.backend
         if self._attach is not None:
             opts = dict(self.attach_options)
@@ -749,16 +883,6 @@ class HandoffServer:
                 return await backend.fetch(store_offset + ev.offset, ev.page_size)
 
             region.on_fault(fetch)
-        if self.remove == "zero":
-            inner = region.fault_handler
-            removed = client.removed
-
-            def on_fault(ev: Any) -> Any:
-                if removed and ev.page in removed:
-                    return None  # a zero page: the client discarded this memory
-                return inner(ev)
-
-            region.fault_handler = on_fault
 
     def _on_event(self, client: _Client, msg: Any) -> None:
         from uffd_aio.events import Remove
@@ -890,11 +1014,14 @@ class HandoffServer:
         s = self.stats
         s.closed += 1
         s.faults += st.faults
-        s.resolved_bytes += st.resolved_bytes
+        s.resolved_bytes += _resolved_bytes(st)
         s.errors += st.errors
+        s.native_faults += st.native_faults
+        s.python_faults += st.python_faults
         client.log.info("uffd_aio.client_released", reason=client.stop_reason or "server closing",
-                        faults=st.faults, resolved_bytes=st.resolved_bytes, errors=st.errors,
-                        removes=client.removes,
+                        faults=st.faults, resolved_bytes=_resolved_bytes(st), errors=st.errors,
+                        native_faults=st.native_faults, python_faults=st.python_faults,
+                        path=client.path, removes=client.removes,
                         seconds=round(time.monotonic() - client.since, 3))
 
 
@@ -1193,8 +1320,10 @@ class HandoffServer:
                                error=f"{type(exc).__name__}: {exc}")
         st = client.pager.stats
         self.stats.faults += st.faults
-        self.stats.resolved_bytes += st.resolved_bytes
+        self.stats.resolved_bytes += _resolved_bytes(st)
         self.stats.errors += st.errors
+        self.stats.native_faults += st.native_faults
+        self.stats.python_faults += st.python_faults
         self._detached_clients.append(client)
         if client.task is not None and client.task is not asyncio.current_task():
             client.task.cancel()
@@ -1563,10 +1692,24 @@ def start_metrics(server: HandoffServer, port: int, addr: str = "127.0.0.1") -> 
                                       value=st.faults + live_faults)
             yield CounterMetricFamily("uffd_aio_resolved_bytes", "bytes resolved",
                                       value=st.resolved_bytes + live_bytes)
+            yield CounterMetricFamily("uffd_aio_native_faults",
+                                      "faults resolved in C by the native engine",
+                                      value=st.native_faults
+                                      + sum(c.native_faults for c in clients))
+            yield CounterMetricFamily("uffd_aio_python_faults",
+                                      "faults seen by Python (handlers, policies)",
+                                      value=st.python_faults
+                                      + sum(c.python_faults for c in clients))
             g = GaugeMetricFamily("uffd_aio_client_faults", "faults per live client",
                                   labels=["client", "pid"])
             for c in clients:
                 g.add_metric([str(c.id), str(c.pid)], c.faults)
+            yield g
+            g = GaugeMetricFamily("uffd_aio_client_native_faults",
+                                  "faults per live client resolved by the native engine",
+                                  labels=["client", "pid", "path"])
+            for c in clients:
+                g.add_metric([str(c.id), str(c.pid), c.path], c.native_faults)
             yield g
 
     registry = CollectorRegistry()  # our own: no process/platform noise, no global state
@@ -1652,6 +1795,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on an unrecoverable server failure: leave the clients waiting "
                              "(default; with --state-dir the next server serves them) or "
                              "SIGKILL them (Firecracker's advice without a state dir)")
+    parser.add_argument("--no-native", dest="native", action="store_false",
+                        help="serve file:/zero backends through Python (every fault in the "
+                             "fault handler) instead of the native engine, to compare or "
+                             "as an escape hatch")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
 
 
@@ -1682,7 +1829,8 @@ async def _serve(args: argparse.Namespace) -> int:
                                record=args.record, replay=args.replay,
                                state_dir=args.state_dir, takeover=args.takeover,
                                on_fatal=args.on_fatal, fd_store=args.fd_store,
-                               keeper_idle=args.keeper_idle, pidfd_getfd=args.pidfd_getfd)
+                               keeper_idle=args.keeper_idle, pidfd_getfd=args.pidfd_getfd,
+                               native=args.native)
     except (OSError, ValueError) as exc:
         await backend.aclose()
         print(f"uffd-aio serve: {exc}", file=sys.stderr)

@@ -11,8 +11,10 @@ Interleaved rounds: in every round, for every read-ahead window, each contender 
 
 Contenders: ``c``; ``asyncio`` and ``uvloop`` (the Python handler, ``--handler``);
 ``native`` and ``native-uvloop`` (the same Pager with ``region.serve_from(buffer)``:
-faults served by the native engine in C; in-process runs only, ``uffd-aio serve`` is
-not wired to the engine yet).
+faults served by the native engine in C; in-process runs only); ``serve-file`` and
+``serve-file-py`` (handoff runs only: the real ``uffd-aio serve --backend file:SNAP``
+on uvloop, the snapshot a pattern file in the page cache, served by the native engine
+or with ``--no-native`` by the Python path).
 
 Ratios to the C handler are medians over the rounds of the same run.  Pinning
 (``--pin``) is the one of ``benchmarks/c/smoke.sh``: ``same`` puts the handler and the
@@ -39,13 +41,16 @@ from typing import Any
 
 from uffd_aio.bench import report
 
-CONTENDERS = ("c", "asyncio", "uvloop", "native", "native-uvloop")
+CONTENDERS = ("c", "asyncio", "uvloop", "native", "native-uvloop", "serve-file",
+              "serve-file-py")
 DEFAULT_CONTENDERS = ("c", "asyncio", "uvloop", "native")
 #: contender -> (loop, handler) of python -m uffd_aio.bench.inproc; None: --handler
 _PY_CONTENDERS: dict[str, tuple[str, str | None]] = {
     "asyncio": ("asyncio", None), "uvloop": ("uvloop", None),
     "native": ("asyncio", "native"), "native-uvloop": ("uvloop", "native")}
 INPROC_ONLY = ("native", "native-uvloop")
+#: ``uffd-aio serve --backend file:SNAP`` (native engine / --no-native)
+SERVE_CONTENDERS = ("serve-file", "serve-file-py")
 MODES = ("handoff", "inproc")
 PAGE = 4096
 README_BEGIN = "<!-- bench:begin -->"
@@ -85,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=_names(MODES), default=None,
                    help='"handoff inproc" (default both)')
     p.add_argument("--contenders", type=_names(CONTENDERS), default=list(DEFAULT_CONTENDERS),
-                   help=f'"{" ".join(DEFAULT_CONTENDERS)}" (also: native-uvloop)')
+                   help=f'"{" ".join(DEFAULT_CONTENDERS)}" (also: native-uvloop, '
+                        'serve-file, serve-file-py)')
     p.add_argument("--pin", choices=("same", "split", "none"), default="same",
                    help="CPU placement as benchmarks/c/smoke.sh PIN (default same)")
     p.add_argument("--handler", choices=("async", "sync"), default="async",
@@ -114,6 +120,18 @@ class Harness:
         self.hcpu: int | None = None if pin == "none" else 0
         self.fcpu: int | None = None if pin == "none" else (0 if pin == "same" else 1)
         self.store_mib = (args.pages * PAGE + (1 << 20) - 1) >> 20
+        self._snapshot: pathlib.Path | None = None
+
+    def snapshot(self) -> pathlib.Path:
+        """The pattern snapshot file of the serve-file contenders (written once: it stays
+        in the page cache, as the C handler's pre-computed buffer stays in memory)."""
+        if self._snapshot is None:
+            from uffd_aio.testing import pattern_bytes
+
+            path = self.tmp / "mem.snap"
+            path.write_bytes(pattern_bytes(0, self.args.pages * PAGE))
+            self._snapshot = path
+        return self._snapshot
 
     # handlers for the handoff mode
     def start_handler(self, contender: str, ra: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -126,6 +144,11 @@ class Harness:
             if self.hcpu is not None:
                 cmd += ["--cpu", str(self.hcpu)]
             cmd.append(sock)
+        elif contender in SERVE_CONTENDERS:
+            cmd = [sys.executable, "-m", "uffd_aio", "serve", "--socket", sock, "--backend",
+                   f"file:{self.snapshot()}", "--readahead", str(ra), "--loop", "uvloop"]
+            if contender == "serve-file-py":
+                cmd.append("--no-native")
         else:
             cmd = [sys.executable, "-m", "uffd_aio.bench.serve", "--socket", sock, "--loop",
                    contender, "--readahead", str(ra), "--store-bytes",
@@ -133,7 +156,10 @@ class Harness:
             if self.hcpu is not None:
                 cmd += ["--cpu", str(self.hcpu)]
         log = open(self.logdir / f"handler-{contender}-ra{ra}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        cpu = self.hcpu if contender in SERVE_CONTENDERS else None  # others: --cpu
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                preexec_fn=None if cpu is None else
+                                (lambda: os.sched_setaffinity(0, {cpu})))
         log.close()
         deadline = time.monotonic() + 10
         while not os.path.exists(sock):
@@ -313,7 +339,8 @@ def main(args: argparse.Namespace) -> int:
     per_round = 0
     for _ in args.readahead:
         for c in contenders:
-            modes = [m for m in args.modes if m == "inproc" or c not in INPROC_ONLY]
+            modes = [m for m in args.modes if (m == "inproc" and c not in SERVE_CONTENDERS)
+                     or (m == "handoff" and c not in INPROC_ONLY)]
             per_round += len(args.orders) * len(args.threads) * len(modes)
     total = per_round * args.rounds
     print(f"uffd-aio bench: {args.rounds} rounds x {per_round} runs, pin={args.pin}, "
@@ -362,7 +389,7 @@ def main(args: argparse.Namespace) -> int:
                     label = f"{contender}-ra{ra}-{args.pin}"
                     if "handoff" in args.modes and contender not in INPROC_ONLY:
                         handoff_runs(rnd, contender, ra, label)
-                    if "inproc" in args.modes:
+                    if "inproc" in args.modes and contender not in SERVE_CONTENDERS:
                         for order in args.orders:
                             for r in h.inproc(contender, ra, args.threads, order, label):
                                 r.setdefault("order", order)

@@ -180,7 +180,7 @@ def plot(summary: dict[Key, dict[str, dict[str, float]]], contenders: Sequence[s
     paths = []
     modes = sorted({k[0] for k in summary})
     colors = {"c": "#555555", "asyncio": "#1f77b4", "uvloop": "#ff7f0e", "native": "#2ca02c",
-              "native-uvloop": "#9467bd"}
+              "native-uvloop": "#9467bd", "serve-file": "#d62728", "serve-file-py": "#8c564b"}
     width = 0.8 / max(1, len(contenders))
 
     def bars(ax: Any, keys: list[Key], labels: list[str], field: str) -> None:

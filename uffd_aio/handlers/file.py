@@ -151,6 +151,13 @@ class FileBackend:
         return cls(p, fd, size, ring, pool, buffers, buffer_size, writable=writable,
                    fixed=fixed, nowait=bool(nowait))
 
+    def fileno(self) -> int:
+        """The file's descriptor (``region.serve_from(backend)`` maps it for the native
+        engine; the backend keeps ownership)."""
+        if self._closed:
+            raise ValueError(f"{self.name} is closed")
+        return self._fd
+
     def _check(self, offset: int, length: int) -> None:
         if self._closed:
             raise BackendError(f"{self.name} is closed")
