@@ -445,6 +445,7 @@ class Pager:
         self._flush_scheduled = False
         self._started = False
         self._closing = False
+        self._abandon = False  # aclose(abandon_inflight=True): a successor takes the uffd
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -569,11 +570,17 @@ class Pager:
         if self._failure is not None:
             raise PagerFailed(f"pager {self.name!r} stopped: {self._failure!r}") from self._failure
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, abandon_inflight: bool = False) -> None:
         """Drain running handlers (bounded by close_timeout), then release everything.
 
         After close the kernel no longer routes faults to us: memory that was
         registered behaves as plain memory again, and owned mappings are unmapped.
+
+        Faults still in flight after ``close_timeout`` get the error policy, so no
+        thread reads memory that was never filled.  ``abandon_inflight=True`` is for a
+        uffd that lives on in another server (``serve --takeover``, which keeps its own
+        copy of the fd and WAKEs every range after taking over): those faults are left
+        unresolved instead, and their threads fault again for the successor.
         """
         if not self._started or self._closed.is_set():
             return
@@ -581,6 +588,7 @@ class Pager:
             await self._closed.wait()
             return
         self._closing = True
+        self._abandon = abandon_inflight
         try:
             await asyncio.wait_for(self._idle.wait(), self._close_timeout)
         except TimeoutError:
@@ -1510,6 +1518,11 @@ class Pager:
 
     def _fail(self, inf: _Inflight, exc: BaseException) -> None:
         """A handler failed: log, apply the error policy so no thread hangs."""
+        if self._abandon:  # closing for a successor, which re-raises the fault (WAKE)
+            self._log.debug("uffd_aio.fault_abandoned", page=hex(inf.page),
+                            error=f"{type(exc).__name__}: {exc}")
+            self._finish(inf)
+            return
         if isinstance(exc, RangeGone):  # the process exited or dropped the range: no error
             self._log.info("uffd_aio.handler_range_gone", fault=repr(inf.fault) if inf.fault
                            else hex(inf.page), error=str(exc))
@@ -1531,6 +1544,8 @@ class Pager:
             self._loop.create_task(self.aclose())
 
     def _apply_policy(self, ctx: _Context, msg: PageFaultMsg, page: int, size: int) -> None:
+        if self._abandon:
+            return  # the successor's WAKE re-raises the fault
         if msg.is_wp:
             ops = [Op(Kind.UNPROTECT, page, size)]
         elif msg.is_minor:

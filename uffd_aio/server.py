@@ -1314,7 +1314,7 @@ class HandoffServer:
             with contextlib.suppress(Exception):
                 await att.aclose()
         try:
-            await client.pager.aclose()
+            await client.pager.aclose(abandon_inflight=True)
         except Exception as exc:
             client.log.warning("uffd_aio.client_close_error",
                                error=f"{type(exc).__name__}: {exc}")
