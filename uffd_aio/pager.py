@@ -442,12 +442,17 @@ class Pager:
         self._backlog: deque[_Inflight] = deque()
         self._pending: list[tuple[_Inflight | None, Op, _Context]] = []
         self._in_batch = False
+        # a batch of one message on a synchronous backend: _complete executes its op at
+        # once (nothing to merge it with), skipping the queue and the flush
+        self._solo = False
+        self._ring_backend = False
         self._flush_scheduled = False
         self._started = False
         self._closing = False
         self._closed = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # aclose waits for _running == 0 and no backlog: a future made only then (an
+        # Event cleared and set per fault cost more than the counts it mirrored)
+        self._idle_waiter: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ring: Ring | None = None
@@ -478,6 +483,7 @@ class Pager:
             uffd = self._given_uffd or Userfaultfd.open(self._features, required=self._required)
             self._backend = self._make_backend(uffd)
             self._sync_backend = getattr(self._backend, "sync", self._backend)
+            self._ring_backend = self._backend.name == "ring"
             if self._poll:
                 self._start_polling(uffd)
             self._main = self._add_context(uffd, "main")
@@ -582,7 +588,7 @@ class Pager:
             return
         self._closing = True
         try:
-            await asyncio.wait_for(self._idle.wait(), self._close_timeout)
+            await asyncio.wait_for(self._wait_idle(), self._close_timeout)
         except TimeoutError:
             self._log.warning("uffd_aio.close_timeout", inflight=self._running,
                               backlog=len(self._backlog))
@@ -613,6 +619,14 @@ class Pager:
         self._closed.set()
         self._log.info("uffd_aio.pager_closed", faults=self._counters.faults,
                        errors=self._counters.errors)
+
+    async def _wait_idle(self) -> None:
+        """Until no handler runs and none waits in the backlog."""
+        while self._running or self._backlog:
+            assert self._loop is not None
+            if self._idle_waiter is None or self._idle_waiter.done():
+                self._idle_waiter = self._loop.create_future()
+            await self._idle_waiter
 
     async def _abort_inflight(self, grace: float = 1.0) -> None:
         """Closing: cancel the running handlers and apply the error policy to every
@@ -1093,6 +1107,7 @@ class Pager:
 
     def _dispatch(self, ctx: _Context, msgs: list[ev_mod.Msg]) -> None:
         self._in_batch = True
+        self._solo = len(msgs) == 1 and not self._ring_backend
         try:
             for m in msgs:
                 if type(m) is PageFaultMsg:
@@ -1100,7 +1115,7 @@ class Pager:
                 else:
                     self._on_event(ctx, m)
         finally:
-            self._in_batch = False
+            self._in_batch = self._solo = False
         if self._pending:
             self._flush_pending()
 
@@ -1127,7 +1142,6 @@ class Pager:
             return
         inf = _Inflight(self, ctx, msg, region, page)
         ctx.inflight[page] = inf
-        self._idle.clear()
         if self._running >= self._max_inflight:
             self._backlog.append(inf)
             return
@@ -1245,6 +1259,10 @@ class Pager:
             except (BadHandlerResult, FeatureUnavailable) as exc:
                 self._fail(inf, exc)
                 return
+        if self._solo and not self._pending:
+            # the batch's only message: the flush after it would run this op alone
+            self._execute(inf.ctx, op, [inf])
+            return
         self._queue(inf, op)
 
     def _copy_op(self, inf: _Inflight, result: Any) -> Op:
@@ -1584,8 +1602,10 @@ class Pager:
             for m in later or ():
                 self._counters.faults -= 1  # counted when it arrived
                 self._on_fault(ctx, m)
-        if self._running == 0 and not self._backlog:
-            self._idle.set()
+        if self._idle_waiter is not None and self._running == 0 and not self._backlog:
+            w, self._idle_waiter = self._idle_waiter, None
+            if not w.done():
+                w.set_result(None)
 
     # ---- non-fault events -------------------------------------------------------
 
