@@ -45,6 +45,8 @@ from uffd_aio.resolve import (
     Kind,
     Moved,
     Op,
+    _copy_buf,
+    _from_buffer,
     covering,
     merge,
     zero_source,
@@ -446,6 +448,7 @@ class Pager:
         # once (nothing to merge it with), skipping the queue and the flush
         self._solo = False
         self._ring_backend = False
+        self._ioctl_backend: IoctlBackend | None = None  # the direct copy's (_complete)
         self._flush_scheduled = False
         self._started = False
         self._closing = False
@@ -484,6 +487,8 @@ class Pager:
             self._backend = self._make_backend(uffd)
             self._sync_backend = getattr(self._backend, "sync", self._backend)
             self._ring_backend = self._backend.name == "ring"
+            if type(self._backend) is IoctlBackend:
+                self._ioctl_backend = self._backend
             if self._poll:
                 self._start_polling(uffd)
             self._main = self._add_context(uffd, "main")
@@ -1256,6 +1261,23 @@ class Pager:
                     op = Op(Kind.MOVE, inf.page, n, result)
                 else:
                     op = self._copy_op(inf, result)
+                    b = self._ioctl_backend
+                    if self._solo and b is self._backend and not self._pending:
+                        # the common case (a lone fault, its handler returned the page):
+                        # one native UFFDIO_COPY that wakes, then the bookkeeping of
+                        # _execute/_resolved inline; anything but full success (EEXIST,
+                        # EAGAIN, a closed uffd: fd -1) goes through _execute, which
+                        # handles it (and issues the COPY again: rare)
+                        assert b is not None
+                        b.ioctls += 1
+                        if _copy_buf(inf.ctx.uffd.fd, op.address, _from_buffer(op.data),
+                                     op.length, 0) == 0:
+                            c = self._counters
+                            c.resolved_bytes += op.length
+                            c.copies += 1
+                            c.resolved_pages += 1
+                            self._finish(inf)
+                            return
             except (BadHandlerResult, FeatureUnavailable) as exc:
                 self._fail(inf, exc)
                 return
@@ -1340,10 +1362,10 @@ class Pager:
             self._loop.call_soon(self._flush_pending)
 
     def _flush_pending(self) -> None:
-        backend: Any = self._backend
-        if backend.name != "ring":
+        if not self._ring_backend:
             self._flush_pending_now()
             return
+        backend: Any = self._backend
         # ring writes: one io_uring_enter for the whole batch (with the re-armed read),
         # still before any other code runs, so they keep their order with ioctls
         backend.hold = True
