@@ -45,6 +45,8 @@ from uffd_aio.resolve import (
     Kind,
     Moved,
     Op,
+    _copy_buf,
+    _from_buffer,
     covering,
     merge,
     zero_source,
@@ -442,13 +444,19 @@ class Pager:
         self._backlog: deque[_Inflight] = deque()
         self._pending: list[tuple[_Inflight | None, Op, _Context]] = []
         self._in_batch = False
+        # a batch of one message on a synchronous backend: _complete executes its op at
+        # once (nothing to merge it with), skipping the queue and the flush
+        self._solo = False
+        self._ring_backend = False
+        self._ioctl_backend: IoctlBackend | None = None  # the direct copy's (_complete)
         self._flush_scheduled = False
         self._started = False
         self._closing = False
         self._abandon = False  # aclose(abandon_inflight=True): a successor takes the uffd
         self._closed = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # aclose waits for _running == 0 and no backlog: a future made only then (an
+        # Event cleared and set per fault cost more than the counts it mirrored)
+        self._idle_waiter: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ring: Ring | None = None
@@ -479,6 +487,9 @@ class Pager:
             uffd = self._given_uffd or Userfaultfd.open(self._features, required=self._required)
             self._backend = self._make_backend(uffd)
             self._sync_backend = getattr(self._backend, "sync", self._backend)
+            self._ring_backend = self._backend.name == "ring"
+            if type(self._backend) is IoctlBackend:
+                self._ioctl_backend = self._backend
             if self._poll:
                 self._start_polling(uffd)
             self._main = self._add_context(uffd, "main")
@@ -590,7 +601,7 @@ class Pager:
         self._closing = True
         self._abandon = abandon_inflight
         try:
-            await asyncio.wait_for(self._idle.wait(), self._close_timeout)
+            await asyncio.wait_for(self._wait_idle(), self._close_timeout)
         except TimeoutError:
             self._log.warning("uffd_aio.close_timeout", inflight=self._running,
                               backlog=len(self._backlog))
@@ -621,6 +632,14 @@ class Pager:
         self._closed.set()
         self._log.info("uffd_aio.pager_closed", faults=self._counters.faults,
                        errors=self._counters.errors)
+
+    async def _wait_idle(self) -> None:
+        """Until no handler runs and none waits in the backlog."""
+        while self._running or self._backlog:
+            assert self._loop is not None
+            if self._idle_waiter is None or self._idle_waiter.done():
+                self._idle_waiter = self._loop.create_future()
+            await self._idle_waiter
 
     async def _abort_inflight(self, grace: float = 1.0) -> None:
         """Closing: cancel the running handlers and apply the error policy to every
@@ -1101,6 +1120,7 @@ class Pager:
 
     def _dispatch(self, ctx: _Context, msgs: list[ev_mod.Msg]) -> None:
         self._in_batch = True
+        self._solo = len(msgs) == 1 and not self._ring_backend
         try:
             for m in msgs:
                 if type(m) is PageFaultMsg:
@@ -1108,7 +1128,7 @@ class Pager:
                 else:
                     self._on_event(ctx, m)
         finally:
-            self._in_batch = False
+            self._in_batch = self._solo = False
         if self._pending:
             self._flush_pending()
 
@@ -1135,7 +1155,6 @@ class Pager:
             return
         inf = _Inflight(self, ctx, msg, region, page)
         ctx.inflight[page] = inf
-        self._idle.clear()
         if self._running >= self._max_inflight:
             self._backlog.append(inf)
             return
@@ -1250,9 +1269,30 @@ class Pager:
                     op = Op(Kind.MOVE, inf.page, n, result)
                 else:
                     op = self._copy_op(inf, result)
+                    b = self._ioctl_backend
+                    if self._solo and b is self._backend and not self._pending:
+                        # the common case (a lone fault, its handler returned the page):
+                        # one native UFFDIO_COPY that wakes, then the bookkeeping of
+                        # _execute/_resolved inline; anything but full success (EEXIST,
+                        # EAGAIN, a closed uffd: fd -1) goes through _execute, which
+                        # handles it (and issues the COPY again: rare)
+                        assert b is not None
+                        b.ioctls += 1
+                        if _copy_buf(inf.ctx.uffd.fd, op.address, _from_buffer(op.data),
+                                     op.length, 0) == 0:
+                            c = self._counters
+                            c.resolved_bytes += op.length
+                            c.copies += 1
+                            c.resolved_pages += 1
+                            self._finish(inf)
+                            return
             except (BadHandlerResult, FeatureUnavailable) as exc:
                 self._fail(inf, exc)
                 return
+        if self._solo and not self._pending:
+            # the batch's only message: the flush after it would run this op alone
+            self._execute(inf.ctx, op, [inf])
+            return
         self._queue(inf, op)
 
     def _copy_op(self, inf: _Inflight, result: Any) -> Op:
@@ -1330,10 +1370,10 @@ class Pager:
             self._loop.call_soon(self._flush_pending)
 
     def _flush_pending(self) -> None:
-        backend: Any = self._backend
-        if backend.name != "ring":
+        if not self._ring_backend:
             self._flush_pending_now()
             return
+        backend: Any = self._backend
         # ring writes: one io_uring_enter for the whole batch (with the re-armed read),
         # still before any other code runs, so they keep their order with ioctls
         backend.hold = True
@@ -1362,7 +1402,21 @@ class Pager:
                 break
             end = op.address + op.length
         else:
+            b = self._ioctl_backend
+            if b is not self._backend:
+                b = None
+            c = self._counters
             for inf, op, ctx in pending:
+                if b is not None and inf is not None and op.kind is Kind.COPY and not op.wp:
+                    # a handler's page(s), as in _complete: one native call when it works
+                    b.ioctls += 1
+                    if _copy_buf(ctx.uffd.fd, op.address, _from_buffer(op.data), op.length,
+                                 0) == 0:
+                        c.resolved_bytes += op.length
+                        c.copies += 1
+                        c.resolved_pages += 1
+                        self._finish(inf)
+                        continue
                 self._execute(ctx, op, [inf] if inf is not None else [])
             return
         by_ctx: dict[int, tuple[_Context, list[tuple[_Inflight | None, Op]]]] = {}
@@ -1599,8 +1653,10 @@ class Pager:
             for m in later or ():
                 self._counters.faults -= 1  # counted when it arrived
                 self._on_fault(ctx, m)
-        if self._running == 0 and not self._backlog:
-            self._idle.set()
+        if self._idle_waiter is not None and self._running == 0 and not self._backlog:
+            w, self._idle_waiter = self._idle_waiter, None
+            if not w.done():
+                w.set_result(None)
 
     # ---- non-fault events -------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.ring import _native
 
 if TYPE_CHECKING:
     import asyncio
@@ -103,6 +104,10 @@ def merge(ops: Iterable[Op]) -> list[Op]:
     return out
 
 
+_copy_buf = _native.lib.ua_uffd_copy_buf  # (fd, dst, from_buffer(data), length, mode)
+_from_buffer = _native.ffi.from_buffer
+
+
 class Backend(Protocol):
     name: str
 
@@ -122,10 +127,12 @@ class IoctlBackend:
         self.ioctls += 1
         kind = op.kind
         if kind is Kind.COPY:
-            src, keep = ll.buffer_address(op.data)
-            mode = 2 if op.wp else 0
-            if uffd.copy_fast(op.address, src, op.length, mode) == 0:
+            # the common case in one native call, no per-call cffi allocation
+            # (ua_uffd_copy_buf); anything but full success goes the long way
+            if _copy_buf(uffd.fd, op.address, _from_buffer(op.data), op.length,
+                         2 if op.wp else 0) == 0:
                 return op.length
+            src, keep = ll.buffer_address(op.data)
             n = uffd.copy(op.address, src, op.length, wp=op.wp)
             del keep
             return n

@@ -253,6 +253,14 @@ def uffd_copy(fd: int, dst: int, src: int, length: int, mode: int) -> tuple[int,
     return rc, int(d[0])
 
 
+def uffd_copy_buf(fd: int, dst: int, buf: Any, length: int, mode: int) -> int:
+    """One UFFDIO_COPY from the bytes-like ``buf`` (its first ``length`` bytes); 0 or
+    -errno, not the bytes done.  The fault path's call: no cffi allocation per call (the
+    buffer handle goes straight to C; ``ua_uffd_copy_buf``).  Callers on the hot path
+    bind ``lib.ua_uffd_copy_buf`` and ``ffi.from_buffer`` themselves, as this does."""
+    return int(lib.ua_uffd_copy_buf(fd, dst, ffi.from_buffer(buf), length, mode))
+
+
 def uffd_zeropage(fd: int, start: int, length: int, mode: int) -> tuple[int, int]:
     d = ffi.new("int64_t *")
     rc = lib.ua_uffd_zeropage(fd, start, length, mode, d)

@@ -555,6 +555,16 @@ int ua_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode
 	return ret;
 }
 
+/* The fault path's UFFDIO_COPY (issue 12): the source is the caller's buffer (a cffi
+ * from_buffer handle passed straight through) and only rc comes back, so a call needs
+ * no per-call cffi allocation (no int64_t *done) and no address cast; 0 or -errno. */
+int ua_uffd_copy_buf(int fd, uint64_t dst, const char *src, uint64_t len, uint64_t mode)
+{
+	struct ua_copy c = { .dst = dst, .src = (uint64_t)(uintptr_t)src, .len = len, .mode = mode };
+
+	return IOCTL_OR_ERRNO(fd, UA_IOC_COPY, &c);
+}
+
 int ua_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
 {
 	struct ua_zeropage z = { .range = { start, len }, .mode = mode };

@@ -55,6 +55,7 @@ int ua_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64
 int ua_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int ua_uffd_wake(int fd, uint64_t start, uint64_t len);
 int ua_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *done);
+int ua_uffd_copy_buf(int fd, uint64_t dst, const char *src, uint64_t len, uint64_t mode);
 int ua_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
 int ua_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
 int ua_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
