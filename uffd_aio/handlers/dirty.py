@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable
@@ -87,6 +88,22 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((p, 1))
     return out
+
+
+_BASE_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _present(address: int, npages: int, page_size: int) -> list[bool]:
+    """Whether each page is mapped, from /proc/self/pagemap (bit 63): reading it never
+    faults, where touching a page that is not there would wait for its (uffd) fault."""
+    step = page_size // _BASE_PAGE
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, npages * step * 8, (address // _BASE_PAGE) * 8)
+    finally:
+        os.close(fd)
+    return [bool(int.from_bytes(data[i * step * 8:i * step * 8 + 8], "little") >> 63)
+            for i in range(npages)]
 
 
 class DirtyTracker:
@@ -371,12 +388,28 @@ class DirtyTracker:
         ps = att.page_size
         base = att.region.address
 
-        def read_all() -> list[bytes]:
-            return [ll.read_memory(base + first * ps, n * ps) for first, n in runs]
+        def read_all() -> tuple[list[tuple[int, int]], list[bytes], list[int]]:
+            # Only pages that are mapped: a dirty mark can outlive its page (a write fault
+            # on a page evicted meanwhile only wakes the writer, whose write then lands
+            # through a MISSING fault). Reading such a page would wait for that fault,
+            # whose handler waits for this eviction: a deadlock. The pages are
+            # write-protected and faults on them wait for the eviction, so what is
+            # mapped now stays mapped until the read is done.
+            present: list[int] = []
+            absent: list[int] = []
+            for first, n in runs:
+                for i, here in enumerate(_present(base + first * ps, n, ps)):
+                    (present if here else absent).append(first + i)
+            pruns = _runs(present)
+            return pruns, [ll.read_memory(base + f * ps, n * ps) for f, n in pruns], absent
 
-        datas = await asyncio.to_thread(read_all)
+        pruns, datas, absent = await asyncio.to_thread(read_all)
+        for p in absent:  # nothing of it in memory: the store has its latest content
+            self._dirty.discard(p)
+        if absent:
+            self._log.debug("uffd_aio.writeback_absent", pages=len(absent))
         # a write fault that came in while we read was blocked: the data is current
-        for (first, n), data in zip(runs, datas, strict=True):
+        for (first, n), data in zip(pruns, datas, strict=True):
             await att.backend.store(att.store_offset + first * ps, data)
             for p in range(first, first + n):
                 self._dirty.discard(p)
