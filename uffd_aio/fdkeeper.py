@@ -76,12 +76,7 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """One message: (object, fds), or (None, []) at EOF.  Bad JSON: StoreError (fds closed)."""
     data, ancdata, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4),
                                            socket.MSG_CMSG_CLOEXEC)
-    fds: list[int] = []
-    for level, kind, blob in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
-            fds.extend(a)
+    fds = fds_of(ancdata)
     if not data and not fds:
         return None, []
     try:
@@ -94,6 +89,17 @@ def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
         close_all(fds)
         raise StoreError(f"bad message: {exc}") from None
     return obj, fds
+
+
+def fds_of(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The file descriptors of a recvmsg's SCM_RIGHTS ancillary data."""
+    fds: list[int] = []
+    for level, kind, blob in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(blob[: len(blob) - len(blob) % a.itemsize])
+            fds.extend(a)
+    return fds
 
 
 def close_all(fds: Sequence[int]) -> None:

@@ -13,7 +13,6 @@ connected, not anything the peer claims).
 
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import socket
@@ -22,6 +21,7 @@ from collections.abc import Collection
 
 import attrs
 
+from uffd_aio.fdkeeper import close_all, fds_of
 from uffd_aio.handoff_proto import (
     DEFAULT_MAX_MAPPINGS,
     DEFAULT_MAX_PAYLOAD,
@@ -90,24 +90,6 @@ async def wait_readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_reader(fd)
 
 
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[: len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    return fds
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 async def _recvmsg(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int
                    ) -> tuple[bytes, list[int], int]:
     anc = socket.CMSG_SPACE(_MAX_FDS * 4)
@@ -117,7 +99,7 @@ async def _recvmsg(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: i
         except (BlockingIOError, InterruptedError):
             await wait_readable(loop, sock.fileno())
             continue
-        return data, _fds_of(ancdata), flags
+        return data, fds_of(ancdata), flags
 
 
 def _is_uffd(fd: int) -> bool:
@@ -170,7 +152,7 @@ async def receive(
             while payload_incomplete(payload) and len(payload) <= max_payload:
                 more, extra, _ = await _recvmsg(loop, sock, max_payload + 1 - len(payload))
                 if extra:
-                    _close_all(extra)
+                    close_all(extra)
                     raise HandoffError(f"{who} sent file descriptors after the first message")
                 if not more:
                     raise HandoffError(f"{who} closed the connection in the middle of the "
@@ -181,9 +163,9 @@ async def receive(
             mappings = parse_mappings(bytes(payload), max_mappings=max_mappings,
                                       max_total=max_total)
     except TimeoutError:
-        _close_all(fds)
+        close_all(fds)
         raise HandoffError(f"{who} did not complete the handoff within {timeout} s") from None
     except BaseException:
-        _close_all(fds)
+        close_all(fds)
         raise
     return Handoff(fds[0], mappings, pid, uid, gid)

@@ -19,7 +19,7 @@ import os
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -1272,19 +1272,15 @@ class Pager:
                     b = self._ioctl_backend
                     if self._solo and b is self._backend and not self._pending:
                         # the common case (a lone fault, its handler returned the page):
-                        # one native UFFDIO_COPY that wakes, then the bookkeeping of
-                        # _execute/_resolved inline; anything but full success (EEXIST,
+                        # one native UFFDIO_COPY that wakes, then _resolved's bookkeeping
+                        # without _execute; anything but full success (EEXIST,
                         # EAGAIN, a closed uffd: fd -1) goes through _execute, which
                         # handles it (and issues the COPY again: rare)
                         assert b is not None
                         b.ioctls += 1
                         if _copy_buf(inf.ctx.uffd.fd, op.address, _from_buffer(op.data),
                                      op.length, 0) == 0:
-                            c = self._counters
-                            c.resolved_bytes += op.length
-                            c.copies += 1
-                            c.resolved_pages += 1
-                            self._finish(inf)
+                            self._resolved(op, (inf,))
                             return
             except (BadHandlerResult, FeatureUnavailable) as exc:
                 self._fail(inf, exc)
@@ -1472,7 +1468,7 @@ class Pager:
             self._resolve_failed(ctx, op, infs, ResolveError(
                 E.EIO, str(exc), op=op.kind.value, address=op.address, length=op.length))
 
-    def _resolved(self, op: Op, infs: list[_Inflight]) -> None:
+    def _resolved(self, op: Op, infs: Sequence[_Inflight]) -> None:
         c = self._counters
         c.resolved_bytes += op.length
         _count_op(c, op.kind)

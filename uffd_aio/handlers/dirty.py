@@ -93,15 +93,11 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
 _BASE_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _present(address: int, npages: int, page_size: int) -> list[bool]:
+def _present(pagemap: int, address: int, npages: int, page_size: int) -> list[bool]:
     """Whether each page is mapped, from /proc/self/pagemap (bit 63): reading it never
     faults, where touching a page that is not there would wait for its (uffd) fault."""
     step = page_size // _BASE_PAGE
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.pread(fd, npages * step * 8, (address // _BASE_PAGE) * 8)
-    finally:
-        os.close(fd)
+    data = os.pread(pagemap, npages * step * 8, (address // _BASE_PAGE) * 8)
     return [bool(int.from_bytes(data[i * step * 8:i * step * 8 + 8], "little") >> 63)
             for i in range(npages)]
 
@@ -397,9 +393,13 @@ class DirtyTracker:
             # mapped now stays mapped until the read is done.
             present: list[int] = []
             absent: list[int] = []
-            for first, n in runs:
-                for i, here in enumerate(_present(base + first * ps, n, ps)):
-                    (present if here else absent).append(first + i)
+            pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                for first, n in runs:
+                    for i, here in enumerate(_present(pagemap, base + first * ps, n, ps)):
+                        (present if here else absent).append(first + i)
+            finally:
+                os.close(pagemap)
             pruns = _runs(present)
             return pruns, [ll.read_memory(base + f * ps, n * ps) for f, n in pruns], absent
 
