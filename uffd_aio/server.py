@@ -183,6 +183,10 @@ class ServerStats:
     python_regions: int = 0
     #: bytes read from clients after their handoff (the protocol expects none)
     extra_bytes: int = 0
+    #: working-set replay: pages installed from the set / by the fill, replays finished
+    ws_pages_by_replay: int = 0
+    ws_pages_by_fill: int = 0
+    ws_installed: int = 0
 
 
 class _Client:
@@ -205,6 +209,9 @@ class _Client:
         self.pager: Pager | None = None
         self.attachments: list[Any] = []
         self.recorder: Any = None
+        self.ws_recorder: Any = None  # --record-set
+        self.installer: Any = None  # working-set replay (setreplay.SetInstaller)
+        self.install_task: asyncio.Task[None] | None = None
         self.removed = _Ranges()
         self.removes = 0
         self.native_regions = 0
@@ -302,6 +309,12 @@ class HandoffServer:
         socket_mode: int = 0o600,
         record: str | os.PathLike[str] | None = None,
         replay: str | os.PathLike[str] | None = None,
+        record_set: str | os.PathLike[str] | None = None,
+        record_set_pages: int | None = None,
+        record_set_seconds: float | None = None,
+        fill: bool = False,
+        snapshot_id: str | None = None,
+        replay_chunk: int = 256,
         state_dir: str | os.PathLike[str] | None = None,
         takeover: bool = False,
         on_fatal: FatalPolicy = "hang",
@@ -336,10 +349,34 @@ class HandoffServer:
         self.socket_mode = socket_mode
         self.record = os.fspath(record) if record is not None else None
         self._replay: tuple[int, list[int]] | None = None
+        self._ws: Any = None  # a WorkingSet to install (--replay of a working-set file)
+        self.record_set = os.fspath(record_set) if record_set is not None else None
+        self._record_set_bounds = (record_set_pages, record_set_seconds)
+        self.fill = fill
+        self.replay_chunk = replay_chunk
+        self._snapshot_id_text = snapshot_id
+        self._src_map: tuple[int, int] | None = None  # (address, length) of the snapshot
         if replay is not None:
-            from uffd_aio.handlers.readahead import read_trace
+            from uffd_aio import workingset
+            from uffd_aio.handlers.readahead import decode_trace
 
-            self._replay = read_trace(replay)
+            with open(replay, "rb") as f:
+                data = f.read()
+            if workingset.is_working_set(data):
+                self._ws = workingset.decode(data, what=f"working set {os.fspath(replay)!r}")
+                self._check_ws(backend)
+            else:
+                try:
+                    self._replay = decode_trace(data)
+                except ValueError as exc:
+                    raise ValueError(f"--replay {os.fspath(replay)!r} is neither a working "
+                                     f"set nor a fault trace: {exc}") from None
+        if fill and self._ws is None:
+            raise ValueError("fill needs a working set to replay (--replay FILE of "
+                             "`uffd-aio workingset` format)")
+        if (self._ws is not None or record_set is not None) and \
+                (attach_options or {}).get("dirty") is not None:
+            raise ValueError("working-set record/replay does not support dirty tracking")
         if on_fatal not in ("hang", "kill-clients"):
             raise ValueError(f"on_fatal must be 'hang' or 'kill-clients', not {on_fatal!r}")
         if fd_store not in ("auto", "keeper", "systemd"):
@@ -433,6 +470,162 @@ class HandoffServer:
                        allow_uids=sorted(self.allow_uids) if self.allow_uids else None,
                        remove=self.remove, state_dir=self.state_dir,
                        fd_store=self._store.kind if self._store is not None else None)
+
+    # ---- working sets (--record-set, --replay of a set, --fill) ----------------------
+
+    def _snapshot_identity(self, page_size: int) -> tuple[int | None, bytes]:
+        """(store pages, snapshot id) of the backend, as far as it can tell: a file's
+        size and content fingerprint; a caller-given ``snapshot_id`` wins for the id."""
+        from uffd_aio import workingset
+        from uffd_aio.handlers.file import FileBackend
+
+        backend = self.backend
+        pages: int | None = None
+        sid = workingset.NO_ID
+        if isinstance(backend, FileBackend):
+            pages = (backend.size + page_size - 1) // page_size
+            if os.path.isfile(backend.path):
+                sid = workingset.fingerprint_file(backend.path)
+        if self._snapshot_id_text is not None:
+            sid = workingset.id_from_text(self._snapshot_id_text)
+        return pages, sid
+
+    def _check_ws(self, backend: Backend) -> None:
+        ws = self._ws
+        pages, sid = self._snapshot_identity(ws.page_size)
+        ws.check(page_size=ws.page_size, store_pages=pages, snapshot_id=sid,
+                 what="the working set")
+
+    def _source_map(self) -> int | None:
+        """Address of store offset 0 in a read-only mapping of the snapshot file (made
+        once, shared by every client), or None when the backend is not a file."""
+        from uffd_aio.handlers.file import FileBackend
+        from uffd_aio.ring import _lowlevel as ll
+
+        backend = self.backend
+        if not isinstance(backend, FileBackend) or not os.path.isfile(backend.path) \
+                or backend.size == 0:
+            return None
+        if self._src_map is None:
+            fd = os.open(backend.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                addr = ll.mmap(backend.size, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
+            finally:
+                os.close(fd)
+            self._src_map = (addr, backend.size)
+        return self._src_map[0]
+
+    def _start_install(self, client: _Client, h: Handoff) -> None:
+        """Install the working set (then the rest with ``fill``) into the client's
+        mappings in the background: real faults keep priority (setreplay)."""
+        from uffd_aio import workingset
+        from uffd_aio.handlers.file import FileBackend
+        from uffd_aio.handlers.setreplay import SetInstaller, Target
+
+        ws = self._ws
+        pager = client.pager
+        assert pager is not None
+        ps = h.mappings[0].page_size
+        try:
+            if any(m.page_size != ws.page_size for m in h.mappings):
+                raise workingset.WorkingSetMismatch(
+                    f"the working set has page size {ws.page_size}, the client's mappings "
+                    f"{sorted({m.page_size for m in h.mappings})}")
+            if not isinstance(self.backend, FileBackend):
+                extent = max(m.offset + m.size for m in h.mappings) // ps
+                ws.check(page_size=ps, store_pages=extent, what="the working set")
+        except workingset.WorkingSetMismatch as exc:
+            client.log.error("uffd_aio.workingset_rejected", error=str(exc))
+            return
+        targets: list[Target] = []
+        for region in pager.regions:
+            lo = region.store_offset // ps
+            att = next((a for a in client.attachments if a.region is region), None)
+            removed = None
+            if self.remove == "zero":
+                rm = client.removed
+                base = region.address - region.store_offset
+
+                def removed(page: int, rm: _Ranges = rm, base: int = base) -> bool:
+                    return bool(rm) and base + page * ps in rm
+            targets.append(Target(lo, lo + region.length // ps, region.address,
+                                  pager.uffd_for(region).fd, attachment=att,
+                                  removed=removed))
+        plan = workingset.InstallPlan(ws, [(t.lo, t.hi) for t in targets], fill=self.fill,
+                                      chunk=self.replay_chunk, max_run=self.replay_chunk)
+        src = self._source_map()
+        reads = pager._native_reads
+
+        def set_phase(on: bool) -> None:
+            # While the set goes in, the engine serves the faults waiting at each of the
+            # installer's yields but does not keep re-reading the uffd for new ones
+            # (native_reads 0): a zero-think-time client would otherwise keep the loop
+            # in fault serving, each fault costing more than installing its page.  A
+            # fault still waits at most one batch.  Restored for the fill and after.
+            pager._native_reads = 0 if on else reads
+
+        inst = SetInstaller(plan, targets, page_size=ps, src_base=src,
+                            backend=None if src is not None else self.backend,
+                            faults=lambda: pager.stats.faults, log=client.log,
+                            set_phase=set_phase)
+        client.installer = inst
+        assert self._loop is not None
+        task = self._loop.create_task(self._run_install(client, inst))
+        client.install_task = task
+
+    async def _run_install(self, client: _Client, inst: Any) -> None:
+        client.log.info("uffd_aio.workingset_replay_started", set_pages=inst.plan.set_pages,
+                        fill=self.fill, fill_pages=inst.plan.fill_pages)
+        try:
+            m = await inst.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or a backend failure: faults still serve it all
+            client.log.error("uffd_aio.workingset_replay_failed",
+                             error=f"{type(exc).__name__}: {exc}")
+            return
+        if inst._closed:
+            return
+        pager = client.pager
+        self.stats.ws_pages_by_replay += m.pages_by_replay
+        self.stats.ws_pages_by_fill += m.pages_by_fill
+        self.stats.ws_installed += 1
+        client.log.info("uffd_aio.workingset_installed", **m.as_dict(),
+                        demand_faults=pager.stats.faults if pager is not None else 0)
+
+    async def _stop_install(self, client: _Client) -> None:
+        if client.installer is not None:
+            client.installer.close()
+        task = client.install_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def workingset_metrics(self, client_id: int) -> dict[str, Any] | None:
+        """The replay metrics of a connected client (None without a replay)."""
+        c = self._clients.get(client_id)
+        inst = getattr(c, "installer", None)
+        if c is None or inst is None:
+            return None
+        out = inst.metrics.as_dict()
+        out["done"] = c.install_task is not None and c.install_task.done()
+        out["demand_faults"] = c.pager.stats.faults if c.pager is not None else 0
+        return dict(out)
+
+    def _save_set(self, client: _Client) -> None:
+        from uffd_aio import workingset
+
+        assert self.record_set is not None
+        rec = client.ws_recorder
+        try:
+            workingset.write(self.record_set, rec.result())
+        except OSError as exc:
+            client.log.error("uffd_aio.workingset_save_failed", path=self.record_set,
+                             error=str(exc))
+            return
+        client.log.info("uffd_aio.workingset_saved", path=self.record_set, pages=len(rec),
+                        written=len(rec.written), full=rec.full)
 
     def _backend_fingerprint(self) -> str:
         path = getattr(self.backend, "path", None)
@@ -572,6 +765,12 @@ class HandoffServer:
         self._unlock()
         if self._ring is not None:
             self._ring.close()
+        if self._src_map is not None:
+            from uffd_aio.ring import _lowlevel as ll
+
+            with contextlib.suppress(OSError):
+                ll.munmap(*self._src_map)
+            self._src_map = None
         if self.close_backend:
             await self.backend.aclose()
         self._closed.set()
@@ -764,6 +963,17 @@ class HandoffServer:
             raise
         client.pager = pager
         pager.on_event(lambda msg: self._on_event(client, msg))
+        if self.record_set is not None and self._attach is not None:
+            from uffd_aio.workingset import WorkingSetRecorder
+
+            ps = h.mappings[0].page_size
+            pages, sid = self._snapshot_identity(ps)
+            if pages is None:
+                pages = max(m.offset + m.size for m in h.mappings) // ps
+            max_pages, max_seconds = self._record_set_bounds
+            client.ws_recorder = WorkingSetRecorder(page_size=ps, store_pages=pages,
+                                                    snapshot_id=sid, max_pages=max_pages,
+                                                    max_seconds=max_seconds)
         if self.record is not None and self._attach is not None:
             from uffd_aio.handlers.readahead import FaultRecorder
 
@@ -773,6 +983,8 @@ class HandoffServer:
             region = pager.adopt(m.base_host_virt_addr, m.size, store_offset=m.offset,
                                  page_size=m.page_size, name=f"client{client.id}.map{i}")
             self._serve_region(client, region, m.offset)
+        if self._ws is not None and self._attach is not None:
+            self._start_install(client, h)
         if self.state_dir is not None and not self._defer_store:
             self._store_client(client)
 
@@ -806,6 +1018,17 @@ class HandoffServer:
             client.log.debug("uffd_aio.client_native_path", region=region.name,
                              source=repr(plan[0]) if plan[0] is _ZERO else self.backend.name,
                              offset=store_offset, replay=self._replay is not None)
+        rec = client.ws_recorder
+        if rec is not None:
+            rec_inner = region.fault_handler
+            page0 = store_offset // region.page_size
+
+            def recording(ev: Any) -> Any:
+                if not ev.is_wp and not ev.is_minor:
+                    rec.record(page0 + ev.offset // ev.page_size, ev.is_write)
+                return rec_inner(ev)
+
+            region.fault_handler = recording
         if self.remove == "zero":
             inner = region.fault_handler
             removed = client.removed
@@ -846,6 +1069,8 @@ class HandoffServer:
             return "uffd_aio.handlers.attach is unavailable"
         if self.record is not None:
             return "--record: the order of first faults is recorded per fault in Python"
+        if self.record_set is not None:
+            return "--record-set: first touches are recorded per fault in Python"
         if self.attach_options.get("dirty") is not None:
             return "dirty tracking needs the write-protect faults in Python"
         extra = set(self.attach_options) - _NATIVE_ATTACH_OPTIONS
@@ -874,6 +1099,8 @@ class HandoffServer:
             opts = dict(self.attach_options)
             if client.recorder is not None:
                 opts["recorder"] = client.recorder
+            if client.ws_recorder is not None:
+                opts["readahead"] = None  # a window would hide the pages it brought in
             if self._replay is not None and self._replay[0] == region.page_size:
                 opts["replay"] = self._replay[1]  # attach keeps the pages of this mapping
             client.attachments.append(
@@ -1000,6 +1227,14 @@ class HandoffServer:
         pager = client.pager
         if pager is None:
             return
+        ws_metrics: dict[str, Any] = {}
+        if client.installer is not None:
+            ws_metrics = {"ws_" + k: v for k, v in client.installer.metrics.as_dict().items()
+                          if k in ("pages_by_replay", "pages_by_fill", "set_installed_s",
+                                   "fully_resident_s")}
+        await self._stop_install(client)
+        if client.ws_recorder is not None and len(client.ws_recorder):
+            self._save_set(client)
         for att in client.attachments:
             with contextlib.suppress(Exception):
                 await att.aclose()
@@ -1022,7 +1257,7 @@ class HandoffServer:
                         faults=st.faults, resolved_bytes=_resolved_bytes(st), errors=st.errors,
                         native_faults=st.native_faults, python_faults=st.python_faults,
                         path=client.path, removes=client.removes,
-                        seconds=round(time.monotonic() - client.since, 3))
+                        seconds=round(time.monotonic() - client.since, 3), **ws_metrics)
 
 
     def _save_trace(self, client: _Client) -> None:
@@ -1310,6 +1545,7 @@ class HandoffServer:
             with contextlib.suppress(OSError):
                 self._write_state(client)
         client.pager.stop_reading()  # else closing waits for a pause in the faults
+        await self._stop_install(client)
         for att in client.attachments:
             with contextlib.suppress(Exception):
                 await att.aclose()
@@ -1753,8 +1989,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="record the order of each client's first faults to FILE "
                              "(rewritten whenever a client is released: record one VM)")
     parser.add_argument("--replay", metavar="FILE",
-                        help="prefetch every client's pages in the order FILE recorded, in "
-                             "the background (real faults go first)")
+                        help="prefetch every client's pages from FILE in the background "
+                             "(real faults go first): a working set (--record-set, "
+                             "`uffd-aio workingset merge`) is installed as a set, in "
+                             "first-touch order and batched copies; an order trace "
+                             "(--record) is prefetched in its order")
+    parser.add_argument("--record-set", metavar="FILE",
+                        help="record each client's working set (pages touched, first-touch "
+                             "order, read/write) to FILE when it is released; serves in "
+                             "Python without read-ahead while recording")
+    parser.add_argument("--record-set-pages", type=int, metavar="N",
+                        help="stop recording the set after N pages")
+    parser.add_argument("--record-set-seconds", type=float, metavar="S",
+                        help="stop recording the set S seconds after the first fault")
+    parser.add_argument("--fill", action="store_true",
+                        help="with a working set to --replay: after the set, install the "
+                             "rest of the memory in the background at low priority, so the "
+                             "client ends with no faults left")
+    parser.add_argument("--snapshot-id", metavar="TEXT",
+                        help="identity of the snapshot stored in (and checked against) "
+                             "working sets (default: a fingerprint of a file: snapshot)")
+    parser.add_argument("--replay-chunk", type=int, default=256, metavar="PAGES",
+                        help="working-set replay batch: pages per batch between which "
+                             "faults are served (256)")
     parser.add_argument("--remove", choices=["refetch", "zero"], default="refetch",
                         help="after REMOVE (balloon/MADV_DONTNEED): fetch the pages again "
                              "(default) or serve zeros")
@@ -1827,6 +2084,10 @@ async def _serve(args: argparse.Namespace) -> int:
                                keep_after_eof=args.keep_after_eof, on_error=args.on_error,
                                attach_options=attach_options, close_backend=True,
                                record=args.record, replay=args.replay,
+                               record_set=args.record_set,
+                               record_set_pages=args.record_set_pages,
+                               record_set_seconds=args.record_set_seconds, fill=args.fill,
+                               snapshot_id=args.snapshot_id, replay_chunk=args.replay_chunk,
                                state_dir=args.state_dir, takeover=args.takeover,
                                on_fatal=args.on_fatal, fd_store=args.fd_store,
                                keeper_idle=args.keeper_idle, pidfd_getfd=args.pidfd_getfd,

@@ -134,6 +134,32 @@ static void *touch_thread(void *arg)
 	return NULL;
 }
 
+int touch_in_set(const struct touch_cfg *cfg, size_t page)
+{
+	uint64_t st;
+
+	if (!cfg->subset_permille)
+		return 1;
+	st = cfg->set_seed ^ ((uint64_t)page * 0xD6E8FEB86659FD93ULL);
+	return splitmix64(&st) % 1000 < cfg->subset_permille;
+}
+
+size_t verify_touched(const struct touch_cfg *cfg)
+{
+	const struct layout *l = cfg->l;
+	size_t bad = 0;
+
+	if (!cfg->subset_permille)
+		return verify_layout(l);
+	for (size_t i = 0; i < l->pages; i++)
+		if (touch_in_set(cfg, i))
+			bad += pattern_mismatches(l->page_addr[i], (uint64_t)i * l->page_size,
+						  l->page_size);
+	if (bad)
+		fprintf(stderr, "verify: %zu bad words in the subset\n", bad);
+	return bad;
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -181,10 +207,12 @@ int run_touch(const struct touch_cfg *cfg, struct touch_result *res)
 			size_t a = n * t / T, b = n * (t + 1) / T;
 
 			for (size_t i = a; i < b; i++)
-				c->idx[c->n++] = i;
+				if (touch_in_set(cfg, i))
+					c->idx[c->n++] = i;
 		} else {
 			for (size_t i = t; i < n; i += T)
-				c->idx[c->n++] = i;
+				if (touch_in_set(cfg, i))
+					c->idx[c->n++] = i;
 		}
 		if (cfg->order == ORDER_RANDOM) {
 			uint64_t st = cfg->seed ^ (0xD1B54A32D192ED03ULL * (t + 1));
@@ -214,6 +242,11 @@ int run_touch(const struct touch_cfg *cfg, struct touch_result *res)
 	}
 	getrusage(RUSAGE_SELF, &ru1);
 	pthread_barrier_destroy(&bar);
+	n = pos;  /* pages touched (the subset) */
+	if (!n) {
+		memset(res, 0, sizeof(*res));
+		goto out;
+	}
 
 	qsort(lat, n, sizeof(*lat), cmp_u64);
 	for (size_t i = 0; i < n; i++)
@@ -227,6 +260,7 @@ int run_touch(const struct touch_cfg *cfg, struct touch_result *res)
 	res->wall_s = (double)(end - start) / 1e9;
 	res->mib_per_s = (double)n * (double)l->page_size / (1 << 20) / res->wall_s;
 	res->minflt = ru1.ru_minflt - ru0.ru_minflt;
+out:
 	free(idx);
 	free(lat);
 	free(tc);

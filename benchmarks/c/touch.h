@@ -38,7 +38,15 @@ struct touch_cfg {
 	int write;
 	uint64_t seed;
 	int fault_cpu;     /* >= 0: pin every touching thread to this CPU */
+	unsigned subset_permille; /* > 0: touch only the pages of a fixed random subset */
+	uint64_t set_seed;        /* which subset (the order comes from seed) */
 };
+
+/* Page i is in cfg's subset (always, without one).  The subset depends on set_seed
+ * only, so runs with other seeds touch the same pages in another order. */
+int touch_in_set(const struct touch_cfg *cfg, size_t page);
+/* verify_layout over the subset's pages only (all pages without one). */
+size_t verify_touched(const struct touch_cfg *cfg);
 
 struct touch_result {
 	size_t timed;
@@ -47,7 +55,7 @@ struct touch_result {
 	long minflt;
 };
 
-/* Touch every page once from cfg->threads threads (first touch timed). */
+/* Touch every page (of the subset) once from cfg->threads threads (first touch timed). */
 int run_touch(const struct touch_cfg *cfg, struct touch_result *res);
 
 struct churn_result {

@@ -58,7 +58,11 @@ static void usage(void)
 		"usage: workload --socket PATH [--pages N] [--page-size 4096|2097152] [--threads T]\n"
 		"                [--order seq|random] [--share chunk|interleave] [--write]\n"
 		"                [--regions M] [--close-uffd] [--thread-id] [--no-verify]\n"
-		"                [--churn-ms MS] [--timeout S] [--connect-timeout S] [--fault-cpu N] [--seed N] [--label STR]\n");
+		"                [--churn-ms MS] [--timeout S] [--connect-timeout S] [--fault-cpu N] [--seed N] [--label STR]\n"
+		"                [--subset PERMILLE [--set-seed N]] [--then-wait FILE]\n"
+		"  --subset: touch (and verify) only a fixed random subset of the pages, PERMILLE/1000\n"
+		"            of them, chosen by --set-seed; --seed shuffles the order (--order random)\n"
+		"  --then-wait: after the touch, wait for FILE to exist, then verify every page\n");
 	exit(64);
 }
 
@@ -118,7 +122,8 @@ int main(int argc, char **argv)
 				 .seed = 0x5EED, .fault_cpu = -1 };
 	struct touch_result res = { 0 };
 	struct layout lay;
-	const char *sock_path = NULL, *label = NULL;
+	const char *sock_path = NULL, *label = NULL, *then_wait = NULL;
+	size_t bad_all = 0;
 	uint64_t pages = 16384, ps = 4096, nreg = 1, features, got = 0;
 	double conn_timeout = 5;
 	int close_uffd = 0, thread_id = 0, verify = 1, uffd, sock, jl;
@@ -143,6 +148,9 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--fault-cpu")) cfg.fault_cpu = (int)parse_u64(a, v), i++;
 		else if (!strcmp(a, "--seed")) cfg.seed = parse_u64(a, v), i++;
 		else if (!strcmp(a, "--label") && v) label = v, i++;
+		else if (!strcmp(a, "--subset")) cfg.subset_permille = (unsigned)parse_u64(a, v), i++;
+		else if (!strcmp(a, "--set-seed")) cfg.set_seed = parse_u64(a, v), i++;
+		else if (!strcmp(a, "--then-wait") && v) then_wait = v, i++;
 		else if (!strcmp(a, "--order") && v && !strcmp(v, "seq")) cfg.order = ORDER_SEQ, i++;
 		else if (!strcmp(a, "--order") && v && !strcmp(v, "random")) cfg.order = ORDER_RANDOM, i++;
 		else if (!strcmp(a, "--share") && v && !strcmp(v, "chunk")) cfg.share = SHARE_CHUNK, i++;
@@ -154,6 +162,8 @@ int main(int argc, char **argv)
 		else if (!strcmp(a, "--no-verify")) verify = 0;
 		else usage();
 	}
+	if (cfg.subset_permille > 1000)
+		usage();
 	if (!sock_path || !pages || !cfg.threads || (ps != 4096 && ps != (2u << 20)) || (label && !json_plain(label)))
 		usage();
 	if (cfg.threads > pages)
@@ -192,7 +202,14 @@ int main(int argc, char **argv)
 	}
 	if (verify) {
 		stage = "verify";
-		bad = verify_layout(&lay);
+		bad = verify_touched(&cfg);
+	}
+	if (then_wait) {
+		stage = "then-wait";
+		while (access(then_wait, F_OK))
+			nanosleep(&(struct timespec){ .tv_nsec = 1000 * 1000 }, NULL);
+		stage = "verify-all";
+		bad_all = verify_layout(&lay);
 	}
 	alarm(0);
 
@@ -205,6 +222,12 @@ int main(int argc, char **argv)
 	       origin == UFFD_VIA_DEV ? "dev" : "syscall", (unsigned long long)features,
 	       (unsigned long long)got,
 	       thread_id ? "true" : "false", close_uffd ? "true" : "false");
+	if (cfg.subset_permille)
+		printf(",\"subset_permille\":%u,\"set_seed\":%llu", cfg.subset_permille,
+		       (unsigned long long)cfg.set_seed);
+	if (then_wait)
+		printf(",\"verified_all\":%s,\"bad_words_all\":%zu", bad_all ? "false" : "true",
+		       bad_all);
 	if (churn_ms)
 		printf(",\"churn\":{\"seconds\":%.3f,\"madvises\":%llu,\"removed_pages\":%llu,"
 		       "\"reads\":%llu,\"bad_reads\":%llu}", churn.seconds,
@@ -216,5 +239,5 @@ int main(int argc, char **argv)
 		printf(",\"verified\":null}\n");
 	fflush(stdout);
 	close(sock);
-	return bad || churn.bad_reads ? 1 : 0;
+	return bad || bad_all || churn.bad_reads ? 1 : 0;
 }

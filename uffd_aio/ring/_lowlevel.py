@@ -261,6 +261,16 @@ def uffd_copy_buf(fd: int, dst: int, buf: Any, length: int, mode: int) -> int:
     return int(lib.ua_uffd_copy_buf(fd, dst, ffi.from_buffer(buf), length, mode))
 
 
+def uffd_copy_runs(fd: int, runs: Any, page_size: int) -> tuple[int, tuple[int, ...]]:
+    """UFFDIO_COPY of every (dst, src, len) triple of ``runs`` (an ``array('Q')``) in one
+    native call: ``(rc, (placed, already_there, left, ioctls, stopped_at))`` in pages, rc
+    the number of runs or the -errno that stopped the batch at run ``stopped_at``."""
+    out = ffi.new("uint64_t[5]")
+    rc = lib.ua_uffd_copy_runs(fd, ffi.from_buffer("uint64_t[]", runs), len(runs) // 3,
+                               page_size, out)
+    return rc, tuple(int(x) for x in out)
+
+
 def uffd_zeropage(fd: int, start: int, length: int, mode: int) -> tuple[int, int]:
     d = ffi.new("int64_t *")
     rc = lib.ua_uffd_zeropage(fd, start, length, mode, d)

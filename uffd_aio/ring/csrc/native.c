@@ -565,6 +565,55 @@ int ua_uffd_copy_buf(int fd, uint64_t dst, const char *src, uint64_t len, uint64
 	return IOCTL_OR_ERRNO(fd, UA_IOC_COPY, &c);
 }
 
+/* Working-set replay (issue 14): UFFDIO_COPY of n runs in one call (the GIL is released
+ * for all of them).  runs[3i] = dst, runs[3i+1] = src, runs[3i+2] = len (page_size
+ * multiples).  Partial copies are continued, EEXIST pages skipped (a fault got there
+ * first), a run refused with EAGAIN (the address space is changing) is left to the
+ * faults.  out[0] pages placed, out[1] pages already there, out[2] pages left (EAGAIN),
+ * out[3] ioctls, out[4] the index of the run that failed.  Returns n, or the -errno that
+ * ended the batch at run out[4] (ENOENT/ESRCH: range or process gone, EBADF...). */
+int ua_uffd_copy_runs(int fd, const uint64_t *runs, uint32_t n, uint64_t page_size,
+		      uint64_t *out)
+{
+	out[0] = out[1] = out[2] = out[3] = out[4] = 0;
+	if (!page_size)
+		return -EINVAL;
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t dst = runs[3 * i], src = runs[3 * i + 1], len = runs[3 * i + 2];
+		uint64_t done = 0;
+
+		while (done < len) {
+			struct ua_copy c = { .dst = dst + done, .src = src + done,
+					     .len = len - done, .mode = 0 };
+			int ret = IOCTL_OR_ERRNO(fd, UA_IOC_COPY, &c);
+
+			out[3]++;
+			if (!ret) {
+				out[0] += (len - done) / page_size;
+				break;
+			}
+			if (c.copy > 0) {
+				out[0] += (uint64_t)c.copy / page_size;
+				done += (uint64_t)c.copy;
+				continue;
+			}
+			if (ret == -EEXIST) {
+				out[1]++;
+				done += page_size;
+				continue;
+			}
+			if (ret == -EAGAIN) {
+				out[2] += (len - done) / page_size;
+				break;
+			}
+			out[4] = i;
+			return ret;
+		}
+	}
+	out[4] = n;
+	return (int)n;
+}
+
 int ua_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
 {
 	struct ua_zeropage z = { .range = { start, len }, .mode = mode };
