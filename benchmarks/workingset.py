@@ -104,7 +104,7 @@ async def main() -> int:
     ap.add_argument("--set-seed", type=int, default=2024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--chunk", type=int, default=256, help="--replay-chunk")
+    ap.add_argument("--chunk", type=int, default=1024, help="--replay-chunk")
     ap.add_argument("--quick", action="store_true", help="64 MiB, 2 repeats")
     ap.add_argument("--json", metavar="FILE", help="write every run as JSON")
     args = ap.parse_args()

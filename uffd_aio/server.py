@@ -314,7 +314,7 @@ class HandoffServer:
         record_set_seconds: float | None = None,
         fill: bool = False,
         snapshot_id: str | None = None,
-        replay_chunk: int = 256,
+        replay_chunk: int = 1024,
         state_dir: str | os.PathLike[str] | None = None,
         takeover: bool = False,
         on_fatal: FatalPolicy = "hang",
@@ -540,7 +540,6 @@ class HandoffServer:
         targets: list[Target] = []
         for region in pager.regions:
             lo = region.store_offset // ps
-            att = next((a for a in client.attachments if a.region is region), None)
             removed = None
             if self.remove == "zero":
                 rm = client.removed
@@ -549,8 +548,7 @@ class HandoffServer:
                 def removed(page: int, rm: _Ranges = rm, base: int = base) -> bool:
                     return bool(rm) and base + page * ps in rm
             targets.append(Target(lo, lo + region.length // ps, region.address,
-                                  pager.uffd_for(region).fd, attachment=att,
-                                  removed=removed))
+                                  pager.uffd_for(region).fd, removed=removed))
         plan = workingset.InstallPlan(ws, [(t.lo, t.hi) for t in targets], fill=self.fill,
                                       chunk=self.replay_chunk, max_run=self.replay_chunk)
         src = self._source_map()
@@ -2009,9 +2007,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--snapshot-id", metavar="TEXT",
                         help="identity of the snapshot stored in (and checked against) "
                              "working sets (default: a fingerprint of a file: snapshot)")
-    parser.add_argument("--replay-chunk", type=int, default=256, metavar="PAGES",
+    parser.add_argument("--replay-chunk", type=int, default=1024, metavar="PAGES",
                         help="working-set replay batch: pages per batch between which "
-                             "faults are served (256)")
+                             "faults are served (1024)")
     parser.add_argument("--remove", choices=["refetch", "zero"], default="refetch",
                         help="after REMOVE (balloon/MADV_DONTNEED): fetch the pages again "
                              "(default) or serve zeros")

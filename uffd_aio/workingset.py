@@ -35,6 +35,7 @@ snapshot (page size, size or identity).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import struct
@@ -366,6 +367,7 @@ class InstallPlan:
             raise ValueError("chunk and max_run must be >= 1")
         self.ws = ws
         self.bounds = sorted((lo, hi) for lo, hi in bounds if lo < hi)
+        self._los = [lo for lo, _ in self.bounds]
         self.fill = fill
         self.chunk = chunk
         self.max_run = max_run
@@ -374,7 +376,8 @@ class InstallPlan:
             if fill else 0
 
     def served(self, page: int) -> bool:
-        return any(lo <= page < hi for lo, hi in self.bounds)
+        i = bisect.bisect_right(self._los, page) - 1
+        return i >= 0 and page < self.bounds[i][1]
 
     def _runs(self, pages: Sequence[int]) -> list[tuple[int, int]]:
         """Runs of consecutive pages (``pages`` sorted), cut at max_run and at bounds."""
@@ -389,11 +392,17 @@ class InstallPlan:
             runs.append((p, 1))
         return runs
 
-    def batches(self, skip: Callable[[int], bool]
+    def batches(self, skip: Callable[[int], bool], *, check_set: bool = True
                 ) -> Iterator[tuple[Phase, list[tuple[int, int]]]]:
+        """``check_set=False``: the set phase does not ask ``skip`` (the caller knows no
+        set page can be resolved by it: each comes once), which saves a call per page."""
         order = self.ws.order
+        served = self.served
         for i in range(0, len(order), self.chunk):
-            pages = sorted(p for p in order[i:i + self.chunk] if self.served(p) and not skip(p))
+            if check_set:
+                pages = sorted(p for p in order[i:i + self.chunk] if served(p) and not skip(p))
+            else:
+                pages = sorted(p for p in order[i:i + self.chunk] if served(p))
             if pages:
                 yield "set", self._runs(pages)
         if not self.fill:

@@ -112,12 +112,12 @@ async def test_replay_set_with_fill_leaves_no_faults(workload: Path, snapshot: P
                 p = await kids.start(*workload_args(
                     workload, sock_path, PAGES, 2, 1, *_subset_args(6, "--then-wait", go)))
                 await server.wait_clients(1, timeout=limit(10))
-                cid = server.clients()[0].id
+                cid = server.clients[0].id
                 async with asyncio.timeout(limit(30)):
                     while not (m := server.workingset_metrics(cid)) or not m["done"]:
                         await asyncio.sleep(0.01)
                 assert m["fully_resident_s"] is not None
-                before = server.clients()[0].faults
+                before = server.clients[0].faults
                 go.touch()  # now the client reads every page of its memory
                 rc, out, err = await kids.finish(p)
                 assert rc == 0, (out, err)

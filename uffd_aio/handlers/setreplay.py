@@ -14,7 +14,8 @@ yields to the loop (``asyncio.sleep(0)``), so a fault that arrived meanwhile (th
 engine's or Python's) is served before the next batch: a fault waits at most one batch
 (``chunk`` pages, a fraction of a millisecond from the page cache).  During the fill
 (low priority) a batch that saw new faults is followed by a pause of ``fill_backoff``.
-Pages already present are skipped by the kernel (``EEXIST``); a copy never overwrites a
+Pages already present (a fault, or the engine's read-ahead, got there first: the installer
+does not track them) are skipped by the kernel (``EEXIST``); a copy never overwrites a
 page, so a racing fault or write is never lost.  A run the kernel refuses with
 ``EAGAIN`` (the address space is changing) is left to the fault path.
 """
@@ -46,8 +47,6 @@ class Target:
     hi: int
     address: int
     fd: int
-    #: a Python-path Attachment (its present / in-flight pages are skipped), or None
-    attachment: Any = None
     #: page -> True when the client discarded it (``remove="zero"``): not installed
     removed: Callable[[int], bool] | None = None
     installed: bytearray = attrs.field(init=False)
@@ -113,11 +112,7 @@ class SetInstaller:
         t = self._target(page)
         if t is None or t.gone:
             return True
-        rel = page - t.lo
-        if t.installed[rel]:
-            return True
-        att = t.attachment
-        if att is not None and (att.is_present(rel) or att.is_pending(rel)):
+        if t.installed[page - t.lo]:
             return True
         return t.removed is not None and t.removed(page)
 
@@ -134,7 +129,8 @@ class SetInstaller:
         m = self.metrics
         phase_seen = "set"
         last_faults = self.faults()
-        for phase, runs in self.plan.batches(self._skip):
+        check_set = any(t.removed is not None for t in self.targets)
+        for phase, runs in self.plan.batches(self._skip, check_set=check_set):
             if self._closed:
                 return m
             if phase == "fill" and phase_seen == "set":
