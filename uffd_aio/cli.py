@@ -1,4 +1,4 @@
-"""The ``uffd-aio`` command: doctor, demo, serve, bench, soak.
+"""The ``uffd-aio`` command: doctor, demo, serve, bench, soak, workingset.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)``
 and ``main(args) -> int``; this module only wires them up, so importing the
@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("uffd_aio.server", "serve uffds handed over a Unix socket (Firecracker protocol)"),
     "bench": ("uffd_aio.bench.cli", "benchmark against the C reference handler"),
     "soak": ("uffd_aio.soak", "many checked clients against uffd-aio serve; RSS/fd trend"),
+    "workingset": ("uffd_aio.workingset_cli", "show and merge working-set recordings"),
 }
 
 

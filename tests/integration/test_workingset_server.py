@@ -10,25 +10,24 @@ page, after the test says so).  Nothing here asserts a time: the checks are coun
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from tests.integration.test_handoff_server import (  # noqa: F401 (fixtures)
+from tests.integration.test_handoff_server import (
+    ROOT,
     TEST_TIMEOUT,
+    _build,
+    _exists,
     children,
     parse,
     serving,
-    snapshot,
-    sock_path,
-    workload,
     workload_args,
 )
 from tests.limits import limit
-from uffd_aio import workingset
+from uffd_aio import testing, workingset
 from uffd_aio.handlers.file import FileBackend
 from uffd_aio.workingset import WorkingSetMismatch
 
@@ -37,6 +36,23 @@ pytestmark = pytest.mark.timeout(TEST_TIMEOUT)
 PAGES = 8192  # the whole snapshot fixture (32 MiB)
 SUBSET = 300  # permille: 30% of the pages
 SET_SEED = 77
+
+
+@pytest.fixture(scope="module")
+def workload() -> Path:
+    return _build(ROOT / "benchmarks" / "c", "build/workload")
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("wssnap") / "mem.snap"
+    path.write_bytes(testing.pattern_bytes(0, PAGES * 4096))
+    return path
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "uffd.sock")
 
 
 def _subset_args(seed: int, *extra: Any) -> list[Any]:
@@ -114,7 +130,8 @@ async def test_replay_set_with_fill_leaves_no_faults(workload: Path, snapshot: P
                 await server.wait_clients(1, timeout=limit(10))
                 cid = server.clients[0].id
                 async with asyncio.timeout(limit(30)):
-                    while not (m := server.workingset_metrics(cid)) or not m["done"]:
+                    while not (m := server.workingset_metrics(cid)) or \
+                            not m["done"]:  # noqa: ASYNC110 (the server has no event for it)
                         await asyncio.sleep(0.01)
                 assert m["fully_resident_s"] is not None
                 before = server.clients[0].faults
@@ -155,6 +172,6 @@ async def test_mismatched_working_set_is_rejected(snapshot: Path, sock_path: str
         with pytest.raises(ValueError, match="fill needs a working set"):
             async with serving(sock_path, backend, fill=True):
                 pass
-        assert not os.path.exists(sock_path)
+        assert not _exists(sock_path)
     finally:
         await backend.aclose()
