@@ -392,23 +392,36 @@ class InstallPlan:
             runs.append((p, 1))
         return runs
 
-    def batches(self, skip: Callable[[int], bool], *, check_set: bool = True
-                ) -> Iterator[tuple[Phase, list[tuple[int, int]]]]:
-        """``check_set=False``: the set phase does not ask ``skip`` (the caller knows no
-        set page can be resolved by it: each comes once), which saves a call per page."""
+    def set_chunks(self, skip: Callable[[int], bool] | None = None) -> Iterator[list[int]]:
+        """The set's served pages, ``chunk`` at a time in first-touch order, each chunk
+        sorted; ``skip`` (None: no call per page) filters pages already resolved."""
         order = self.ws.order
         served = self.served
         for i in range(0, len(order), self.chunk):
-            if check_set:
+            if skip is not None:
                 pages = sorted(p for p in order[i:i + self.chunk] if served(p) and not skip(p))
             else:
                 pages = sorted(p for p in order[i:i + self.chunk] if served(p))
             if pages:
-                yield "set", self._runs(pages)
-        if not self.fill:
-            return
-        for lo, hi in self.bounds:  # set pages a copy could not install come again here
+                yield pages
+
+    def fill_batches(self, skip: Callable[[int], bool]) -> Iterator[list[tuple[int, int]]]:
+        """Every served page ``skip`` does not report resolved, ascending, as runs;
+        ``chunk`` pages of address space per batch (set pages a copy could not install
+        come again here)."""
+        for lo, hi in self.bounds:
             for start in range(lo, hi, self.chunk):
                 pages = [p for p in range(start, min(start + self.chunk, hi)) if not skip(p)]
                 if pages:
-                    yield "fill", self._runs(pages)
+                    yield self._runs(pages)
+
+    def batches(self, skip: Callable[[int], bool], *, check_set: bool = True
+                ) -> Iterator[tuple[Phase, list[tuple[int, int]]]]:
+        """:meth:`set_chunks` as runs, then (``fill``) :meth:`fill_batches`.
+        ``check_set=False``: the set phase does not ask ``skip`` (the caller knows no
+        set page can be resolved by it: each comes once), which saves a call per page."""
+        for pages in self.set_chunks(skip if check_set else None):
+            yield "set", self._runs(pages)
+        if self.fill:
+            for runs in self.fill_batches(skip):
+                yield "fill", runs

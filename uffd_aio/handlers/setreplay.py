@@ -127,40 +127,82 @@ class SetInstaller:
 
     async def _run(self) -> InstallMetrics:
         m = self.metrics
-        phase_seen = "set"
+        check = any(t.removed is not None for t in self.targets)
+        skip = self._skip
+        if self.src_base is not None:
+            # the fast path: a chunk of sorted pages per target, one native call each
+            for pages in self.plan.set_chunks(skip if check else None):
+                if self._closed:
+                    return m
+                m.pages_by_replay += self._install_pages(pages)
+                await asyncio.sleep(0)  # real faults first: the loop serves what arrived
+        else:
+            for pages in self.plan.set_chunks(skip if check else None):
+                if self._closed:
+                    return m
+                for first, n in self.plan._runs(pages):
+                    t = self._target(first)
+                    if t is not None and not t.gone:
+                        m.pages_by_replay += await self._install(t, first, n)
+                await asyncio.sleep(0)
+        if self._closed:
+            return m
+        self._set_done()
+        if not self.plan.fill:
+            return m
         last_faults = self.faults()
-        check_set = any(t.removed is not None for t in self.targets)
-        for phase, runs in self.plan.batches(self._skip, check_set=check_set):
+        for runs in self.plan.fill_batches(skip):
             if self._closed:
                 return m
-            if phase == "fill" and phase_seen == "set":
-                self._set_done()
-                phase_seen = "fill"
             if self.src_base is not None:
-                got = self._install_mapped(runs)
+                m.pages_by_fill += self._install_mapped(runs)
             else:
-                got = 0
                 for first, n in runs:
                     t = self._target(first)
                     if t is not None and not t.gone:
-                        got += await self._install(t, first, n)
-            if phase == "set":
-                m.pages_by_replay += got
-            else:
-                m.pages_by_fill += got
-            await asyncio.sleep(0)  # real faults first: the loop serves what arrived
-            if phase == "fill":
-                now = self.faults()
-                if now != last_faults and self.fill_backoff > 0:
-                    await asyncio.sleep(self.fill_backoff)
-                last_faults = now
-        if self._closed:
-            return m
-        if phase_seen == "set":
-            self._set_done()
-        if self.plan.fill:
+                        m.pages_by_fill += await self._install(t, first, n)
+            await asyncio.sleep(0)
+            now = self.faults()  # low priority: pause while the client is faulting
+            if now != last_faults and self.fill_backoff > 0:
+                await asyncio.sleep(self.fill_backoff)
+            last_faults = now
+        if not self._closed:
             m.fully_resident_s = round(time.monotonic() - self.t0, 6)
         return m
+
+    def _install_pages(self, pages: list[int]) -> int:
+        """Copy sorted store pages from the snapshot mapping, one native call per target
+        (consecutive pages as one ioctl); returns the pages placed."""
+        assert self.src_base is not None
+        ps = self.page_size
+        m = self.metrics
+        placed = 0
+        for t in self.targets:
+            if t.gone:
+                continue
+            lo, hi = t.lo, t.hi
+            if lo <= pages[0] and pages[-1] < hi:
+                sel = pages
+            else:
+                sel = [p for p in pages if lo <= p < hi]
+                if not sel:
+                    continue
+            rel = array("I", [p - lo for p in sel]) if lo else array("I", sel)
+            rc, (got, there, left, ioctls, stop) = ll.uffd_copy_pages(
+                t.fd, t.address, self.src_base + lo * ps, ps, rel)
+            m.copies += ioctls
+            m.already_present += there
+            m.deferred += left
+            placed += got
+            inst = t.installed
+            for r in rel[:stop]:
+                inst[r] = 1
+            if rc < 0:
+                t.gone = True
+                if rc not in (-E.ENOENT, -E.ESRCH, -E.EBADF):
+                    self._log.warning("uffd_aio.workingset_copy_failed",
+                                      error=E.errorcode.get(-rc, str(rc)))
+        return placed
 
     def _set_done(self) -> None:
         self.metrics.set_installed_s = round(time.monotonic() - self.t0, 6)

@@ -271,6 +271,17 @@ def uffd_copy_runs(fd: int, runs: Any, page_size: int) -> tuple[int, tuple[int, 
     return rc, tuple(int(x) for x in out)
 
 
+def uffd_copy_pages(fd: int, dst: int, src: int, page_size: int, pages: Any
+                    ) -> tuple[int, tuple[int, ...]]:
+    """UFFDIO_COPY of the sorted page indexes ``pages`` (an ``array('I')``) from
+    ``src + p * page_size`` to ``dst + p * page_size``, consecutive pages as one run, in
+    one native call; results as :func:`uffd_copy_runs` (``stopped_at`` indexes pages)."""
+    out = ffi.new("uint64_t[5]")
+    rc = lib.ua_uffd_copy_pages(fd, dst, src, page_size, ffi.from_buffer("uint32_t[]", pages),
+                                len(pages), out)
+    return rc, tuple(int(x) for x in out)
+
+
 def uffd_zeropage(fd: int, start: int, length: int, mode: int) -> tuple[int, int]:
     d = ffi.new("int64_t *")
     rc = lib.ua_uffd_zeropage(fd, start, length, mode, d)

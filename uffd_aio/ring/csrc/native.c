@@ -614,6 +614,39 @@ int ua_uffd_copy_runs(int fd, const uint64_t *runs, uint32_t n, uint64_t page_si
 	return (int)n;
 }
 
+/* The same for n sorted page indexes: page p goes from src + p * page_size to
+ * dst + p * page_size; consecutive pages are copied as one run (one ioctl).  out[] as
+ * above, out[4] the index in pages[] where an error stopped the batch. */
+int ua_uffd_copy_pages(int fd, uint64_t dst, uint64_t src, uint64_t page_size,
+		       const uint32_t *pages, uint32_t n, uint64_t *out)
+{
+	uint64_t total[4] = { 0 };
+
+	for (uint32_t i = 0; i < n;) {
+		uint32_t j = i + 1;
+		uint64_t run[3];
+		int ret;
+
+		while (j < n && pages[j] == pages[j - 1] + 1)
+			j++;
+		run[0] = dst + (uint64_t)pages[i] * page_size;
+		run[1] = src + (uint64_t)pages[i] * page_size;
+		run[2] = (uint64_t)(j - i) * page_size;
+		ret = ua_uffd_copy_runs(fd, run, 1, page_size, out);
+		for (int k = 0; k < 4; k++)
+			total[k] += out[k];
+		if (ret < 0) {
+			memcpy(out, total, sizeof(total));
+			out[4] = i;
+			return ret;
+		}
+		i = j;
+	}
+	memcpy(out, total, sizeof(total));
+	out[4] = n;
+	return (int)n;
+}
+
 int ua_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done)
 {
 	struct ua_zeropage z = { .range = { start, len }, .mode = mode };

@@ -59,6 +59,9 @@ int ua_uffd_copy_buf(int fd, uint64_t dst, const char *src, uint64_t len, uint64
 /* n UFFDIO_COPY runs (dst, src, len triples) in one call; see native.c */
 int ua_uffd_copy_runs(int fd, const uint64_t *runs, uint32_t n, uint64_t page_size,
 		      uint64_t *out);
+/* UFFDIO_COPY of n sorted page indexes (consecutive ones as one run); see native.c */
+int ua_uffd_copy_pages(int fd, uint64_t dst, uint64_t src, uint64_t page_size,
+		       const uint32_t *pages, uint32_t n, uint64_t *out);
 int ua_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
 int ua_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
 int ua_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *done);
