@@ -23,8 +23,8 @@ Reported per configuration (medians over rounds): demand faults (fault messages 
 server saw, duplicates included), as a share of the set's pages; the restore time (the
 workload's touch phase, first touch to last) and its speed-up over ``none`` (a ratio
 within one run, the machine's load cancels out as far as it can); the replay's
-``set_installed_s``.  The snapshot is in the page cache (just written): a cold cache adds
-disk reads to every configuration.
+``set_installed_s``.  The snapshot is in the page cache (just written), unless ``--cold``:
+then its pages are evicted (``posix_fadvise(DONTNEED)`` of that file) before each run.
 """
 
 from __future__ import annotations
@@ -67,6 +67,12 @@ def write_snapshot(path: Path, nbytes: int) -> None:
 
 async def one_run(wl: Path, snap: Path, sock: str, pages: int, args: argparse.Namespace,
                   seed: int, **server_kw: Any) -> dict[str, Any]:
+    if args.cold:  # drop this file's pages from the page cache (only this file's)
+        fd = os.open(snap, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     backend = await FileBackend.open(snap)
     try:
         with capture_logs() as logs:
@@ -106,6 +112,9 @@ async def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=1024, help="--replay-chunk")
     ap.add_argument("--quick", action="store_true", help="64 MiB, 2 repeats")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the snapshot from the page cache before each measured run "
+                         "(posix_fadvise DONTNEED of that file only)")
     ap.add_argument("--json", metavar="FILE", help="write every run as JSON")
     args = ap.parse_args()
     if args.quick:
@@ -147,7 +156,8 @@ async def main() -> int:
     set_pages = len(merged)
     base = statistics.median(x["wall_s"] for x in runs["none"])
     load = os.getloadavg()
-    print(f"\n{args.mib} MiB snapshot, set {set_pages} pages ({args.subset / 10:.0f}%), "
+    cache = "cold" if args.cold else "page cache"
+    print(f"\n{args.mib} MiB snapshot ({cache}), set {set_pages} pages ({args.subset / 10:.0f}%), "
           f"{args.threads} touching threads, {args.repeats} rounds, medians; "
           f"loadavg {load[0]:.2f} {load[1]:.2f}")
     print(f"{'config':10s} {'demand faults':>14s} {'of set':>7s} {'restore s':>10s} "
