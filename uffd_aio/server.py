@@ -76,6 +76,7 @@ from uffd_aio.log import get_logger
 from uffd_aio.native import ZERO as _ZERO
 from uffd_aio.pager import ErrorPolicy, Pager
 from uffd_aio.ring import Ring
+from uffd_aio.ring.ring import _REDRAIN_ROUNDS as _REDRAIN_DEFAULT
 from uffd_aio.serve_state import (
     MAX_STATE_BYTES,
     ClientState,
@@ -356,6 +357,7 @@ class HandoffServer:
         self.replay_chunk = replay_chunk
         self._snapshot_id_text = snapshot_id
         self._src_map: tuple[int, int] | None = None  # (address, length) of the snapshot
+        self._installing = 0  # clients whose working set is going in (set phase)
         if replay is not None:
             from uffd_aio import workingset
             from uffd_aio.handlers.readahead import decode_trace
@@ -553,14 +555,20 @@ class HandoffServer:
                                       chunk=self.replay_chunk, max_run=self.replay_chunk)
         src = self._source_map()
         reads = pager._native_reads
+        ring = self._ring
+        assert ring is not None
 
         def set_phase(on: bool) -> None:
-            # While the set goes in, the engine serves the faults waiting at each of the
-            # installer's yields but does not keep re-reading the uffd for new ones
-            # (native_reads 0): a zero-think-time client would otherwise keep the loop
-            # in fault serving, each fault costing more than installing its page.  A
-            # fault still waits at most one batch.  Restored for the fill and after.
+            # While the set goes in, each of the installer's yields serves the faults
+            # waiting then, but neither the engine (native_reads 0, this client) nor
+            # the ring (one reap/submit round instead of 32, while any client installs
+            # a set) keeps polling for the faults that follow: a client that does
+            # nothing but touch pages would otherwise keep the loop in fault serving,
+            # each fault costing several times the copy of its page.  A fault still
+            # waits at most one batch.  Restored for the fill and after.
             pager._native_reads = 0 if on else reads
+            self._installing += 1 if on else -1
+            ring.redrain_rounds = 1 if self._installing else _REDRAIN_DEFAULT
 
         inst = SetInstaller(plan, targets, page_size=ps, src_base=src,
                             backend=None if src is not None else self.backend,

@@ -108,6 +108,7 @@ async def test_record_merge_replay_set(workload: Path, snapshot: Path, sock_path
         demand = released[0]["faults"]
         installed = [e for e in logs if e["event"] == "uffd_aio.workingset_installed"]
         by_replay = released[0]["ws_pages_by_replay"]
+        print(f"demand faults {demand} of {touched} set pages")  # shown with -s
         # the target: at most 5% of the set's pages left to demand faults
         assert demand <= 0.05 * touched, (demand, touched, installed, released)
         assert by_replay + demand >= touched * 0.95

@@ -87,6 +87,9 @@ class Ring:
         self._dirty = False
         self._flush_scheduled = False
         self._in_reap = False
+        #: reap/submit rounds per wakeup (``_REDRAIN_ROUNDS``); a working-set replay
+        #: lowers it to 1 while it installs a set (HandoffServer: docs/backends.md)
+        self.redrain_rounds = _REDRAIN_ROUNDS
         self._closed = False
         self._fixed_keep: list[Any] = []
         self._watchdog: StallWatchdog | None = None
@@ -358,7 +361,7 @@ class Ring:
         # again by then), and a multishot read posts its next CQE when the resolving
         # ioctl returns, so the next fault is served without another trip through
         # the event loop's selector.
-        for _ in range(_REDRAIN_ROUNDS):
+        for _ in range(self.redrain_rounds):
             self._in_reap = True
             try:
                 n = self.drain()
