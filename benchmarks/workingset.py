@@ -21,8 +21,9 @@ running the five configurations interleaved, with a new order per round:
 
 Reported per configuration (medians over rounds): demand faults (fault messages the
 server saw, duplicates included), as a share of the set's pages; the restore time (the
-workload's touch phase, first touch to last) and its speed-up over ``none`` (a ratio
-within one run, the machine's load cancels out as far as it can); the replay's
+workload's touch phase, first touch to last) and its speed-up over ``none``: the median
+over rounds of ``none``'s time divided by the configuration's in the same round (paired,
+so a drifting machine load cancels out as far as it can); the replay's
 ``set_installed_s``.  The snapshot is in the page cache (just written), unless ``--cold``:
 then its pages are evicted (``posix_fadvise(DONTNEED)`` of that file) before each run.
 """
@@ -154,7 +155,6 @@ async def main() -> int:
                       f"{res['demand_faults']}, set installed {res['set_installed_s']}",
                       file=sys.stderr)
     set_pages = len(merged)
-    base = statistics.median(x["wall_s"] for x in runs["none"])
     load = os.getloadavg()
     cache = "cold" if args.cold else "page cache"
     print(f"\n{args.mib} MiB snapshot ({cache}), set {set_pages} pages ({args.subset / 10:.0f}%), "
@@ -168,10 +168,13 @@ async def main() -> int:
         wall = statistics.median(x["wall_s"] for x in runs[c])
         inst = [x["set_installed_s"] for x in runs[c] if x["set_installed_s"] is not None]
         inst_s = f"{statistics.median(inst):.4f}" if inst else "-"
+        # paired: each round's "none" against the same round's run (the load drifts)
+        speedup = statistics.median(n["wall_s"] / x["wall_s"]
+                                    for n, x in zip(runs["none"], runs[c], strict=True))
         summary[c] = {"demand_faults": faults, "share": faults / set_pages, "wall_s": wall,
-                      "speedup": base / wall}
+                      "speedup": speedup}
         print(f"{c:10s} {faults:14.0f} {faults / set_pages:7.1%} {wall:10.4f} "
-              f"{base / wall:8.2f}x {inst_s:>16s}")
+              f"{speedup:8.2f}x {inst_s:>16s}")
     s = summary["set"]
     print(f"\ntargets: set replay leaves {s['share']:.1%} of the set to demand faults "
           f"(<= 5%: {'met' if s['share'] <= 0.05 else 'missed'}); restores "
