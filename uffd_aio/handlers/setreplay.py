@@ -66,7 +66,9 @@ class InstallMetrics:
     already_present: int = 0    # pages the kernel already had (EEXIST): faults got there
     deferred: int = 0           # pages left to faults (EAGAIN: address space changing)
     copies: int = 0             # ioctls
+    gone: int = 0               # mappings that went away (unmapped, client exited)
     set_installed_s: float | None = None
+    #: None unless the fill reached the end of every mapping
     fully_resident_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -166,8 +168,9 @@ class SetInstaller:
             if now != last_faults and self.fill_backoff > 0:
                 await asyncio.sleep(self.fill_backoff)
             last_faults = now
-        if not self._closed:
+        if not self._closed and not any(t.gone for t in self.targets):
             m.fully_resident_s = round(time.monotonic() - self.t0, 6)
+        m.gone = sum(t.gone for t in self.targets)
         return m
 
     def _install_pages(self, pages: list[int]) -> int:
