@@ -79,6 +79,12 @@ def _repo_root() -> pathlib.Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (p.description or "") + "\n\n" + (__doc__ or "").split("\n\n", 1)[1]
     p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--workingset", action="store_true",
+                   help="instead of the matrix: the working-set replay benchmark (no prefetch, "
+                        "read-ahead, order replay, set replay, set + fill; "
+                        "uffd_aio.bench.workingset); with --quick, --rounds, --cold")
+    p.add_argument("--cold", action="store_true",
+                   help="--workingset: evict the snapshot from the page cache before each run")
     p.add_argument("--quick", action="store_true",
                    help="16 MiB per run instead of 64 (< 1 minute)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 5)")
@@ -301,6 +307,15 @@ def _progress(i: int, total: int, t0: float, r: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.workingset:
+        from uffd_aio.bench import workingset
+
+        argv = ["--quick"] if args.quick else []
+        if args.rounds is not None:
+            argv += ["--repeats", str(args.rounds)]
+        if args.cold:
+            argv.append("--cold")
+        return workingset.main(argv)
     _defaults(args)
     root = _repo_root()
     cdir = pathlib.Path(args.c_dir) if args.c_dir else root / "benchmarks" / "c"
