@@ -414,7 +414,7 @@ class HandoffServer:
         try:
             if self._lsock is None:
                 self._bind()
-            self._ring = Ring(loop=self._loop)
+            self._ring = Ring.shared(self._loop)  # one io_uring per loop: shared with the stores
             if self.state_dir is not None:
                 self._store = self._open_store()
                 if received is not None:

@@ -47,6 +47,10 @@ class _FutureOp:
             self.fut.set_result(res)
 
 
+#: id(loop) -> that loop's shared ring (Ring.shared); an entry leaves when the ring closes
+_SHARED: dict[int, Ring] = {}
+
+
 class Ring:
     """One io_uring instance attached to one event loop.
 
@@ -94,11 +98,37 @@ class Ring:
         #: native engines' completion hooks (attach_engine); run after a reap in which
         #: an engine queued messages for Python
         self._engine_hooks: list[Callable[[], None]] = []
+        #: references to a loop's shared ring (Ring.shared); close() frees it at the last
+        self._refs = 1
+        self._shared = False
         self.submits = 0
         self.completions = 0
         self._loop.add_reader(self.fd, self._on_readable)
         self._log.debug("uffd_aio.ring_opened", setup_flags=hex(self.setup_flags),
                         entries=entries)
+
+    @classmethod
+    def shared(cls, loop: asyncio.AbstractEventLoop | None = None) -> Ring:
+        """The loop's shared ring: one io_uring per loop for the pagers, the server and
+        the stores that do I/O, so one ``io_uring_enter`` submits and reaps for all.
+
+        Each call takes a reference and each ``close()`` gives one back; the ring is freed
+        with the last.  Use a ring of your own (``Ring(...)``) for other setup flags
+        (``sqpoll``) or a registered-buffer table of your own."""
+        loop = loop or asyncio.get_running_loop()
+        ring = _SHARED.get(id(loop))
+        if ring is None or ring._closed or ring._loop is not loop:
+            ring = cls(loop=loop)
+            ring._shared = True
+            ring._refs = 0
+            _SHARED[id(loop)] = ring
+        ring._refs += 1
+        return ring
+
+    @property
+    def is_shared(self) -> bool:
+        """Whether this is a loop's shared ring (:meth:`shared`)."""
+        return self._shared
 
     @staticmethod
     def _setup(entries: int, flags: int, idle: int) -> ll.RingHandle:
@@ -313,7 +343,8 @@ class Ring:
         return await self._await(ud, fut)
 
     def register_buffers(self, bufs: Sequence[Any]) -> None:
-        """Register writable buffers for read_fixed/write_fixed (pinned until close)."""
+        """Register writable buffers for read_fixed/write_fixed (pinned until close or
+        :meth:`unregister_buffers`).  A ring has one table: EBUSY if one is registered."""
         addrs, lens, keeps = [], [], []
         for b in bufs:
             addr, keep = ll.buffer_address(b, writable=True)
@@ -322,6 +353,13 @@ class Ring:
             keeps.append(b)
         self._h.register_buffers(addrs, lens)
         self._fixed_keep = keeps
+
+    def unregister_buffers(self) -> None:
+        """Give the registered-buffer table back (its buffers are no longer pinned)."""
+        if self._closed or not self._fixed_keep:
+            return
+        self._h.unregister_buffers()
+        self._fixed_keep = []
 
     def register_files(self, fds: Sequence[int]) -> None:
         self._h.register_files(fds)
@@ -459,6 +497,11 @@ class Ring:
         """
         if self._closed:
             return
+        self._refs -= 1
+        if self._refs > 0:  # a shared ring: others still use it
+            return
+        if self._shared and _SHARED.get(id(self._loop)) is self:
+            del _SHARED[id(self._loop)]
         self._closed = True
         if self._watchdog is not None:
             self._watchdog.close()
