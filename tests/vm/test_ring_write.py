@@ -107,8 +107,7 @@ async def test_minor_faults_continue_through_the_ring() -> None:
     async with uffd_aio.Pager(backend="ring") as pager:
         region = pager.map(16 * PS, mode=Mode.MINOR)
         assert region.alias is not None
-        await asyncio.to_thread(ll.fill_pattern, region.alias, region.length, 0,
-                                testing.DEFAULT_SEED)
+        await asyncio.to_thread(testing.fill_sync, region.alias, region.length)
         minors = 0
 
         @region.on_fault

@@ -21,7 +21,8 @@ from typing import Literal, TextIO
 
 import attrs
 
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.ring import _lowlevel as ring_ll
+from uffd_aio.testing import _lowlevel as ll
 
 DEFAULT_SEED = 0x5546464441494F21  # "UFFDAIO!"
 Op = Literal["read", "write", "verify", "write-word"]
@@ -52,6 +53,15 @@ def pattern_into(buf: bytearray | memoryview, offset: int, seed: int = DEFAULT_S
     ll.fill_pattern(addr, len(keep), offset, seed)
 
 
+def fill_sync(address: int, length: int, offset: int = 0, seed: int = DEFAULT_SEED) -> None:
+    """Write the pattern of store ``offset`` into [address, address+length); releases the GIL.
+
+    For memory the caller owns (a staging buffer, a region's alias), or a
+    registered range from a thread other than the loop's (as :func:`verify_sync`).
+    """
+    ll.fill_pattern(address, length, offset, seed)
+
+
 def verify_sync(address: int, length: int, offset: int = 0, seed: int = DEFAULT_SEED) -> int:
     """-1 if memory holds the pattern, else the first bad byte's offset; releases the GIL.
 
@@ -67,7 +77,7 @@ async def verify(address: int, length: int, offset: int = 0, seed: int = DEFAULT
 
 async def read(address: int, length: int) -> bytes:
     """Copy memory out from a worker thread."""
-    return await asyncio.to_thread(ll.read_memory, address, length)
+    return await asyncio.to_thread(ring_ll.read_memory, address, length)
 
 
 @attrs.frozen
@@ -280,3 +290,9 @@ class StampRun:
         """(first page not holding its last stamp or -1, number of such pages)."""
         return await asyncio.to_thread(ll.stamp_verify, self.address, self.npages,
                                        self.page_size, self._gen)
+
+
+def malloc_churn(n: int) -> None:
+    """``n`` native malloc/free pairs past glibc's per-thread cache (each takes an arena
+    lock): a loop thread that allocates while another thread forks."""
+    ll.malloc_churn(n)
