@@ -1,10 +1,14 @@
-"""Resolution backends: how a handled fault becomes mapped memory.
+"""Resolvers: how a handled fault becomes mapped memory.
 
-* :class:`IoctlBackend` (stock kernels): UFFDIO_COPY / ZEROPAGE / CONTINUE /
-  WRITEPROTECT / POISON, synchronously on the loop thread (each is a few
-  microseconds and never waits for I/O).
-* The ring-write backend (patched kernels, ``Feature.WRITE``) lives in
-  :mod:`uffd_aio.resolve_ring`; it has the same ``execute`` contract but
+A :class:`Resolver` implements one of the resolution backends ``Pager(backend=...)``
+chooses from (not to be confused with the page stores of :mod:`uffd_aio.handlers`,
+which fault handlers read data from):
+
+* :class:`IoctlResolver` (``"ioctl"``, stock kernels): UFFDIO_COPY / ZEROPAGE /
+  CONTINUE / WRITEPROTECT / POISON, synchronously on the loop thread (each is a
+  few microseconds and never waits for I/O).
+* The ring-write resolver (``"ring"``, patched kernels, ``Feature.WRITE``) lives
+  in :mod:`uffd_aio.resolve_ring`; it has the same ``execute`` contract but
   completes through the ring.
 
 Before execution, the pending resolutions of one batch are sorted and
@@ -108,15 +112,17 @@ _copy_buf = _native.lib.ua_uffd_copy_buf  # (fd, dst, from_buffer(data), length,
 _from_buffer = _native.ffi.from_buffer
 
 
-class Backend(Protocol):
+class Resolver(Protocol):
+    """Turns resolution ops into ioctls or writes on the uffd."""
+
     name: str
 
     def execute(self, uffd: Userfaultfd, op: Op) -> int | asyncio.Future[int]:
         """Resolve ``op``; bytes covered, or a future of it.  Raises ResolveError."""
 
 
-class IoctlBackend:
-    """The stock-kernel backend: one ioctl per merged op (plus retries the kernel asks for)."""
+class IoctlResolver:
+    """The stock-kernel resolver: one ioctl per merged op (plus retries the kernel asks for)."""
 
     name = "ioctl"
 
@@ -157,7 +163,7 @@ class IoctlBackend:
 
 
 def execute_move(uffd: Userfaultfd, op: Op) -> int:
-    """UFFDIO_MOVE for ``op`` (every backend: the patched kernel's write interface has
+    """UFFDIO_MOVE for ``op`` (every resolver: the patched kernel's write interface has
     no MOVE, kernel_patches/README.md); bytes moved (less than ``op.length`` only
     when the address space changed meanwhile)."""
     moved: Moved = op.data
@@ -192,3 +198,9 @@ def covering(ops: Sequence[Op], address: int) -> Op | None:
     if lo < len(ops) and ops[lo].address <= address < ops[lo].end:
         return ops[lo]
     return None
+
+
+# The old names, still used by pager.py (being reworked; it switches to the new names
+# then).  Not public: remove them with that rework.
+Backend = Resolver
+IoctlBackend = IoctlResolver

@@ -61,7 +61,7 @@ from uffd_aio.fdkeeper import (
     recv_msg,
     send_msg,
 )
-from uffd_aio.handlers.base import Backend
+from uffd_aio.handlers.base import PageStore
 from uffd_aio.handoff import (
     Handoff,
     HandoffError,
@@ -284,7 +284,7 @@ class HandoffServer:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        backend: Backend,
+        backend: PageStore,
         *,
         allow_uids: Collection[int] | None = None,
         handoff_timeout: float = 5.0,

@@ -1,4 +1,4 @@
-"""Serve a region's faults from a :class:`~uffd_aio.handlers.base.Backend`.
+"""Serve a region's faults from a :class:`~uffd_aio.handlers.base.PageStore`.
 
 ``attach(region, backend)`` installs the region's fault handler and returns an
 :class:`Attachment` (stats, ``aclose()``).  What one fault does:
@@ -43,7 +43,7 @@ import attrs
 
 from uffd_aio.errors import PagerClosed
 from uffd_aio.events import Remove, Unmap
-from uffd_aio.handlers.base import Backend, BackendError, Buffer
+from uffd_aio.handlers.base import BackendError, Buffer, PageStore
 from uffd_aio.handlers.readahead import (
     FaultRecorder,
     ReadaheadPolicy,
@@ -152,7 +152,7 @@ class Attachment:
     def __init__(
         self,
         region: Region,
-        backend: Backend,
+        backend: PageStore,
         *,
         store_offset: int,
         readahead: ReadaheadPolicy,
@@ -588,7 +588,7 @@ class Attachment:
 
 def attach(
     region: Region,
-    backend: Backend,
+    backend: PageStore,
     *,
     store_offset: int | None = None,
     readahead: ReadaheadPolicy | int | str | None = None,
