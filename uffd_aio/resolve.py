@@ -20,8 +20,9 @@ each one names its own source range.
 from __future__ import annotations
 
 import enum
+import mmap
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import attrs
 
@@ -30,6 +31,8 @@ from uffd_aio.ring import _native
 
 if TYPE_CHECKING:
     import asyncio
+
+    from _typeshed import ReadableBuffer
 
     from uffd_aio.uffd import Userfaultfd
 
@@ -62,6 +65,10 @@ class Moved:
     allow_src_holes: bool = False
 
 
+#: what an :class:`Op` carries: the bytes to copy, the :class:`Moved` of a MOVE, or None
+OpData: TypeAlias = "ReadableBuffer | Moved | None"
+
+
 @attrs.frozen(slots=True)
 class Op:
     """One resolution: ``length`` bytes at ``address``.
@@ -74,12 +81,26 @@ class Op:
     kind: Kind
     address: int
     length: int
-    data: Any = None
+    data: OpData = None
     wp: bool = False
 
     @property
     def end(self) -> int:
         return self.address + self.length
+
+    @property
+    def buffer(self) -> ReadableBuffer | None:
+        """``data`` when it is bytes to copy (COPY, ZERO on hugetlbfs), else None."""
+        data = self.data
+        return None if data is None or isinstance(data, Moved) else data
+
+
+def _bytes(op: Op) -> ReadableBuffer:
+    """The data of a COPY."""
+    buf = op.buffer
+    if buf is None:
+        raise TypeError(f"{op.kind.value} op without data: {op!r}")
+    return buf
 
 
 def merge(ops: Iterable[Op]) -> list[Op]:
@@ -99,7 +120,7 @@ def merge(ops: Iterable[Op]) -> list[Op]:
                     continue  # fully covered
                 if op.kind is Kind.COPY:
                     skip = last.end - op.address
-                    data = bytes(last.data) + bytes(memoryview(op.data)[skip:])
+                    data = bytes(_bytes(last)) + bytes(memoryview(_bytes(op))[skip:])
                     out[-1] = Op(Kind.COPY, last.address, len(data), data, last.wp)
                 else:
                     out[-1] = Op(op.kind, last.address, op.end - last.address, None, last.wp)
@@ -138,13 +159,14 @@ class IoctlResolver:
             if _copy_buf(uffd.fd, op.address, _from_buffer(op.data), op.length,
                          2 if op.wp else 0) == 0:
                 return op.length
-            src, keep = ll.buffer_address(op.data)
+            src, keep = ll.buffer_address(_bytes(op))
             n = uffd.copy(op.address, src, op.length, wp=op.wp)
             del keep
             return n
         if kind is Kind.ZERO:
-            if op.data is not None:  # hugetlbfs: no zero page, copy zeros
-                src, keep = ll.buffer_address(op.data)
+            zeros = op.buffer
+            if zeros is not None:  # hugetlbfs: no zero page, copy zeros
+                src, keep = ll.buffer_address(zeros)
                 n = uffd.copy(op.address, src, op.length)
                 del keep
                 return n
@@ -166,11 +188,13 @@ def execute_move(uffd: Userfaultfd, op: Op) -> int:
     """UFFDIO_MOVE for ``op`` (every resolver: the patched kernel's write interface has
     no MOVE, kernel_patches/README.md); bytes moved (less than ``op.length`` only
     when the address space changed meanwhile)."""
-    moved: Moved = op.data
+    moved = op.data
+    if not isinstance(moved, Moved):
+        raise TypeError(f"a MOVE op carries a Moved, not {type(moved).__name__}")
     return uffd.move(op.address, moved.src, op.length, allow_src_holes=moved.allow_src_holes)
 
 
-_zeros: dict[int, Any] = {}
+_zeros: dict[int, mmap.mmap] = {}
 
 
 def zero_source(length: int) -> memoryview:
@@ -179,8 +203,6 @@ def zero_source(length: int) -> memoryview:
     (every page is the kernel's zero page), one per size, kept for the process."""
     buf = _zeros.get(length)
     if buf is None:
-        import mmap
-
         buf = _zeros[length] = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                          prot=mmap.PROT_READ)
     return memoryview(buf)

@@ -39,7 +39,7 @@ import errno as E
 import functools
 import os
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from uffd_aio import modes, wpos
 from uffd_aio.errors import FeatureUnavailable, ResolveError
@@ -254,11 +254,12 @@ class PwriteResolver:
         if op.kind is Kind.MOVE:  # no write op for MOVE: kernel_patches/README.md
             return execute_move(uffd, op)
         wop = _KIND_OP[op.kind]
-        if op.data is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
+        buf = op.buffer
+        keep: object = None
+        src = 0
+        if buf is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
             wop = WriteOp.COPY
-            src, keep = ll.buffer_address(op.data)
-        else:
-            src, keep = 0, None
+            src, keep = ll.buffer_address(buf)
         ps = PAGE_SIZE if uffd.page_size_of is None else uffd.page_size_of(op.address)
         n = self.run(writer_fd(uffd), wop, op.address, op.length, src,
                      op.wp and wop in wpos.MODE_WP_OPS, page_size=ps)
@@ -307,7 +308,7 @@ class _Write(_FutureOp):
                  "loop", "mode_wp", "op", "src", "wfd")
 
     def __init__(self, backend: RingWriteResolver, wfd: int, op: WriteOp, address: int,
-                 length: int, src: int, keep: Any, mode_wp: bool) -> None:
+                 length: int, src: int, keep: object, mode_wp: bool) -> None:
         self.fut = self  # type: ignore[assignment]  # what Ring.close() fails on teardown
         self.keep = keep
         self.what = f"UFFDIO_WRITE {op.name}"
@@ -322,7 +323,7 @@ class _Write(_FutureOp):
         self._done = False
         self._res = 0
         self._exc: BaseException | None = None
-        self._callbacks: list[Callable[[Any], object]] | None = None
+        self._callbacks: list[Callable[[_Write], object]] | None = None
 
     def submit(self) -> None:
         n = min(self.length, MAX_WRITE)
@@ -393,7 +394,7 @@ class _Write(_FutureOp):
             raise asyncio.InvalidStateError("ring write not completed yet")
         return self._exc
 
-    def add_done_callback(self, cb: Callable[[Any], object]) -> None:
+    def add_done_callback(self, cb: Callable[[_Write], object]) -> None:
         if self._done:
             self.loop.call_soon(cb, self)
         elif self._callbacks is None:
@@ -401,7 +402,7 @@ class _Write(_FutureOp):
         else:
             self._callbacks.append(cb)
 
-    def __await__(self) -> Generator[Any, None, int]:
+    def __await__(self) -> Generator[asyncio.Future[None], None, int]:
         if not self._done:
             fut: asyncio.Future[None] = self.loop.create_future()
 
@@ -465,11 +466,12 @@ class RingWriteResolver:
         wfd = uffd.writer_fd
         if wfd is None:
             wfd = writer_fd(uffd)  # a fork child's uffd: its own writer fd
-        if op.data is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
+        buf = op.buffer
+        keep: object = None
+        src = 0
+        if buf is not None:  # COPY, or ZERO on hugetlbfs (a zero buffer: no zero page)
             wop = WriteOp.COPY
-            src, keep = ll.buffer_address(op.data)
-        else:
-            src, keep = 0, None
+            src, keep = ll.buffer_address(buf)
         # like the ioctl backend, ``wp`` only means something for COPY and CONTINUE
         w = _Write(self, wfd, wop, op.address, op.length, src, keep,
                    op.wp and wop in wpos.MODE_WP_OPS)

@@ -37,7 +37,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 
@@ -649,8 +649,7 @@ def attach(
     if tracker is not None:
         tracker.bind(att)
     if eager is None:
-        be: Any = backend
-        eager = getattr(be, "eager", None)
+        eager = getattr(backend, "eager", None)
     region.on_fault(eager=eager)(att.on_fault)
     region.on_event(att.on_event)
     att._start_replay()

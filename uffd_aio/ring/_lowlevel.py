@@ -9,10 +9,16 @@ small: some sit on the fault path.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Sequence, Sized
+from typing import TYPE_CHECKING, TypeAlias
 
 from uffd_aio.ring._native import ffi, lib
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+#: a cffi object Python only hands back to C (a ``struct ua_ring *``...): opaque here
+CData: TypeAlias = object
 
 # io_uring opcodes (include/uapi/linux/io_uring.h; numbers are ABI)
 OP_NOP = 0
@@ -63,8 +69,9 @@ def check(rc: int, what: str) -> int:
 # ---- buffers ---------------------------------------------------------
 
 
-def buffer_address(buf: Any, *, writable: bool = False) -> tuple[int, Any]:
-    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned."""
+def buffer_address(buf: ReadableBuffer, *, writable: bool = False) -> tuple[int, Sized]:
+    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned
+    (its ``len`` is the buffer's size in bytes)."""
     cbuf = ffi.from_buffer(buf, require_writable=writable)
     return int(ffi.cast("uintptr_t", cbuf)), cbuf
 
@@ -78,7 +85,7 @@ def read_memory(addr: int, length: int) -> bytes:
     return bytes(out)
 
 
-def write_memory(addr: int, data: Any) -> None:
+def write_memory(addr: int, data: ReadableBuffer) -> None:
     src, keep = buffer_address(data)
     lib.ua_memcpy(addr, src, len(keep))
 
@@ -129,7 +136,7 @@ class RingHandle:
         return int(lib.ua_ring_engine_flags(self._r))
 
     @property
-    def native(self) -> Any:
+    def native(self) -> CData:
         """The ``struct ua_ring *`` (for the native engine); None once closed."""
         return self._r
 
@@ -254,7 +261,7 @@ def uffd_copy(fd: int, dst: int, src: int, length: int, mode: int) -> tuple[int,
     return rc, int(d[0])
 
 
-def uffd_copy_buf(fd: int, dst: int, buf: Any, length: int, mode: int) -> int:
+def uffd_copy_buf(fd: int, dst: int, buf: ReadableBuffer, length: int, mode: int) -> int:
     """One UFFDIO_COPY from the bytes-like ``buf`` (its first ``length`` bytes); 0 or
     -errno, not the bytes done.  The fault path's call: no cffi allocation per call (the
     buffer handle goes straight to C; ``ua_uffd_copy_buf``).  Callers on the hot path

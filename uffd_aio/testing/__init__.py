@@ -260,8 +260,8 @@ class StampRun:
     order: Literal["seq", "random", "mixed"] = "mixed"
     rng_seed: int = 1
     page_size: int = attrs.field(factory=lambda: os.sysconf("SC_PAGE_SIZE"))
-    _s: object = attrs.field(init=False, default=None)
-    _gen: object = attrs.field(init=False, default=None)
+    _s: ll.Stamp = attrs.field(init=False)
+    _gen: ll.U64Array = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         s = ll.new_stamp()
@@ -277,14 +277,14 @@ class StampRun:
         try:
             await asyncio.to_thread(ll.stamp_run, self._s)
         except BaseException:
-            self._s.stop = 1  # type: ignore[attr-defined]
+            self._s.stop = 1
             raise
 
     def stop(self) -> None:
-        self._s.stop = 1  # type: ignore[attr-defined]
+        self._s.stop = 1
 
     def gen(self, page: int) -> int:
-        return int(self._gen[page])  # type: ignore[index]
+        return int(self._gen[page])
 
     async def verify(self) -> tuple[int, int]:
         """(first page not holding its last stamp or -1, number of such pages)."""

@@ -7,14 +7,64 @@ addresses are ints.  :mod:`uffd_aio.testing` wraps these in its public API.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Protocol
 
 from uffd_aio.ring._lowlevel import check
 from uffd_aio.testing._helpers import ffi, lib
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
-def buffer_address(buf: Any, *, writable: bool = False) -> tuple[int, Any]:
-    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned."""
+
+class U64Array(Protocol):
+    """A cffi ``uint64_t[]``."""
+
+    def __getitem__(self, index: int, /) -> int: ...
+    def __setitem__(self, index: int, value: int, /) -> None: ...
+
+
+class Scan(Protocol):
+    """A cffi ``struct ua_scan *`` (helpers.h)."""
+
+    addr: int
+    len: int
+    page_size: int
+    offset: int
+    seed: int
+    nthreads: int
+    op: int
+    order: int
+    rng_seed: int
+    lat_ns: U64Array
+    progress: int
+    mismatches: int
+    first_mismatch: int
+    checksum: int
+    wall_ns: int
+    stop: int
+    sigbus: int
+
+
+class Stamp(Protocol):
+    """A cffi ``struct ua_stamp *`` (helpers.h)."""
+
+    addr: int
+    npages: int
+    page_size: int
+    nthreads: int
+    order: int
+    passes: int
+    rng_seed: int
+    gen: U64Array
+    progress: int
+    stop: int
+    wall_ns: int
+
+
+def buffer_address(buf: ReadableBuffer, *, writable: bool = False) -> tuple[int, Sized]:
+    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned
+    (its ``len`` is the buffer's size in bytes)."""
     cbuf = ffi.from_buffer(buf, require_writable=writable)
     return int(ffi.cast("uintptr_t", cbuf)), cbuf
 
@@ -32,15 +82,17 @@ def verify_pattern(addr: int, length: int, offset: int, seed: int) -> int:
     return int(lib.ua_verify_pattern(addr, length, offset, seed))
 
 
-def new_scan() -> Any:
-    return ffi.new("struct ua_scan *")
+def new_scan() -> Scan:
+    scan: Scan = ffi.new("struct ua_scan *")
+    return scan
 
 
-def new_u64_array(n: int) -> Any:
-    return ffi.new("uint64_t[]", n)
+def new_u64_array(n: int) -> U64Array:
+    arr: U64Array = ffi.new("uint64_t[]", n)
+    return arr
 
 
-def scan_run(scan: Any) -> None:
+def scan_run(scan: Scan) -> None:
     check(lib.ua_scan_run(scan), "native scan")
 
 
@@ -71,11 +123,12 @@ def read_catch(addr: int, length: int, page_size: int) -> tuple[bytes, list[int]
     return bytes(out), [i for i in range(npages) if bus[i]]
 
 
-def new_stamp() -> Any:
-    return ffi.new("struct ua_stamp *")
+def new_stamp() -> Stamp:
+    stamp: Stamp = ffi.new("struct ua_stamp *")
+    return stamp
 
 
-def stamp_run(stamp: Any) -> None:
+def stamp_run(stamp: Stamp) -> None:
     check(lib.ua_stamp_run(stamp), "stamp writers")
 
 
@@ -83,7 +136,7 @@ def stamp_fill(addr: int, page_size: int, page: int, gen: int) -> None:
     lib.ua_stamp_fill(addr, page_size, page, gen)
 
 
-def stamp_verify(addr: int, npages: int, page_size: int, gen: Any) -> tuple[int, int]:
+def stamp_verify(addr: int, npages: int, page_size: int, gen: U64Array) -> tuple[int, int]:
     """(first page not holding its gen[p] stamp or -1, number of such pages)."""
     bad = ffi.new("int64_t *")
     first = int(lib.ua_stamp_verify(addr, npages, page_size, gen, bad))
