@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 import attrs
 
 from uffd_aio.ring import _lowlevel as ll
-from uffd_aio.ring import _native
+from uffd_aio.ring._lowlevel import copy_buf, from_buffer
 
 if TYPE_CHECKING:
     import asyncio
@@ -129,10 +129,6 @@ def merge(ops: Iterable[Op]) -> list[Op]:
     return out
 
 
-_copy_buf = _native.lib.ua_uffd_copy_buf  # (fd, dst, from_buffer(data), length, mode)
-_from_buffer = _native.ffi.from_buffer
-
-
 class Resolver(Protocol):
     """Turns resolution ops into ioctls or writes on the uffd."""
 
@@ -156,7 +152,7 @@ class IoctlResolver:
         if kind is Kind.COPY:
             # the common case in one native call, no per-call cffi allocation
             # (ua_uffd_copy_buf); anything but full success goes the long way
-            if _copy_buf(uffd.fd, op.address, _from_buffer(op.data), op.length,
+            if copy_buf(uffd.fd, op.address, from_buffer(op.data), op.length,
                          2 if op.wp else 0) == 0:
                 return op.length
             src, keep = ll.buffer_address(_bytes(op))

@@ -281,6 +281,7 @@ class Attachment:
     # ---- state shared with the dirty tracker --------------------------------
 
     def _mark_present(self, first: int, count: int) -> None:
+        """Pages [first, first+count) are resident."""
         p = self._present
         end = first + count
         if count == 1:
@@ -292,12 +293,17 @@ class Attachment:
         p[first:end] = b"\x01" * count
 
     def _mark_absent(self, first: int, end: int) -> None:
+        """Pages [first, end) are not resident any more (fetched again on the next fault)."""
         p = self._present
         first, end = max(first, 0), min(end, self.npages)
         if first >= end:
             return
         self._present_count -= p.count(1, first, end)
         p[first:end] = bytes(end - first)
+
+    #: the dirty tracker's surface (handlers/dirty.py): it re-maps and evicts pages
+    mark_present = _mark_present
+    mark_absent = _mark_absent
 
     def _zero_buffer(self, n: int) -> bytes:
         if len(self._zeros) < n:

@@ -9,7 +9,7 @@ small: some sit on the fault path.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from typing import TYPE_CHECKING, TypeAlias
 
 from uffd_aio.ring._native import ffi, lib
@@ -265,8 +265,15 @@ def uffd_copy_buf(fd: int, dst: int, buf: ReadableBuffer, length: int, mode: int
     """One UFFDIO_COPY from the bytes-like ``buf`` (its first ``length`` bytes); 0 or
     -errno, not the bytes done.  The fault path's call: no cffi allocation per call (the
     buffer handle goes straight to C; ``ua_uffd_copy_buf``).  Callers on the hot path
-    bind ``lib.ua_uffd_copy_buf`` and ``ffi.from_buffer`` themselves, as this does."""
-    return int(lib.ua_uffd_copy_buf(fd, dst, ffi.from_buffer(buf), length, mode))
+    bind :data:`copy_buf` and :data:`from_buffer` themselves, as this does."""
+    return int(copy_buf(fd, dst, from_buffer(buf), length, mode))
+
+
+#: the fault path's UFFDIO_COPY, bound once: ``copy_buf(fd, dst, from_buffer(data), length,
+#: mode)`` is 0 or -errno (:func:`uffd_copy_buf` without the Python frame)
+copy_buf: Callable[[int, int, CData, int, int], int] = lib.ua_uffd_copy_buf
+#: ``ffi.from_buffer``: the handle that passes a bytes-like object to C (TypeError otherwise)
+from_buffer: Callable[[object], CData] = ffi.from_buffer
 
 
 def uffd_zeropage(fd: int, start: int, length: int, mode: int) -> tuple[int, int]:
