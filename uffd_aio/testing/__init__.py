@@ -8,6 +8,10 @@ from the loop: they run in a worker thread while the pager serves faults.
 The deterministic content ("pattern") is the benchmarks' (benchmarks/README.md):
 the 8-byte little-endian word at store offset ``o`` is
 ``((o // 8) * 0x9E3779B97F4A7C15 mod 2**64) ^ seed``.
+
+The native code is its own cffi extension, ``uffd_aio.testing._helpers``
+(``csrc/helpers.c``, wrapped by :mod:`uffd_aio.testing._lowlevel`), not part of
+the product's ``uffd_aio.ring._native``.
 """
 
 from __future__ import annotations
