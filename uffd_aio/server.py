@@ -61,12 +61,12 @@ from uffd_aio.fdkeeper import (
     recv_msg,
     send_msg,
 )
-from uffd_aio.handlers.base import Backend
+from uffd_aio.handlers.base import PageStore
 from uffd_aio.handoff import (
     Handoff,
     HandoffError,
     HandoffRejected,
-    _is_uffd,
+    is_uffd,
     peer_credentials,
     receive,
     wait_readable,
@@ -284,7 +284,7 @@ class HandoffServer:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        backend: Backend,
+        backend: PageStore,
         *,
         allow_uids: Collection[int] | None = None,
         handoff_timeout: float = 5.0,
@@ -1270,7 +1270,7 @@ class HandoffServer:
         except (OSError, StoreError) as exc:
             self._log.error("uffd_aio.fd_store_failed", key=st.key, error=str(exc))
             fds = None
-        if fds and not _is_uffd(fds[0]):
+        if fds and not is_uffd(fds[0]):
             self._log.error("uffd_aio.fd_store_failed", key=st.key,
                             error="the stored fd is not a userfaultfd")
             close_all(fds)
@@ -1634,7 +1634,7 @@ def steal_uffd(pid: int, start_time: int) -> int | None:
         fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, found[0], 0))
         if fd < 0:
             return None
-        if process_start_time(pid) != start_time or not _is_uffd(fd):
+        if process_start_time(pid) != start_time or not is_uffd(fd):
             os.close(fd)
             return None
         os.set_inheritable(fd, False)

@@ -44,7 +44,6 @@ import mmap
 import os
 import stat
 import struct
-from typing import Any
 
 from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.log import get_logger
@@ -174,7 +173,7 @@ class FileBackend:
         if offset < 0 or length <= 0:
             raise BackendError(f"bad range offset={offset} length={length}")
 
-    async def _read_piece(self, off: int, n: int, out: Any, at: int) -> None:
+    async def _read_piece(self, off: int, n: int, out: bytearray, at: int) -> None:
         """Read file [off, off+n) into out[at:at+n] through a pool buffer."""
         idx = await self._free.get()
         done = 0

@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from uffd_aio.log import get_logger
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring.watchdog import StallWatchdog
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 Callback = Callable[[int, int], None]
 """A completion callback: ``cb(res, cqe_flags)``; res is >= 0 or -errno."""
@@ -35,7 +38,7 @@ class _FutureOp:
 
     __slots__ = ("fut", "keep", "what")
 
-    def __init__(self, fut: asyncio.Future[int], keep: Any, what: str) -> None:
+    def __init__(self, fut: asyncio.Future[int], keep: object, what: str) -> None:
         self.fut, self.keep, self.what = fut, keep, what
 
     def __call__(self, res: int, flags: int) -> None:
@@ -92,7 +95,7 @@ class Ring:
         self._flush_scheduled = False
         self._in_reap = False
         self._closed = False
-        self._fixed_keep: list[Any] = []
+        self._fixed_keep: list[WriteableBuffer] = []
         self._watchdog: StallWatchdog | None = None
         self._bufrings: dict[int, ll.BufRing] = {}
         #: native engines' completion hooks (attach_engine); run after a reap in which
@@ -266,7 +269,7 @@ class Ring:
             self.cancel(ud)
             raise
 
-    def _rw_future(self, op: int, fd: int, buf: Any, offset: int, *, writable: bool,
+    def _rw_future(self, op: int, fd: int, buf: ReadableBuffer, offset: int, *, writable: bool,
                    what: str, buf_index: int = -1, fixed_file: bool = False
                    ) -> tuple[int, asyncio.Future[int]]:
         addr, keep = ll.buffer_address(buf, writable=writable)
@@ -275,13 +278,13 @@ class Ring:
                             buf_index=buf_index, fixed_file=fixed_file)
         return ud, fut
 
-    async def read(self, fd: int, buf: Any, offset: int = -1) -> int:
+    async def read(self, fd: int, buf: WriteableBuffer, offset: int = -1) -> int:
         """Read into writable ``buf`` at ``offset`` (-1: current position); bytes read."""
         ud, fut = self._rw_future(ll.OP_READ, fd, buf, offset, writable=True,
                                   what=f"io_uring read fd={fd}")
         return await self._await(ud, fut)
 
-    async def write(self, fd: int, buf: Any, offset: int = -1) -> int:
+    async def write(self, fd: int, buf: ReadableBuffer, offset: int = -1) -> int:
         """Write ``buf`` at ``offset``; bytes written."""
         ud, fut = self._rw_future(ll.OP_WRITE, fd, buf, offset, writable=False,
                                   what=f"io_uring write fd={fd}")
@@ -308,8 +311,8 @@ class Ring:
                             _FutureOp(fut, keep, f"io_uring write_fixed fd={fd}"), buf_index=index)
         return await self._await(ud, fut)
 
-    async def _vec(self, op: int, fd: int, bufs: Sequence[Any], offset: int, writable: bool,
-                   what: str) -> int:
+    async def _vec(self, op: int, fd: int, bufs: Sequence[ReadableBuffer], offset: int,
+                   writable: bool, what: str) -> int:
         import array
 
         keeps = []
@@ -324,10 +327,10 @@ class Ring:
         ud = self.submit_rw(op, fd, iov_addr, len(bufs), offset, _FutureOp(fut, (keeps, iov), what))
         return await self._await(ud, fut)
 
-    async def readv(self, fd: int, bufs: Sequence[Any], offset: int = -1) -> int:
+    async def readv(self, fd: int, bufs: Sequence[WriteableBuffer], offset: int = -1) -> int:
         return await self._vec(ll.OP_READV, fd, bufs, offset, True, f"io_uring readv fd={fd}")
 
-    async def writev(self, fd: int, bufs: Sequence[Any], offset: int = -1) -> int:
+    async def writev(self, fd: int, bufs: Sequence[ReadableBuffer], offset: int = -1) -> int:
         return await self._vec(ll.OP_WRITEV, fd, bufs, offset, False, f"io_uring writev fd={fd}")
 
     async def poll(self, fd: int, mask: int) -> int:
@@ -342,7 +345,7 @@ class Ring:
         self._prep(lambda: self._h.prep_nop(ud))
         return await self._await(ud, fut)
 
-    def register_buffers(self, bufs: Sequence[Any]) -> None:
+    def register_buffers(self, bufs: Sequence[WriteableBuffer]) -> None:
         """Register writable buffers for read_fixed/write_fixed (pinned until close or
         :meth:`unregister_buffers`).  A ring has one table: EBUSY if one is registered."""
         addrs, lens, keeps = [], [], []
@@ -415,7 +418,7 @@ class Ring:
     # engines prepared, and run their hooks when they queued work for Python.
 
     @property
-    def native_handle(self) -> Any:
+    def native_handle(self) -> ll.CData:
         """The C ring (``struct ua_ring *``) an engine attaches to."""
         if self._closed:
             raise RuntimeError("ring is closed")
