@@ -32,7 +32,7 @@ async def run(mode: str, mib: int, window: int) -> float:
     buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     stage, keep = ll.buffer_address(buf, writable=True)
     try:
-        ll.fill_pattern(stage, n, 0, testing.DEFAULT_SEED)
+        testing.fill_sync(stage, n)
         async with uffd_aio.Pager() as pager:
             region = pager.map(n)
             w = window * PS

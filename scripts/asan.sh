@@ -1,5 +1,5 @@
 #!/bin/bash
-# Build the cffi extension with AddressSanitizer into a temporary copy of the project and run
+# Build the cffi extensions with AddressSanitizer into a temporary copy of the project and run
 # the native-engine tests against it (libasan preloaded into the project's Python).
 #
 #   scripts/asan.sh                 # the engine tests (unit + kernel)
@@ -19,18 +19,26 @@ trap '[ -n "${ASAN_KEEP:-}" ] || rm -rf "$TMP"' EXIT
 # a copy of the package and the tests: pytest puts the copy's root first on sys.path, so
 # `import uffd_aio` picks the instrumented extension, not the editable install
 cp -r "$ROOT/uffd_aio" "$ROOT/tests" "$ROOT/pyproject.toml" "$TMP/"
-find "$TMP/uffd_aio" -name '_native*.so' -delete
-# built apart from the copy: distutils would read (and validate) the copy's pyproject.toml
-mkdir -p "$TMP/build/uffd_aio/ring"
-cp -r "$ROOT/uffd_aio/ring/_build.py" "$ROOT/uffd_aio/ring/csrc" "$TMP/build/uffd_aio/ring/"
+find "$TMP/uffd_aio" -name '*.so' -delete
+# both extensions, the product's (ring/_native) and the test helpers' (testing/_helpers: the
+# scan threads and SIGBUS catching the tests run), built apart from the copy: distutils would
+# read (and validate) the copy's pyproject.toml
+for pkg in ring testing; do
+    mkdir -p "$TMP/build/uffd_aio/$pkg"
+    cp -r "$ROOT/uffd_aio/$pkg/_build.py" "$ROOT/uffd_aio/$pkg/csrc" "$TMP/build/uffd_aio/$pkg/"
+done
 cd "$TMP/build"
-echo "[asan] building uffd_aio.ring._native with -fsanitize=address in $TMP" >&2
-UA_CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" UA_LDFLAGS="-fsanitize=address" \
-    "$PY" -c 'import runpy; runpy.run_path("uffd_aio/ring/_build.py")["ffibuilder"].compile(tmpdir=".")' \
-    >"$TMP/build.log" 2>&1 || { cat "$TMP/build.log" >&2; exit 2; }
-cp uffd_aio/ring/_native*.so "$TMP/uffd_aio/ring/"
+for pkg in ring testing; do
+    echo "[asan] building uffd_aio/$pkg's extension with -fsanitize=address in $TMP" >&2
+    UA_CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" UA_LDFLAGS="-fsanitize=address" \
+        "$PY" -c 'import runpy, sys; runpy.run_path(sys.argv[1])["ffibuilder"].compile(tmpdir=".")' \
+        "uffd_aio/$pkg/_build.py" >>"$TMP/build.log" 2>&1 || { cat "$TMP/build.log" >&2; exit 2; }
+    cp uffd_aio/"$pkg"/*.so "$TMP/uffd_aio/$pkg/"
+done
 cd "$TMP"
-[ "$(nm -D uffd_aio/ring/_native*.so | grep -c " U __asan_")" -gt 0 ] || { echo "[asan] not instrumented" >&2; exit 2; }
+for so in uffd_aio/ring/_native*.so uffd_aio/testing/_helpers*.so; do
+    [ "$(nm -D "$so" | grep -c " U __asan_")" -gt 0 ] || { echo "[asan] $so not instrumented" >&2; exit 2; }
+done
 
 if [ $# -eq 0 ]; then
     set -- tests/unit/test_native_engine_pure.py tests/integration/test_native_engine.py

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Set up everything the demo and the tests need on Debian 12 (idempotent; fast when done):
-# apt packages, the project venv (.venv) and the editable install, which builds the
-# cffi extension against the system liburing.  Run as root (or with sudo available).
+# apt packages, the project venv (.venv) and the editable install, which builds the two
+# cffi extensions (the product's against the system liburing, and the test helpers').
+# Run as root (or with sudo available).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -32,14 +33,16 @@ fi
 [ -n "$PY" ] || { log "need Python >= 3.11"; exit 1; }
 
 stamp=".venv/.uffd-aio-installed"
-inputs=$(cat pyproject.toml setup.py uffd_aio/ring/_build.py uffd_aio/ring/csrc/* | sha256sum | cut -c1-16)
+# the inputs of both cffi extensions: the product's (ring) and the test helpers'
+inputs=$(cat pyproject.toml setup.py uffd_aio/ring/_build.py uffd_aio/ring/csrc/* \
+             uffd_aio/testing/_build.py uffd_aio/testing/csrc/* | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ]; then
     log "venv: creating .venv with $PY ($("$PY" --version))"
     "$PY" -m venv .venv
 fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! .venv/bin/python -c 'import uffd_aio.ring._native' 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! .venv/bin/python -c 'import uffd_aio.ring._native, uffd_aio.testing._helpers' 2>/dev/null; then
     # .[test] includes the extras the tests and the demo use (redis, zstd, metrics)
-    log "pip: installing uffd-aio[test] (builds the cffi extension against liburing)"
+    log "pip: installing uffd-aio[test] (builds the cffi extensions against liburing)"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".[test]"
     echo "$inputs" > "$stamp"

@@ -12,9 +12,9 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
+from structlog.typing import Processor
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbose: int, *, json_lines: bool = False) -> None:
     """The command is an application, so it (not the library) configures structlog."""
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    renderer: Any = (structlog.processors.JSONRenderer() if json_lines
-                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    renderer: Processor = (structlog.processors.JSONRenderer() if json_lines
+                           else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
     structlog.configure(
         processors=[structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso"),

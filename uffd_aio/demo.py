@@ -13,8 +13,7 @@ import argparse
 import asyncio
 import functools
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
 
 import attrs
 
@@ -78,10 +77,12 @@ async def run_once(size: int, *, threads: int, readahead: int, order: testing.Or
                       p50_us=st.latency.p50_us, p99_us=st.latency.p99_us)
 
 
-def _run_on(loop_name: str, coro_fn: Callable[[], Any]) -> Any:
+def _run_on(loop_name: str,
+            coro_fn: Callable[[], Coroutine[object, object, DemoResult]]) -> DemoResult:
     if loop_name == "uvloop":
         import uvloop
-        return uvloop.run(coro_fn())
+        result: DemoResult = uvloop.run(coro_fn())
+        return result
     return asyncio.run(coro_fn())
 
 

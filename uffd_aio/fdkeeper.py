@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 __all__ = [
     "FdStore",
@@ -63,7 +63,7 @@ class StoreError(Exception):
 # ---- messages -----------------------------------------------------------------------------
 
 
-def send_msg(sock: socket.socket, obj: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+def send_msg(sock: socket.socket, obj: Mapping[str, object], fds: Sequence[int] = ()) -> None:
     data = json.dumps(obj).encode()
     if len(data) > MAX_MSG:
         raise StoreError(f"message of {len(data)} bytes is too large")
@@ -72,7 +72,7 @@ def send_msg(sock: socket.socket, obj: Mapping[str, Any], fds: Sequence[int] = (
     sock.sendmsg([data], anc)
 
 
-def recv_msg(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+def recv_msg(sock: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
     """One message: (object, fds), or (None, []) at EOF.  Bad JSON: StoreError (fds closed)."""
     data, ancdata, flags, _ = sock.recvmsg(MAX_MSG, socket.CMSG_SPACE(MAX_FDS * 4),
                                            socket.MSG_CMSG_CLOEXEC)
@@ -267,8 +267,8 @@ class KeeperStore:
         raise StoreError(f"the fd keeper did not listen on {self.path} within "
                          f"{self.timeout} s")
 
-    def _call(self, obj: Mapping[str, Any], fds: Sequence[int] = ()
-              ) -> tuple[dict[str, Any], list[int]]:
+    def _call(self, obj: Mapping[str, object], fds: Sequence[int] = ()
+              ) -> tuple[dict[str, object], list[int]]:
         try:
             send_msg(self._sock, obj, fds)
             reply, got = recv_msg(self._sock)
@@ -298,7 +298,10 @@ class KeeperStore:
 
     def names(self) -> list[str]:
         reply, _ = self._call({"op": "names"})
-        return [str(n) for n in reply.get("names", [])]
+        names = reply.get("names", [])
+        if not isinstance(names, list):
+            raise StoreError(f"fd keeper: bad names reply {names!r}")
+        return [str(n) for n in names]
 
     def close(self) -> None:
         self._sock.close()
@@ -329,7 +332,7 @@ class _Keeper:
         self.last_seen = time.monotonic()
         self.uid = os.getuid()
 
-    def log(self, what: str, **kw: Any) -> None:
+    def log(self, what: str, **kw: object) -> None:
         print(json.dumps({"event": f"uffd_aio.fdkeeper_{what}", "pid": os.getpid(), **kw}),
               file=sys.stderr, flush=True)
 
@@ -418,7 +421,7 @@ class _Keeper:
             if msg.get("op") == "take":
                 close_all(out)  # duplicates: the peer has its own now
 
-    def handle(self, msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    def handle(self, msg: dict[str, object], fds: list[int]) -> tuple[dict[str, object], list[int]]:
         op, name = msg.get("op"), msg.get("name")
         if op == "names":
             return {"ok": True, "names": sorted(self.held)}, []

@@ -102,7 +102,8 @@ async def _recvmsg(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: i
         return data, fds_of(ancdata), flags
 
 
-def _is_uffd(fd: int) -> bool:
+def is_uffd(fd: int) -> bool:
+    """Whether ``fd`` (of this process) is a userfaultfd."""
     try:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]"
     except OSError:
@@ -146,7 +147,7 @@ async def receive(
             if len(fds) > 1:
                 raise HandoffError(f"{who} sent {len(fds)} file descriptors, expected "
                                    "exactly one (the uffd)")
-            if not _is_uffd(fds[0]):
+            if not is_uffd(fds[0]):
                 raise HandoffError(f"{who} sent a file descriptor that is not a userfaultfd")
             payload = bytearray(data)
             while payload_incomplete(payload) and len(payload) <= max_payload:

@@ -22,24 +22,24 @@ before creating pagers (as structlog itself expects).
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import cast
 
 import structlog
-from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 #: the name of the structlog logger and of the standard library logger
 LOGGER_NAME = "uffd_aio"
 
 
 def _render(logger: WrappedLogger, method: str, event_dict: EventDict
-            ) -> tuple[tuple[str], dict[str, Any]]:
+            ) -> tuple[tuple[str], dict[str, object]]:
     """``event k=v ...`` as the message; ``exc_info`` goes to the stdlib logger unrendered."""
     exc_info = event_dict.pop("exc_info", None)
     parts = [str(event_dict.pop("event", ""))]
     for k, v in event_dict.items():
         s = v if isinstance(v, str) else repr(v)
         parts.append(f"{k}={s!r}" if (" " in s or not s) else f"{k}={s}")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, object] = {}
     if exc_info:
         kwargs["exc_info"] = exc_info
     if method == "exception":  # stdlib Logger.exception adds the current exception itself
@@ -47,10 +47,10 @@ def _render(logger: WrappedLogger, method: str, event_dict: EventDict
     return (" ".join(parts),), kwargs
 
 
-_STDLIB_PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _render]
+_STDLIB_PROCESSORS: list[Processor] = [structlog.stdlib.filter_by_level, _render]
 
 
-def get_logger(**initial_values: Any) -> FilteringBoundLogger:
+def get_logger(**initial_values: object) -> FilteringBoundLogger:
     """A logger for one component, bound to ``initial_values`` (``component=...``)."""
     if structlog.is_configured():
         return cast(FilteringBoundLogger,

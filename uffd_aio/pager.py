@@ -45,8 +45,6 @@ from uffd_aio.resolve import (
     Kind,
     Moved,
     Op,
-    _copy_buf,
-    _from_buffer,
     covering,
     merge,
     zero_source,
@@ -54,6 +52,8 @@ from uffd_aio.resolve import (
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring._engine import Engine, EngineStats
+from uffd_aio.ring._lowlevel import copy_buf as _copy_buf
+from uffd_aio.ring._lowlevel import from_buffer as _from_buffer
 from uffd_aio.stats import Counters, PagerStats
 from uffd_aio.uffd import (
     EAGAIN_MAX_RETRIES,

@@ -1,10 +1,14 @@
-"""Resolution backends: how a handled fault becomes mapped memory.
+"""Resolvers: how a handled fault becomes mapped memory.
 
-* :class:`IoctlBackend` (stock kernels): UFFDIO_COPY / ZEROPAGE / CONTINUE /
-  WRITEPROTECT / POISON, synchronously on the loop thread (each is a few
-  microseconds and never waits for I/O).
-* The ring-write backend (patched kernels, ``Feature.WRITE``) lives in
-  :mod:`uffd_aio.resolve_ring`; it has the same ``execute`` contract but
+A :class:`Resolver` implements one of the resolution backends ``Pager(backend=...)``
+chooses from (not to be confused with the page stores of :mod:`uffd_aio.handlers`,
+which fault handlers read data from):
+
+* :class:`IoctlResolver` (``"ioctl"``, stock kernels): UFFDIO_COPY / ZEROPAGE /
+  CONTINUE / WRITEPROTECT / POISON, synchronously on the loop thread (each is a
+  few microseconds and never waits for I/O).
+* The ring-write resolver (``"ring"``, patched kernels, ``Feature.WRITE``) lives
+  in :mod:`uffd_aio.resolve_ring`; it has the same ``execute`` contract but
   completes through the ring.
 
 Before execution, the pending resolutions of one batch are sorted and
@@ -16,16 +20,19 @@ each one names its own source range.
 from __future__ import annotations
 
 import enum
+import mmap
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import attrs
 
 from uffd_aio.ring import _lowlevel as ll
-from uffd_aio.ring import _native
+from uffd_aio.ring._lowlevel import copy_buf, from_buffer
 
 if TYPE_CHECKING:
     import asyncio
+
+    from _typeshed import ReadableBuffer
 
     from uffd_aio.uffd import Userfaultfd
 
@@ -58,6 +65,10 @@ class Moved:
     allow_src_holes: bool = False
 
 
+#: what an :class:`Op` carries: the bytes to copy, the :class:`Moved` of a MOVE, or None
+OpData: TypeAlias = "ReadableBuffer | Moved | None"
+
+
 @attrs.frozen(slots=True)
 class Op:
     """One resolution: ``length`` bytes at ``address``.
@@ -70,12 +81,26 @@ class Op:
     kind: Kind
     address: int
     length: int
-    data: Any = None
+    data: OpData = None
     wp: bool = False
 
     @property
     def end(self) -> int:
         return self.address + self.length
+
+    @property
+    def buffer(self) -> ReadableBuffer | None:
+        """``data`` when it is bytes to copy (COPY, ZERO on hugetlbfs), else None."""
+        data = self.data
+        return None if data is None or isinstance(data, Moved) else data
+
+
+def _bytes(op: Op) -> ReadableBuffer:
+    """The data of a COPY."""
+    buf = op.buffer
+    if buf is None:
+        raise TypeError(f"{op.kind.value} op without data: {op!r}")
+    return buf
 
 
 def merge(ops: Iterable[Op]) -> list[Op]:
@@ -95,7 +120,7 @@ def merge(ops: Iterable[Op]) -> list[Op]:
                     continue  # fully covered
                 if op.kind is Kind.COPY:
                     skip = last.end - op.address
-                    data = bytes(last.data) + bytes(memoryview(op.data)[skip:])
+                    data = bytes(_bytes(last)) + bytes(memoryview(_bytes(op))[skip:])
                     out[-1] = Op(Kind.COPY, last.address, len(data), data, last.wp)
                 else:
                     out[-1] = Op(op.kind, last.address, op.end - last.address, None, last.wp)
@@ -104,19 +129,17 @@ def merge(ops: Iterable[Op]) -> list[Op]:
     return out
 
 
-_copy_buf = _native.lib.ua_uffd_copy_buf  # (fd, dst, from_buffer(data), length, mode)
-_from_buffer = _native.ffi.from_buffer
+class Resolver(Protocol):
+    """Turns resolution ops into ioctls or writes on the uffd."""
 
-
-class Backend(Protocol):
     name: str
 
     def execute(self, uffd: Userfaultfd, op: Op) -> int | asyncio.Future[int]:
         """Resolve ``op``; bytes covered, or a future of it.  Raises ResolveError."""
 
 
-class IoctlBackend:
-    """The stock-kernel backend: one ioctl per merged op (plus retries the kernel asks for)."""
+class IoctlResolver:
+    """The stock-kernel resolver: one ioctl per merged op (plus retries the kernel asks for)."""
 
     name = "ioctl"
 
@@ -129,16 +152,17 @@ class IoctlBackend:
         if kind is Kind.COPY:
             # the common case in one native call, no per-call cffi allocation
             # (ua_uffd_copy_buf); anything but full success goes the long way
-            if _copy_buf(uffd.fd, op.address, _from_buffer(op.data), op.length,
+            if copy_buf(uffd.fd, op.address, from_buffer(op.data), op.length,
                          2 if op.wp else 0) == 0:
                 return op.length
-            src, keep = ll.buffer_address(op.data)
+            src, keep = ll.buffer_address(_bytes(op))
             n = uffd.copy(op.address, src, op.length, wp=op.wp)
             del keep
             return n
         if kind is Kind.ZERO:
-            if op.data is not None:  # hugetlbfs: no zero page, copy zeros
-                src, keep = ll.buffer_address(op.data)
+            zeros = op.buffer
+            if zeros is not None:  # hugetlbfs: no zero page, copy zeros
+                src, keep = ll.buffer_address(zeros)
                 n = uffd.copy(op.address, src, op.length)
                 del keep
                 return n
@@ -157,14 +181,16 @@ class IoctlBackend:
 
 
 def execute_move(uffd: Userfaultfd, op: Op) -> int:
-    """UFFDIO_MOVE for ``op`` (every backend: the patched kernel's write interface has
+    """UFFDIO_MOVE for ``op`` (every resolver: the patched kernel's write interface has
     no MOVE, kernel_patches/README.md); bytes moved (less than ``op.length`` only
     when the address space changed meanwhile)."""
-    moved: Moved = op.data
+    moved = op.data
+    if not isinstance(moved, Moved):
+        raise TypeError(f"a MOVE op carries a Moved, not {type(moved).__name__}")
     return uffd.move(op.address, moved.src, op.length, allow_src_holes=moved.allow_src_holes)
 
 
-_zeros: dict[int, Any] = {}
+_zeros: dict[int, mmap.mmap] = {}
 
 
 def zero_source(length: int) -> memoryview:
@@ -173,8 +199,6 @@ def zero_source(length: int) -> memoryview:
     (every page is the kernel's zero page), one per size, kept for the process."""
     buf = _zeros.get(length)
     if buf is None:
-        import mmap
-
         buf = _zeros[length] = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                          prot=mmap.PROT_READ)
     return memoryview(buf)
@@ -192,3 +216,9 @@ def covering(ops: Sequence[Op], address: int) -> Op | None:
     if lo < len(ops) and ops[lo].address <= address < ops[lo].end:
         return ops[lo]
     return None
+
+
+# The old names, still used by pager.py (being reworked; it switches to the new names
+# then).  Not public: remove them with that rework.
+Backend = Resolver
+IoctlBackend = IoctlResolver

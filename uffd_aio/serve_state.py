@@ -35,7 +35,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import attrs
 
@@ -81,7 +81,7 @@ def client_key(pid: int, start_time: int) -> str:
     return f"{pid}-{start_time}"
 
 
-def _body(st: ClientState) -> dict[str, Any]:
+def _body(st: ClientState) -> dict[str, object]:
     return {
         "magic": MAGIC,
         "version": FORMAT_VERSION,
@@ -101,7 +101,7 @@ def _body(st: ClientState) -> dict[str, Any]:
     }
 
 
-def _checksum(body: dict[str, Any]) -> str:
+def _checksum(body: dict[str, object]) -> str:
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
 
@@ -112,7 +112,7 @@ def encode(st: ClientState) -> bytes:
     return (json.dumps(body, sort_keys=True) + "\n").encode()
 
 
-def _int(doc: dict[str, Any], key: str, *, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+def _int(doc: dict[str, object], key: str, *, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
     v = doc.get(key)
     if type(v) is not int or not lo <= v <= hi:
         raise StateError(f"field {key!r} must be an integer in [{lo}, {hi}], got {v!r:.60}")

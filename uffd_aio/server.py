@@ -61,12 +61,12 @@ from uffd_aio.fdkeeper import (
     recv_msg,
     send_msg,
 )
-from uffd_aio.handlers.base import Backend
+from uffd_aio.handlers.base import PageStore
 from uffd_aio.handoff import (
     Handoff,
     HandoffError,
     HandoffRejected,
-    _is_uffd,
+    is_uffd,
     peer_credentials,
     receive,
     wait_readable,
@@ -76,7 +76,7 @@ from uffd_aio.log import get_logger
 from uffd_aio.native import ZERO as _ZERO
 from uffd_aio.pager import ErrorPolicy, Pager
 from uffd_aio.ring import Ring
-from uffd_aio.ring.ring import _REDRAIN_ROUNDS as _REDRAIN_DEFAULT
+from uffd_aio.ring.ring import REDRAIN_ROUNDS as _REDRAIN_DEFAULT
 from uffd_aio.serve_state import (
     MAX_STATE_BYTES,
     ClientState,
@@ -292,7 +292,7 @@ class HandoffServer:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        backend: Backend,
+        backend: PageStore,
         *,
         allow_uids: Collection[int] | None = None,
         handoff_timeout: float = 5.0,
@@ -453,7 +453,7 @@ class HandoffServer:
         try:
             if self._lsock is None:
                 self._bind()
-            self._ring = Ring(loop=self._loop)
+            self._ring = Ring.shared(self._loop)  # one io_uring per loop: shared with the stores
             if self.state_dir is not None:
                 self._store = self._open_store()
                 if received is not None:
@@ -492,7 +492,7 @@ class HandoffServer:
             sid = workingset.id_from_text(self._snapshot_id_text)
         return pages, sid
 
-    def _check_ws(self, backend: Backend) -> None:
+    def _check_ws(self, backend: PageStore) -> None:
         ws = self._ws
         pages, sid = self._snapshot_identity(ws.page_size)
         ws.check(page_size=ws.page_size, store_pages=pages, snapshot_id=sid,
@@ -590,7 +590,7 @@ class HandoffServer:
             client.log.error("uffd_aio.workingset_replay_failed",
                              error=f"{type(exc).__name__}: {exc}")
             return
-        if inst._closed:
+        if inst.closed:
             return
         pager = client.pager
         self.stats.ws_pages_by_replay += m.pages_by_replay
@@ -1511,7 +1511,7 @@ class HandoffServer:
         except (OSError, StoreError) as exc:
             self._log.error("uffd_aio.fd_store_failed", key=st.key, error=str(exc))
             fds = None
-        if fds and not _is_uffd(fds[0]):
+        if fds and not is_uffd(fds[0]):
             self._log.error("uffd_aio.fd_store_failed", key=st.key,
                             error="the stored fd is not a userfaultfd")
             close_all(fds)
@@ -1876,7 +1876,7 @@ def steal_uffd(pid: int, start_time: int) -> int | None:
         fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, found[0], 0))
         if fd < 0:
             return None
-        if process_start_time(pid) != start_time or not _is_uffd(fd):
+        if process_start_time(pid) != start_time or not is_uffd(fd):
             os.close(fd)
             return None
         os.set_inheritable(fd, False)

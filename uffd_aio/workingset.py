@@ -379,7 +379,7 @@ class InstallPlan:
         i = bisect.bisect_right(self._los, page) - 1
         return i >= 0 and page < self.bounds[i][1]
 
-    def _runs(self, pages: Sequence[int]) -> list[tuple[int, int]]:
+    def runs(self, pages: Sequence[int]) -> list[tuple[int, int]]:
         """Runs of consecutive pages (``pages`` sorted), cut at max_run and at bounds."""
         runs: list[tuple[int, int]] = []
         ends = {hi for _, hi in self.bounds}
@@ -413,7 +413,7 @@ class InstallPlan:
             for start in range(lo, hi, self.chunk):
                 pages = [p for p in range(start, min(start + self.chunk, hi)) if not skip(p)]
                 if pages:
-                    yield self._runs(pages)
+                    yield self.runs(pages)
 
     def batches(self, skip: Callable[[int], bool], *, check_set: bool = True
                 ) -> Iterator[tuple[Phase, list[tuple[int, int]]]]:
@@ -421,7 +421,7 @@ class InstallPlan:
         ``check_set=False``: the set phase does not ask ``skip`` (the caller knows no
         set page can be resolved by it: each comes once), which saves a call per page."""
         for pages in self.set_chunks(skip if check_set else None):
-            yield "set", self._runs(pages)
+            yield "set", self.runs(pages)
         if self.fill:
             for runs in self.fill_batches(skip):
                 yield "fill", runs

@@ -10,7 +10,7 @@ import pytest
 
 from uffd_aio import testing
 from uffd_aio.handlers import open_backend
-from uffd_aio.handlers.base import Backend, BackendError
+from uffd_aio.handlers.base import BackendError, PageStore
 from uffd_aio.handlers.file import FileBackend
 from uffd_aio.handlers.zero import ZeroBackend
 from uffd_aio.ring import Ring
@@ -27,7 +27,7 @@ def snap(tmp_path: Path) -> Path:
 
 async def test_zero_backend() -> None:
     b = await open_backend("zero")
-    assert isinstance(b, ZeroBackend) and isinstance(b, Backend)
+    assert isinstance(b, ZeroBackend) and isinstance(b, PageStore)
     assert await b.fetch(0, PS) is None
     with pytest.raises(BackendError, match="read-only"):
         await b.store(0, bytes(PS))
@@ -36,7 +36,7 @@ async def test_zero_backend() -> None:
 
 async def test_file_backend_reads(snap: Path) -> None:
     b = await open_backend(f"file:{snap}")
-    assert isinstance(b, FileBackend) and isinstance(b, Backend)
+    assert isinstance(b, FileBackend) and isinstance(b, PageStore)
     try:
         assert b.fixed and b.size == 100 * PS
         assert await b.fetch(5 * PS, PS) == testing.pattern_bytes(5 * PS, PS)

@@ -111,3 +111,46 @@ async def test_block_device_source_is_served_with_its_content(snap: Path) -> Non
         assert got.data == testing.pattern_bytes(0, NPAGES * PS)
     finally:
         _losetup("-d", dev)
+
+
+async def test_stores_share_the_loops_ring(snap: Path) -> None:
+    """One io_uring per loop: file stores read on the loop's shared ring; a ring has one
+    registered-buffer table, so a second store reads with plain READs until the first
+    gives the table back at close."""
+    async with asyncio.timeout(limit(60)):
+        first = await FileBackend.open(snap)
+        second = await FileBackend.open(snap)
+        try:
+            assert first._ring is second._ring and first._ring.is_shared
+            assert first.fixed and not second.fixed
+            for b in (first, second):
+                data = await b.fetch(3 * PS, 2 * PS)
+                assert data is not None and bytes(data) == testing.pattern_bytes(3 * PS, 2 * PS)
+        finally:
+            await first.aclose()
+        try:
+            third = await FileBackend.open(snap)
+            try:
+                assert third.fixed and third._ring is second._ring
+                data = await third.fetch(0, PS)
+                assert data is not None and bytes(data) == testing.pattern_bytes(0, PS)
+            finally:
+                await third.aclose()
+            ring = second._ring
+        finally:
+            await second.aclose()
+        assert ring.closed
+
+
+async def test_server_and_file_store_use_one_ring(snap: Path, tmp_path: Path) -> None:
+    from .test_handoff_server import serving
+
+    async with asyncio.timeout(limit(60)):
+        backend = await FileBackend.open(snap)
+        try:
+            async with serving(str(tmp_path / "s.sock"), backend) as server:
+                assert server._ring is backend._ring and backend._ring.is_shared
+            assert not backend._ring.closed  # the store's reference keeps it
+        finally:
+            await backend.aclose()
+        assert backend._ring.closed

@@ -70,7 +70,6 @@ FORK_CHILD = r"""
 import asyncio, mmap, os, sys
 import uffd_aio
 from uffd_aio import testing
-from uffd_aio.ring import _lowlevel as ll
 
 # many mappings: the fork copies them while it holds glibc's malloc locks, which
 # widens the window in which the loop thread can block on one
@@ -91,7 +90,7 @@ async def main() -> None:
         # re-armed yet, allocating) while the other fork holds glibc's malloc locks
         task = asyncio.gather(forks(), forks())
         while not task.done():
-            ll.malloc_churn(500)  # the loop thread allocates while the workers fork
+            testing.malloc_churn(500)  # the loop thread allocates while the workers fork
             await asyncio.sleep(0)
         await task
         print("forks ok", flush=True)

@@ -119,7 +119,7 @@ async def test_minor_continue_on_shared_hugetlbfs() -> None:
         region = pager.map(4 * H, mode=Mode.MINOR, page_size=H)
         assert region.memfd is not None and region.alias is not None
         # fill the page cache through the unregistered alias, natively
-        ll.fill_pattern(region.alias, region.length, 0, testing.DEFAULT_SEED)
+        testing.fill_sync(region.alias, region.length)
         kinds: list[bool] = []
 
         @region.on_fault

@@ -1,7 +1,7 @@
 """MOVE as a resolution (UFFDIO_MOVE, 6.8+): ev.move() and handlers returning Moved.
 
 The handler's pages live in its own anonymous mapping (a staging buffer, as a
-decompression buffer would be), written by native code (ll.fill_pattern), never
+decompression buffer would be), written by native code (testing.fill_sync), never
 by Python touching registered memory.
 """
 
@@ -29,7 +29,7 @@ N = 64
 def stage() -> Iterator[int]:
     """N pages of private anonymous memory holding the pattern (written natively)."""
     addr = ll.mmap(N * PS)
-    ll.fill_pattern(addr, N * PS, 0, testing.DEFAULT_SEED)
+    testing.fill_sync(addr, N * PS)
     yield addr
     ll.munmap(addr, N * PS)
 
@@ -128,7 +128,7 @@ async def test_move_errors_are_clear_and_recoverable(stage: int) -> None:
 
 async def test_allow_src_holes_leaves_the_page_missing(stage: int) -> None:
     hole = ll.mmap(2 * PS)
-    ll.fill_pattern(hole + PS, PS, PS, testing.DEFAULT_SEED)  # page 0 a hole, page 1 data
+    testing.fill_sync(hole + PS, PS, PS)  # page 0 a hole, page 1 data
     calls: list[int] = []
     try:
         async with uffd_aio.Pager() as pager:

@@ -36,6 +36,16 @@ def _pattern_mmap(length: int, offset: int = 0) -> mmap.mmap:
 
 
 def _snapshot(path: Path, length: int, *, evict: bool) -> Path:
+    """Write the pattern to path; with evict, drop it from the page cache.
+
+    tmpfs keeps its pages (they are the storage), so where the test directory is tmpfs
+    (the kernel lane's guest) UFFD_AIO_EVICTABLE_DIR names a folder whose file system
+    really reads from its backing store (the guest's 9p result folder): the file goes
+    there, under a name unique to the test."""
+    if evict and (where := os.environ.get("UFFD_AIO_EVICTABLE_DIR")):
+        folder = Path(where) / f"{path.parent.name}-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / path.name
     path.write_bytes(testing.pattern_bytes(0, length))
     if evict:
         fd = os.open(path, os.O_RDONLY)

@@ -113,7 +113,25 @@ async def test_many_threads_on_uncached_pages(tmp_path: Path) -> None:
         assert all(r.mismatches == 0 for r in results)
         st = pager.stats
         assert st.native_pages == 8 and st.python_faults == 0 and st.errors == 0
-        assert st.native_cache_read_pages <= 8
+        if st.native_ring_writes == 0 or _cached_after_read(snap):
+            assert st.native_cache_read_pages <= 8
+        else:
+            # io_uring WRITEs on a file system without a page cache (the guest's 9p
+            # folder): a fault that arrives after its page's WRITE was queued, before it
+            # ran, finds the page marked resident but not cached, so it reads it again
+            # (the COPY then meets EEXIST and wakes): at most one more read per fault
+            assert st.native_cache_read_pages <= 8 + st.faults
+
+
+def _cached_after_read(path: Path) -> bool:
+    """Whether reading the file brings it into the page cache (not on the guest's 9p)."""
+    with open(path, "rb") as f:
+        f.read()
+    try:
+        _require_evicted(path)
+    except pytest.skip.Exception:
+        return True
+    return False
 
 
 async def test_truncated_uncached_file_sigbus(tmp_path: Path) -> None:

@@ -185,8 +185,7 @@ async def test_minor_faults_on_shmem_with_continue() -> None:
         assert region.alias is not None
         # fill the page cache through the unregistered alias mapping
         testing.pattern_into(memoryview(bytearray(0)), 0)  # no-op: API smoke
-        await asyncio.to_thread(ll.fill_pattern, region.alias, region.length, 0,
-                                testing.DEFAULT_SEED)
+        await asyncio.to_thread(testing.fill_sync, region.alias, region.length)
         minors = 0
 
         @region.on_fault
@@ -311,7 +310,7 @@ async def test_uffd_level_ops_wake_move_dontwake() -> None:
             release.set()
         src = ll.mmap(2 * PS)
         try:
-            ll.fill_pattern(src, 2 * PS, 0, testing.DEFAULT_SEED)
+            testing.fill_sync(src, 2 * PS)
             if pager.features & uffd_aio.Feature.MOVE:
                 assert uffd.move(region.address, src, 2 * PS) == 2 * PS
         finally:
@@ -338,7 +337,7 @@ async def test_register_callers_memory_and_adopt_errors() -> None:
             with pytest.raises(ValueError, match="overlaps"):
                 pager.adopt(addr, PS)
         # still mapped: the caller owns it
-        assert ll.verify_pattern(addr, 8 * PS, 0, testing.DEFAULT_SEED) == -1
+        assert testing.verify_sync(addr, 8 * PS) == -1
     finally:
         ll.munmap(addr, 8 * PS)
 

@@ -161,3 +161,31 @@ async def test_closed_ring_fails_pending(ring: Ring) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_shared_ring_is_one_per_loop_and_counted(tmp_path) -> None:
+    a = Ring.shared()
+    b = Ring.shared()
+    assert a is b and a.is_shared
+    p = tmp_path / "f"
+    p.write_bytes(b"shared")
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        a.close()  # one reference given back: still open for the other
+        assert not b.closed
+        buf = bytearray(6)
+        assert await b.read(fd, buf, 0) == 6 and bytes(buf) == b"shared"
+    finally:
+        os.close(fd)
+    b.close()
+    assert b.closed
+    c = Ring.shared()  # a new one after the last reference went
+    try:
+        assert c is not b and not c.closed
+    finally:
+        c.close()
+    own = Ring()
+    try:
+        assert not own.is_shared
+    finally:
+        own.close()

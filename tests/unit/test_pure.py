@@ -43,6 +43,15 @@ def test_merge_never_merges_moves() -> None:
     assert len(merge([a, b, Op(Kind.ZERO, 2 * PS, PS)])) == 3
 
 
+def test_op_buffer_is_the_data_to_copy() -> None:
+    data = b"x" * PS
+    assert Op(Kind.COPY, 0, PS, data).buffer is data
+    zeros = memoryview(bytes(PS))  # ZERO on hugetlbfs: a zero buffer to copy from
+    assert Op(Kind.ZERO, 0, PS, zeros).buffer is zeros
+    assert Op(Kind.ZERO, 0, PS).buffer is None
+    assert Op(Kind.MOVE, 0, PS, Moved(0x10000)).buffer is None  # a Moved is no buffer
+
+
 def test_move_error_explains_errno() -> None:
     import errno
 
@@ -110,6 +119,21 @@ def test_pattern_matches_the_documented_formula() -> None:
         o = 4096 + 8 * i
         assert word == ((o // 8) * 0x9E3779B97F4A7C15 % 2**64) ^ testing.DEFAULT_SEED
         assert word == testing.pattern_word(o)
+
+
+def test_fill_sync_writes_the_pattern() -> None:
+    from uffd_aio.testing import _lowlevel as tll
+
+    buf = bytearray(2 * PS)
+    addr, keep = tll.buffer_address(buf, writable=True)
+    testing.fill_sync(addr + PS, PS, offset=PS)
+    del keep
+    assert buf[:PS] == bytes(PS)
+    assert buf[PS:] == testing.pattern_bytes(PS, PS)
+    addr, keep = tll.buffer_address(buf, writable=True)
+    assert testing.verify_sync(addr + PS, PS, PS) == -1
+    assert testing.verify_sync(addr, PS) == 0  # zeros: the first word is wrong
+    del keep
 
 
 def test_pattern_rejects_unaligned() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from uffd_aio.handlers import Backend, BackendError, open_backend
+from uffd_aio.handlers import BackendError, PageStore, open_backend
 from uffd_aio.handlers.compressed import CompressedBackend
 from uffd_aio.handlers.remote import RedisBackend, _split_url
 
@@ -20,7 +20,7 @@ def page(i: int) -> bytes:
 
 async def test_compressed_roundtrip_and_zero_pages() -> None:
     be = CompressedBackend(page_size=PS)
-    assert isinstance(be, Backend)
+    assert isinstance(be, PageStore)
     data = page(0) + bytes(PS) + page(2)
     be.load(0, data)
     st = be.stats
@@ -34,6 +34,18 @@ async def test_compressed_roundtrip_and_zero_pages() -> None:
     await be.store(2 * PS, bytes(PS))  # overwriting with zeros frees the page
     assert be.stats.pages == 1 and be.stats.stores == 1
     assert await be.fetch(2 * PS, PS) is None
+
+
+def test_backend_is_a_deprecated_alias_of_page_store() -> None:
+    """The store protocol was called Backend, like resolve's resolver protocol."""
+    import uffd_aio.handlers
+    import uffd_aio.handlers.base
+
+    for mod in (uffd_aio.handlers, uffd_aio.handlers.base):
+        with pytest.warns(DeprecationWarning, match="use PageStore"):
+            assert mod.Backend is PageStore
+    with pytest.raises(AttributeError):
+        uffd_aio.handlers.base.NoSuchName  # noqa: B018
 
 
 async def test_compressed_rejects_unaligned() -> None:

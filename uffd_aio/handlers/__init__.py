@@ -1,4 +1,5 @@
-"""Ready-made backends and the glue that serves regions from them.
+"""Ready-made backends (page stores: :class:`PageStore`) and the glue that serves regions
+from them.
 
 ``open_backend(spec)`` parses the ``--backend`` SPEC of ``uffd-aio serve``:
 
@@ -10,13 +11,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from uffd_aio.handlers import base
 from uffd_aio.handlers.attach import Attachment, AttachStats, attach
-from uffd_aio.handlers.base import Backend, BackendError
+from uffd_aio.handlers.base import BackendError, PageStore
 
-__all__ = ["AttachStats", "Attachment", "Backend", "BackendError", "attach", "open_backend"]
+__all__ = ["AttachStats", "Attachment", "BackendError", "PageStore", "attach", "open_backend"]
+
+if TYPE_CHECKING:
+    from uffd_aio.handlers.base import Backend as Backend  # deprecated: PageStore
+else:
+    def __getattr__(name: str) -> object:
+        return base.deprecated_alias(__name__, name)
 
 
-async def open_backend(spec: str) -> Backend:
+async def open_backend(spec: str) -> PageStore:
     """Open the backend a SPEC string names (see the module docstring)."""
     scheme, sep, rest = spec.partition(":")
     if spec == "zero":

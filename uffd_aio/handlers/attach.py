@@ -1,4 +1,4 @@
-"""Serve a region's faults from a :class:`~uffd_aio.handlers.base.Backend`.
+"""Serve a region's faults from a :class:`~uffd_aio.handlers.base.PageStore`.
 
 ``attach(region, backend)`` installs the region's fault handler and returns an
 :class:`Attachment` (stats, ``aclose()``).  What one fault does:
@@ -37,13 +37,13 @@ import contextlib
 import functools
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 
 from uffd_aio.errors import PagerClosed
 from uffd_aio.events import Remove, Unmap
-from uffd_aio.handlers.base import Backend, BackendError, Buffer
+from uffd_aio.handlers.base import BackendError, Buffer, PageStore
 from uffd_aio.handlers.readahead import (
     FaultRecorder,
     ReadaheadPolicy,
@@ -152,7 +152,7 @@ class Attachment:
     def __init__(
         self,
         region: Region,
-        backend: Backend,
+        backend: PageStore,
         *,
         store_offset: int,
         readahead: ReadaheadPolicy,
@@ -281,6 +281,7 @@ class Attachment:
     # ---- state shared with the dirty tracker --------------------------------
 
     def _mark_present(self, first: int, count: int) -> None:
+        """Pages [first, first+count) are resident."""
         p = self._present
         end = first + count
         if count == 1:
@@ -292,12 +293,17 @@ class Attachment:
         p[first:end] = b"\x01" * count
 
     def _mark_absent(self, first: int, end: int) -> None:
+        """Pages [first, end) are not resident any more (fetched again on the next fault)."""
         p = self._present
         first, end = max(first, 0), min(end, self.npages)
         if first >= end:
             return
         self._present_count -= p.count(1, first, end)
         p[first:end] = bytes(end - first)
+
+    #: the dirty tracker's surface (handlers/dirty.py): it re-maps and evicts pages
+    mark_present = _mark_present
+    mark_absent = _mark_absent
 
     def _zero_buffer(self, n: int) -> bytes:
         if len(self._zeros) < n:
@@ -588,7 +594,7 @@ class Attachment:
 
 def attach(
     region: Region,
-    backend: Backend,
+    backend: PageStore,
     *,
     store_offset: int | None = None,
     readahead: ReadaheadPolicy | int | str | None = None,
@@ -649,8 +655,7 @@ def attach(
     if tracker is not None:
         tracker.bind(att)
     if eager is None:
-        be: Any = backend
-        eager = getattr(be, "eager", None)
+        eager = getattr(backend, "eager", None)
     region.on_fault(eager=eager)(att.on_fault)
     region.on_event(att.on_event)
     att._start_replay()

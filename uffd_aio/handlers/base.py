@@ -1,14 +1,18 @@
-"""The backend contract: a byte-addressed store of pages that fault handlers read from.
+"""The page-store contract: a byte-addressed store of pages that fault handlers read from.
 
-Backends know nothing about userfaultfd; :mod:`uffd_aio.handlers.attach`
-turns one into a region's fault handler (read-ahead, dirty tracking).
+A *backend* (``uffd-aio serve --backend SPEC``, :func:`uffd_aio.handlers.open_backend`)
+is a :class:`PageStore`.  Stores know nothing about userfaultfd;
+:mod:`uffd_aio.handlers.attach` turns one into a region's fault handler
+(read-ahead, dirty tracking).  Not to be confused with the *resolvers* of
+:mod:`uffd_aio.resolve`, which turn a handler's result into mapped memory.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, TypeAlias, runtime_checkable
+import warnings
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
-#: what backends return and accept (Python 3.11 has no collections.abc.Buffer)
+#: what stores return and accept (Python 3.11 has no collections.abc.Buffer)
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
@@ -17,7 +21,7 @@ class BackendError(Exception):
 
 
 @runtime_checkable
-class Backend(Protocol):
+class PageStore(Protocol):
     """A store addressed by byte offset.  All offsets and lengths are page multiples."""
 
     #: short description for logs and ``uffd-aio serve`` output
@@ -34,10 +38,30 @@ class Backend(Protocol):
     async def store(self, offset: int, data: Buffer) -> None:
         """Write back ``data`` at ``offset`` (dirty pages on eviction).
 
-        Read-only backends raise :class:`BackendError`.
+        Read-only stores raise :class:`BackendError`.
         """
         ...
 
     async def aclose(self) -> None:
         """Release connections, files and buffers."""
         ...
+
+
+if TYPE_CHECKING:
+    Backend = PageStore  # deprecated alias (the old name)
+else:
+    def __getattr__(name: str) -> object:
+        return deprecated_alias(__name__, name)
+
+
+#: names that were renamed, for :func:`deprecated_alias`
+RENAMED = {"Backend": "PageStore"}
+
+
+def deprecated_alias(module: str, name: str) -> object:
+    """The module ``__getattr__`` of the deprecated ``Backend`` name (a DeprecationWarning)."""
+    new = RENAMED.get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+    return globals()[new]

@@ -128,7 +128,7 @@ class CompressedBackend:
                 total += len(block)
         return total
 
-    # ---- Backend -------------------------------------------------------------
+    # ---- PageStore -----------------------------------------------------------
 
     async def fetch(self, offset: int, length: int) -> Buffer | None:
         ps = self.page_size

@@ -223,7 +223,7 @@ class DirtyTracker:
             await self._wake(ev)
             return
         # a WP fault means the page is mapped, whoever mapped it
-        att._mark_present(page, 1)
+        att.mark_present(page, 1)
         self._dirty.add(page)
         lru = self._lru
         lru[page] = None
@@ -530,7 +530,7 @@ class DirtyTracker:
             for p in victims:
                 if p in dropped:  # forgotten meanwhile: maybe re-fetched already
                     continue
-                att._mark_absent(p, p + 1)
+                att.mark_absent(p, p + 1)
                 self._dirty.discard(p)
                 self._gone.add(p)
             self.evicted_pages += len(victims)

@@ -2,10 +2,11 @@
 
 The snapshot-restore backend: a VM's memory file (Firecracker's
 ``mem_file``), read on demand.  No threads: every read is an io_uring
-READ_FIXED on the backend's own :class:`~uffd_aio.ring.Ring` (on the running
-loop) into one of a pool of buffers registered with that ring, then copied
-out (the copy is what the pager hands to UFFDIO_COPY; the buffer goes back to
-the pool at once).
+READ_FIXED on the running loop's shared :class:`~uffd_aio.ring.Ring` (the one
+the server and its pagers use: one ``io_uring_enter`` submits and reaps for
+all; ``ring=`` names another) into one of a pool of buffers registered with
+that ring, then copied out (the copy is what the pager hands to UFFDIO_COPY;
+the buffer goes back to the pool at once).
 
 * Ranges past the end of the file read as zeros (``None`` when the whole
   range is past the end, so the pager maps zero pages).  The end is the size
@@ -22,8 +23,9 @@ the pool at once).
   target).
 * The pool bounds the reads in flight (``buffers``); a fetch longer than one
   buffer (read-ahead) is read as several buffer-sized pieces in parallel.
-* If the kernel refuses to register the buffers (RLIMIT_MEMLOCK), the same
-  pool is used with plain io_uring READs, and a warning says so.
+* If the kernel refuses to register the buffers (RLIMIT_MEMLOCK), or the ring
+  already has a table (a ring has one: another store registered first), the
+  same pool is used with plain io_uring READs, and a warning says so.
 * ``nowait=True`` (SPEC ``file:PATH?nowait``) first tries ``preadv2(RWF_NOWAIT)``
   straight into the result: it only copies what the page cache already holds
   and never blocks (EAGAIN otherwise), so a cached snapshot is served without
@@ -42,7 +44,6 @@ import mmap
 import os
 import stat
 import struct
-from typing import Any
 
 from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.log import get_logger
@@ -106,14 +107,17 @@ class FileBackend:
         for i in range(buffers):
             self._free.put_nowait(i)
         self._closed = False
+        self._own_ring = False  # open() without ring=: a reference to the shared ring
         self._log = get_logger(component="file_backend", path=path)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], *, writable: bool = False,
                    buffers: int = 16, buffer_size: int = 256 << 10,
-                   nowait: bool | None = None) -> FileBackend:
-        """Open ``path`` and set up the ring and its registered buffer pool.
+                   nowait: bool | None = None, ring: Ring | None = None) -> FileBackend:
+        """Open ``path`` and set up its buffer pool, registered with the ring.
 
+        ``ring``: the io_uring to read with (the caller keeps it and closes it after
+        this backend); by default the running loop's shared ring (:meth:`Ring.shared`).
         A string ``PATH?nowait`` (as in the SPEC ``file:PATH?nowait``) sets
         ``nowait`` when no file of that literal name exists.
         """
@@ -126,10 +130,11 @@ class FileBackend:
             fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
         except OSError as exc:
             raise BackendError(f"cannot open the snapshot file {p!r}: {exc.strerror}") from exc
-        ring: Ring | None = None
+        own = ring is None
         try:
             size = file_size(fd)
-            ring = Ring(64, loop=asyncio.get_running_loop())
+            if ring is None:
+                ring = Ring.shared(asyncio.get_running_loop())
             pool = mmap.mmap(-1, buffers * buffer_size)
             views = [memoryview(pool)[i * buffer_size:(i + 1) * buffer_size]
                      for i in range(buffers)]
@@ -140,16 +145,20 @@ class FileBackend:
                 fixed = False
                 get_logger(component="file_backend").warning(
                     "uffd_aio.fixed_buffers_unavailable", path=p, error=str(exc),
-                    hint="raise RLIMIT_MEMLOCK (ulimit -l) for registered buffers; "
+                    hint="the ring already has registered buffers (another store): "
+                         "using plain io_uring reads" if exc.errno == errno.EBUSY else
+                         "raise RLIMIT_MEMLOCK (ulimit -l) for registered buffers; "
                          "using plain io_uring reads")
             del views
         except BaseException:
-            if ring is not None:
+            if own and ring is not None:
                 ring.close()
             os.close(fd)
             raise
-        return cls(p, fd, size, ring, pool, buffers, buffer_size, writable=writable,
-                   fixed=fixed, nowait=bool(nowait))
+        backend = cls(p, fd, size, ring, pool, buffers, buffer_size, writable=writable,
+                      fixed=fixed, nowait=bool(nowait))
+        backend._own_ring = own
+        return backend
 
     def fileno(self) -> int:
         """The file's descriptor (``region.serve_from(backend)`` maps it for the native
@@ -164,7 +173,7 @@ class FileBackend:
         if offset < 0 or length <= 0:
             raise BackendError(f"bad range offset={offset} length={length}")
 
-    async def _read_piece(self, off: int, n: int, out: Any, at: int) -> None:
+    async def _read_piece(self, off: int, n: int, out: bytearray, at: int) -> None:
         """Read file [off, off+n) into out[at:at+n] through a pool buffer."""
         idx = await self._free.get()
         done = 0
@@ -259,7 +268,13 @@ class FileBackend:
         if self._closed:
             return
         self._closed = True
-        self._ring.close()
+        if self.fixed:  # the ring may outlive this store: give its table back
+            try:
+                self._ring.unregister_buffers()
+            except OSError as exc:
+                self._log.warning("uffd_aio.unregister_buffers_failed", error=str(exc))
+        if self._own_ring:
+            self._ring.close()
         os.close(self._fd)
         for v in self._views:
             v.release()

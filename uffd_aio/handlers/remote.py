@@ -192,7 +192,7 @@ class RedisBackend:
                 self._down_since = None
             return res
 
-    # ---- Backend -------------------------------------------------------------------
+    # ---- PageStore -----------------------------------------------------------------
 
     async def fetch(self, offset: int, length: int) -> Buffer | None:
         pages = self._pages(offset, length)

@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from uffd_aio.handlers.base import Backend
+from uffd_aio.handlers.base import PageStore
 from uffd_aio.log import get_logger
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.workingset import InstallPlan
@@ -80,7 +80,7 @@ class SetInstaller:
     read-only mapping) or ``backend``; ``faults()`` counts the demand faults so far."""
 
     def __init__(self, plan: InstallPlan, targets: Sequence[Target], *, page_size: int,
-                 src_base: int | None = None, backend: Backend | None = None,
+                 src_base: int | None = None, backend: PageStore | None = None,
                  faults: Callable[[], int] = lambda: 0,
                  fill_backoff: float = 0.001, log: Any = None,
                  set_phase: Callable[[bool], None] | None = None) -> None:
@@ -103,6 +103,10 @@ class SetInstaller:
 
     def close(self) -> None:
         self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _target(self, page: int) -> Target | None:
         for t in self.targets:
@@ -142,7 +146,7 @@ class SetInstaller:
             for pages in self.plan.set_chunks(skip if check else None):
                 if self._closed:
                     return m
-                for first, n in self.plan._runs(pages):
+                for first, n in self.plan.runs(pages):
                     t = self._target(first)
                     if t is not None and not t.gone:
                         m.pages_by_replay += await self._install(t, first, n)
@@ -266,8 +270,9 @@ class SetInstaller:
             data = await self.backend.fetch(first * ps, n * ps)
             if self._closed or t.gone:
                 return 0
-            zero = data is None
-            if not zero:
+            if data is None:
+                zero = True
+            else:
                 src, keep = ll.buffer_address(data)
         placed = self._copy(t, dst, src, n * ps, zero)
         del keep

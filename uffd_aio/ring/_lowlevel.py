@@ -1,17 +1,24 @@
 """Thin typed layer over the cffi binding: -errno -> OSError, addresses as ints.
 
 The only module that touches ``ffi``/``lib`` (pynacl's layering): the ring
-engine, :mod:`uffd_aio.uffd` and :mod:`uffd_aio.testing` call these
-functions.  They are deliberately small: some sit on the fault path.
+engine and :mod:`uffd_aio.uffd` call these functions (the test helpers are a
+separate extension: :mod:`uffd_aio.testing._lowlevel`).  They are deliberately
+small: some sit on the fault path.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence, Sized
+from typing import TYPE_CHECKING, TypeAlias
 
 from uffd_aio.ring._native import ffi, lib
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+#: a cffi object Python only hands back to C (a ``struct ua_ring *``...): opaque here
+CData: TypeAlias = object
 
 # io_uring opcodes (include/uapi/linux/io_uring.h; numbers are ABI)
 OP_NOP = 0
@@ -62,8 +69,9 @@ def check(rc: int, what: str) -> int:
 # ---- buffers ---------------------------------------------------------
 
 
-def buffer_address(buf: Any, *, writable: bool = False) -> tuple[int, Any]:
-    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned."""
+def buffer_address(buf: ReadableBuffer, *, writable: bool = False) -> tuple[int, Sized]:
+    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned
+    (its ``len`` is the buffer's size in bytes)."""
     cbuf = ffi.from_buffer(buf, require_writable=writable)
     return int(ffi.cast("uintptr_t", cbuf)), cbuf
 
@@ -77,7 +85,7 @@ def read_memory(addr: int, length: int) -> bytes:
     return bytes(out)
 
 
-def write_memory(addr: int, data: Any) -> None:
+def write_memory(addr: int, data: ReadableBuffer) -> None:
     src, keep = buffer_address(data)
     lib.ua_memcpy(addr, src, len(keep))
 
@@ -128,7 +136,7 @@ class RingHandle:
         return int(lib.ua_ring_engine_flags(self._r))
 
     @property
-    def native(self) -> Any:
+    def native(self) -> CData:
         """The ``struct ua_ring *`` (for the native engine); None once closed."""
         return self._r
 
@@ -253,32 +261,42 @@ def uffd_copy(fd: int, dst: int, src: int, length: int, mode: int) -> tuple[int,
     return rc, int(d[0])
 
 
-def uffd_copy_buf(fd: int, dst: int, buf: Any, length: int, mode: int) -> int:
+def uffd_copy_buf(fd: int, dst: int, buf: ReadableBuffer, length: int, mode: int) -> int:
     """One UFFDIO_COPY from the bytes-like ``buf`` (its first ``length`` bytes); 0 or
     -errno, not the bytes done.  The fault path's call: no cffi allocation per call (the
     buffer handle goes straight to C; ``ua_uffd_copy_buf``).  Callers on the hot path
-    bind ``lib.ua_uffd_copy_buf`` and ``ffi.from_buffer`` themselves, as this does."""
-    return int(lib.ua_uffd_copy_buf(fd, dst, ffi.from_buffer(buf), length, mode))
+    bind :data:`copy_buf` and :data:`from_buffer` themselves, as this does."""
+    return int(copy_buf(fd, dst, from_buffer(buf), length, mode))
 
 
-def uffd_copy_runs(fd: int, runs: Any, page_size: int) -> tuple[int, tuple[int, ...]]:
+#: the fault path's UFFDIO_COPY, bound once: ``copy_buf(fd, dst, from_buffer(data), length,
+#: mode)`` is 0 or -errno (:func:`uffd_copy_buf` without the Python frame)
+copy_buf: Callable[[int, int, CData, int, int], int] = lib.ua_uffd_copy_buf
+#: ``ffi.from_buffer``: the handle that passes a bytes-like object to C (TypeError otherwise)
+from_buffer: Callable[[object], CData] = ffi.from_buffer
+
+
+def uffd_copy_runs(fd: int, runs: ReadableBuffer, page_size: int
+                   ) -> tuple[int, tuple[int, ...]]:
     """UFFDIO_COPY of every (dst, src, len) triple of ``runs`` (an ``array('Q')``) in one
     native call: ``(rc, (placed, already_there, left, ioctls, stopped_at))`` in pages, rc
     the number of runs or the -errno that stopped the batch at run ``stopped_at``."""
     out = ffi.new("uint64_t[5]")
-    rc = lib.ua_uffd_copy_runs(fd, ffi.from_buffer("uint64_t[]", runs), len(runs) // 3,
+    view = memoryview(runs).cast("B").cast("Q")
+    rc = lib.ua_uffd_copy_runs(fd, ffi.from_buffer("uint64_t[]", runs), len(view) // 3,
                                page_size, out)
     return rc, tuple(int(x) for x in out)
 
 
-def uffd_copy_pages(fd: int, dst: int, src: int, page_size: int, pages: Any
+def uffd_copy_pages(fd: int, dst: int, src: int, page_size: int, pages: ReadableBuffer
                     ) -> tuple[int, tuple[int, ...]]:
     """UFFDIO_COPY of the sorted page indexes ``pages`` (an ``array('I')``) from
     ``src + p * page_size`` to ``dst + p * page_size``, consecutive pages as one run, in
     one native call; results as :func:`uffd_copy_runs` (``stopped_at`` indexes pages)."""
     out = ffi.new("uint64_t[5]")
+    n = memoryview(pages).nbytes // 4
     rc = lib.ua_uffd_copy_pages(fd, dst, src, page_size, ffi.from_buffer("uint32_t[]", pages),
-                                len(pages), out)
+                                n, out)
     return rc, tuple(int(x) for x in out)
 
 
@@ -361,74 +379,3 @@ def madvise(addr: int, length: int, advice: int) -> None:
 
 def mprotect(addr: int, length: int, prot: int) -> None:
     check(lib.ua_mprotect(addr, length, prot), f"mprotect({addr:#x}, {length:#x}, {prot})")
-
-
-def pattern_word(offset: int, seed: int) -> int:
-    return int(lib.ua_pattern_word(offset, seed))
-
-
-def fill_pattern(addr: int, length: int, offset: int, seed: int) -> None:
-    lib.ua_fill_pattern(addr, length, offset, seed)
-
-
-def verify_pattern(addr: int, length: int, offset: int, seed: int) -> int:
-    """-1 if [addr, addr+length) holds the pattern, else the first bad byte offset."""
-    return int(lib.ua_verify_pattern(addr, length, offset, seed))
-
-
-def new_scan() -> Any:
-    return ffi.new("struct ua_scan *")
-
-
-def new_u64_array(n: int) -> Any:
-    return ffi.new("uint64_t[]", n)
-
-
-def scan_run(scan: Any) -> None:
-    check(lib.ua_scan_run(scan), "native scan")
-
-
-def fork_touch(addr: int, length: int, page_size: int, op: int, offset: int, seed: int) -> int:
-    return check(lib.ua_fork_touch(addr, length, page_size, op, offset, seed), "fork")
-
-
-def gettid() -> int:
-    return int(lib.ua_gettid())
-
-
-def malloc_churn(n: int) -> None:
-    lib.ua_malloc_churn(n)
-
-
-def read_catch(addr: int, length: int, page_size: int) -> tuple[bytes, list[int]]:
-    """Copy [addr, addr+length) page by page, catching SIGBUS (GIL released).
-
-    Returns the bytes (pages that raised SIGBUS read as zeros) and the indexes
-    of the pages that raised SIGBUS.
-    """
-    npages = length // page_size
-    out = bytearray(length)
-    bus = ffi.new("uint8_t[]", max(npages, 1))
-    dst, keep = buffer_address(out, writable=True)
-    check(int(lib.ua_read_catch(addr, length, page_size, dst, bus)), "read_catch")
-    del keep
-    return bytes(out), [i for i in range(npages) if bus[i]]
-
-
-def new_stamp() -> Any:
-    return ffi.new("struct ua_stamp *")
-
-
-def stamp_run(stamp: Any) -> None:
-    check(lib.ua_stamp_run(stamp), "stamp writers")
-
-
-def stamp_fill(addr: int, page_size: int, page: int, gen: int) -> None:
-    lib.ua_stamp_fill(addr, page_size, page, gen)
-
-
-def stamp_verify(addr: int, npages: int, page_size: int, gen: Any) -> tuple[int, int]:
-    """(first page not holding its gen[p] stamp or -1, number of such pages)."""
-    bad = ffi.new("int64_t *")
-    first = int(lib.ua_stamp_verify(addr, npages, page_size, gen, bad))
-    return first, int(bad[0])

@@ -17,17 +17,21 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from uffd_aio.log import get_logger
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring.watchdog import StallWatchdog
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 Callback = Callable[[int, int], None]
 """A completion callback: ``cb(res, cqe_flags)``; res is >= 0 or -errno."""
 
 _CANCEL_UD = 0  # user_data of our own cancel SQEs: their CQEs are ignored
 _REDRAIN_ROUNDS = 32  # reap/submit rounds per wakeup before yielding to the loop
+REDRAIN_ROUNDS = _REDRAIN_ROUNDS  # the default of Ring.redrain_rounds
 
 
 class _FutureOp:
@@ -35,7 +39,7 @@ class _FutureOp:
 
     __slots__ = ("fut", "keep", "what")
 
-    def __init__(self, fut: asyncio.Future[int], keep: Any, what: str) -> None:
+    def __init__(self, fut: asyncio.Future[int], keep: object, what: str) -> None:
         self.fut, self.keep, self.what = fut, keep, what
 
     def __call__(self, res: int, flags: int) -> None:
@@ -45,6 +49,10 @@ class _FutureOp:
             self.fut.set_exception(ll.oserror(res, self.what))
         else:
             self.fut.set_result(res)
+
+
+#: id(loop) -> that loop's shared ring (Ring.shared); an entry leaves when the ring closes
+_SHARED: dict[int, Ring] = {}
 
 
 class Ring:
@@ -91,17 +99,43 @@ class Ring:
         #: lowers it to 1 while it installs a set (HandoffServer: docs/backends.md)
         self.redrain_rounds = _REDRAIN_ROUNDS
         self._closed = False
-        self._fixed_keep: list[Any] = []
+        self._fixed_keep: list[WriteableBuffer] = []
         self._watchdog: StallWatchdog | None = None
         self._bufrings: dict[int, ll.BufRing] = {}
         #: native engines' completion hooks (attach_engine); run after a reap in which
         #: an engine queued messages for Python
         self._engine_hooks: list[Callable[[], None]] = []
+        #: references to a loop's shared ring (Ring.shared); close() frees it at the last
+        self._refs = 1
+        self._shared = False
         self.submits = 0
         self.completions = 0
         self._loop.add_reader(self.fd, self._on_readable)
         self._log.debug("uffd_aio.ring_opened", setup_flags=hex(self.setup_flags),
                         entries=entries)
+
+    @classmethod
+    def shared(cls, loop: asyncio.AbstractEventLoop | None = None) -> Ring:
+        """The loop's shared ring: one io_uring per loop for the pagers, the server and
+        the stores that do I/O, so one ``io_uring_enter`` submits and reaps for all.
+
+        Each call takes a reference and each ``close()`` gives one back; the ring is freed
+        with the last.  Use a ring of your own (``Ring(...)``) for other setup flags
+        (``sqpoll``) or a registered-buffer table of your own."""
+        loop = loop or asyncio.get_running_loop()
+        ring = _SHARED.get(id(loop))
+        if ring is None or ring._closed or ring._loop is not loop:
+            ring = cls(loop=loop)
+            ring._shared = True
+            ring._refs = 0
+            _SHARED[id(loop)] = ring
+        ring._refs += 1
+        return ring
+
+    @property
+    def is_shared(self) -> bool:
+        """Whether this is a loop's shared ring (:meth:`shared`)."""
+        return self._shared
 
     @staticmethod
     def _setup(entries: int, flags: int, idle: int) -> ll.RingHandle:
@@ -239,7 +273,7 @@ class Ring:
             self.cancel(ud)
             raise
 
-    def _rw_future(self, op: int, fd: int, buf: Any, offset: int, *, writable: bool,
+    def _rw_future(self, op: int, fd: int, buf: ReadableBuffer, offset: int, *, writable: bool,
                    what: str, buf_index: int = -1, fixed_file: bool = False
                    ) -> tuple[int, asyncio.Future[int]]:
         addr, keep = ll.buffer_address(buf, writable=writable)
@@ -248,13 +282,13 @@ class Ring:
                             buf_index=buf_index, fixed_file=fixed_file)
         return ud, fut
 
-    async def read(self, fd: int, buf: Any, offset: int = -1) -> int:
+    async def read(self, fd: int, buf: WriteableBuffer, offset: int = -1) -> int:
         """Read into writable ``buf`` at ``offset`` (-1: current position); bytes read."""
         ud, fut = self._rw_future(ll.OP_READ, fd, buf, offset, writable=True,
                                   what=f"io_uring read fd={fd}")
         return await self._await(ud, fut)
 
-    async def write(self, fd: int, buf: Any, offset: int = -1) -> int:
+    async def write(self, fd: int, buf: ReadableBuffer, offset: int = -1) -> int:
         """Write ``buf`` at ``offset``; bytes written."""
         ud, fut = self._rw_future(ll.OP_WRITE, fd, buf, offset, writable=False,
                                   what=f"io_uring write fd={fd}")
@@ -281,8 +315,8 @@ class Ring:
                             _FutureOp(fut, keep, f"io_uring write_fixed fd={fd}"), buf_index=index)
         return await self._await(ud, fut)
 
-    async def _vec(self, op: int, fd: int, bufs: Sequence[Any], offset: int, writable: bool,
-                   what: str) -> int:
+    async def _vec(self, op: int, fd: int, bufs: Sequence[ReadableBuffer], offset: int,
+                   writable: bool, what: str) -> int:
         import array
 
         keeps = []
@@ -297,10 +331,10 @@ class Ring:
         ud = self.submit_rw(op, fd, iov_addr, len(bufs), offset, _FutureOp(fut, (keeps, iov), what))
         return await self._await(ud, fut)
 
-    async def readv(self, fd: int, bufs: Sequence[Any], offset: int = -1) -> int:
+    async def readv(self, fd: int, bufs: Sequence[WriteableBuffer], offset: int = -1) -> int:
         return await self._vec(ll.OP_READV, fd, bufs, offset, True, f"io_uring readv fd={fd}")
 
-    async def writev(self, fd: int, bufs: Sequence[Any], offset: int = -1) -> int:
+    async def writev(self, fd: int, bufs: Sequence[ReadableBuffer], offset: int = -1) -> int:
         return await self._vec(ll.OP_WRITEV, fd, bufs, offset, False, f"io_uring writev fd={fd}")
 
     async def poll(self, fd: int, mask: int) -> int:
@@ -315,8 +349,9 @@ class Ring:
         self._prep(lambda: self._h.prep_nop(ud))
         return await self._await(ud, fut)
 
-    def register_buffers(self, bufs: Sequence[Any]) -> None:
-        """Register writable buffers for read_fixed/write_fixed (pinned until close)."""
+    def register_buffers(self, bufs: Sequence[WriteableBuffer]) -> None:
+        """Register writable buffers for read_fixed/write_fixed (pinned until close or
+        :meth:`unregister_buffers`).  A ring has one table: EBUSY if one is registered."""
         addrs, lens, keeps = [], [], []
         for b in bufs:
             addr, keep = ll.buffer_address(b, writable=True)
@@ -325,6 +360,13 @@ class Ring:
             keeps.append(b)
         self._h.register_buffers(addrs, lens)
         self._fixed_keep = keeps
+
+    def unregister_buffers(self) -> None:
+        """Give the registered-buffer table back (its buffers are no longer pinned)."""
+        if self._closed or not self._fixed_keep:
+            return
+        self._h.unregister_buffers()
+        self._fixed_keep = []
 
     def register_files(self, fds: Sequence[int]) -> None:
         self._h.register_files(fds)
@@ -380,7 +422,7 @@ class Ring:
     # engines prepared, and run their hooks when they queued work for Python.
 
     @property
-    def native_handle(self) -> Any:
+    def native_handle(self) -> ll.CData:
         """The C ring (``struct ua_ring *``) an engine attaches to."""
         if self._closed:
             raise RuntimeError("ring is closed")
@@ -462,6 +504,11 @@ class Ring:
         """
         if self._closed:
             return
+        self._refs -= 1
+        if self._refs > 0:  # a shared ring: others still use it
+            return
+        if self._shared and _SHARED.get(id(self._loop)) is self:
+            del _SHARED[id(self._loop)]
         self._closed = True
         if self._watchdog is not None:
             self._watchdog.close()

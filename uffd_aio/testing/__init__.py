@@ -8,6 +8,10 @@ from the loop: they run in a worker thread while the pager serves faults.
 The deterministic content ("pattern") is the benchmarks' (benchmarks/README.md):
 the 8-byte little-endian word at store offset ``o`` is
 ``((o // 8) * 0x9E3779B97F4A7C15 mod 2**64) ^ seed``.
+
+The native code is its own cffi extension, ``uffd_aio.testing._helpers``
+(``csrc/helpers.c``, wrapped by :mod:`uffd_aio.testing._lowlevel`), not part of
+the product's ``uffd_aio.ring._native``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Literal, TextIO
 
 import attrs
 
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.ring import _lowlevel as ring_ll
+from uffd_aio.testing import _lowlevel as ll
 
 DEFAULT_SEED = 0x5546464441494F21  # "UFFDAIO!"
 Op = Literal["read", "write", "verify", "write-word"]
@@ -52,6 +57,15 @@ def pattern_into(buf: bytearray | memoryview, offset: int, seed: int = DEFAULT_S
     ll.fill_pattern(addr, len(keep), offset, seed)
 
 
+def fill_sync(address: int, length: int, offset: int = 0, seed: int = DEFAULT_SEED) -> None:
+    """Write the pattern of store ``offset`` into [address, address+length); releases the GIL.
+
+    For memory the caller owns (a staging buffer, a region's alias), or a
+    registered range from a thread other than the loop's (as :func:`verify_sync`).
+    """
+    ll.fill_pattern(address, length, offset, seed)
+
+
 def verify_sync(address: int, length: int, offset: int = 0, seed: int = DEFAULT_SEED) -> int:
     """-1 if memory holds the pattern, else the first bad byte's offset; releases the GIL.
 
@@ -67,7 +81,7 @@ async def verify(address: int, length: int, offset: int = 0, seed: int = DEFAULT
 
 async def read(address: int, length: int) -> bytes:
     """Copy memory out from a worker thread."""
-    return await asyncio.to_thread(ll.read_memory, address, length)
+    return await asyncio.to_thread(ring_ll.read_memory, address, length)
 
 
 @attrs.frozen
@@ -250,8 +264,8 @@ class StampRun:
     order: Literal["seq", "random", "mixed"] = "mixed"
     rng_seed: int = 1
     page_size: int = attrs.field(factory=lambda: os.sysconf("SC_PAGE_SIZE"))
-    _s: object = attrs.field(init=False, default=None)
-    _gen: object = attrs.field(init=False, default=None)
+    _s: ll.Stamp = attrs.field(init=False)
+    _gen: ll.U64Array = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         s = ll.new_stamp()
@@ -267,16 +281,22 @@ class StampRun:
         try:
             await asyncio.to_thread(ll.stamp_run, self._s)
         except BaseException:
-            self._s.stop = 1  # type: ignore[attr-defined]
+            self._s.stop = 1
             raise
 
     def stop(self) -> None:
-        self._s.stop = 1  # type: ignore[attr-defined]
+        self._s.stop = 1
 
     def gen(self, page: int) -> int:
-        return int(self._gen[page])  # type: ignore[index]
+        return int(self._gen[page])
 
     async def verify(self) -> tuple[int, int]:
         """(first page not holding its last stamp or -1, number of such pages)."""
         return await asyncio.to_thread(ll.stamp_verify, self.address, self.npages,
                                        self.page_size, self._gen)
+
+
+def malloc_churn(n: int) -> None:
+    """``n`` native malloc/free pairs past glibc's per-thread cache (each takes an arena
+    lock): a loop thread that allocates while another thread forks."""
+    ll.malloc_churn(n)
