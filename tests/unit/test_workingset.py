@@ -33,6 +33,7 @@ def working_sets(draw: st.DrawFn, store_pages: int | None = None) -> WorkingSet:
     return WorkingSet(4096, n, tuple(order), written, sid, draw(st.integers(1, 9)))
 
 
+@settings(deadline=None)
 @given(working_sets())
 def test_round_trip(ws: WorkingSet) -> None:
     assert decode(ws.encode()) == ws
@@ -40,7 +41,7 @@ def test_round_trip(ws: WorkingSet) -> None:
 
 
 @given(working_sets(), st.data())
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 def test_truncated_or_corrupt_files_are_rejected(ws: WorkingSet, data: st.DataObject) -> None:
     raw = ws.encode()
     cut = data.draw(st.integers(0, len(raw) - 1))
@@ -138,6 +139,7 @@ def test_merge_min_runs_and_rank() -> None:
         merge([a, WorkingSet(4096, 30, (1,))], names=["A", "B"])
 
 
+@settings(deadline=None)
 @given(st.lists(working_sets(store_pages=40), min_size=1, max_size=5), st.data())
 def test_merge_properties(sets: list[WorkingSet], data: st.DataObject) -> None:
     sets = [WorkingSet(s.page_size, s.store_pages, s.order, s.written) for s in sets]
@@ -159,6 +161,7 @@ def test_jaccard() -> None:
     assert wsm.jaccard(a, b) == 0.5 and wsm.jaccard(a, a) == 1.0
 
 
+@settings(deadline=None)
 @given(working_sets(store_pages=200), st.booleans(), st.integers(1, 64), st.integers(1, 16),
        st.frozensets(st.integers(0, 199)))
 def test_plan_covers_the_set_first_then_the_rest(ws: WorkingSet, fill: bool, chunk: int,
