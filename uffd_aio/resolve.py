@@ -15,14 +15,14 @@ each one names its own source range.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import attrs
-
+from uffd_aio.ops import Kind, Moved, Op, covering, merge, zero_source
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring import _native
+
+__all__ = ["Backend", "IoctlBackend", "Kind", "Moved", "Op", "copy_buf", "covering", "execute_move",
+           "from_buffer", "merge", "zero_source"]
 
 if TYPE_CHECKING:
     import asyncio
@@ -30,82 +30,10 @@ if TYPE_CHECKING:
     from uffd_aio.uffd import Userfaultfd
 
 
-class Kind(enum.Enum):
-    COPY = "copy"
-    ZERO = "zero"
-    CONTINUE = "continue"
-    UNPROTECT = "unprotect"
-    POISON = "poison"
-    WAKE = "wake"
-    MOVE = "move"
-
-
-@attrs.frozen(slots=True)
-class Moved:
-    """A fault handler's result meaning "move these pages in" (UFFDIO_MOVE, 6.8+).
-
-    ``return uffd_aio.Moved(src)`` from a handler: the kernel moves the private
-    anonymous pages at ``src`` (this process's own memory, e.g. a decompression
-    buffer) to the faulting page, zero-copy, and the source becomes a hole.
-    ``length`` (default: one page) may cover several pages (read-ahead);
-    ``allow_src_holes`` skips holes in the source instead of failing (the
-    destination pages there stay missing and fault again).  The explicit form
-    is ``await ev.move(src, length)``.  Failures raise :class:`MoveError`.
-    """
-
-    src: int
-    length: int | None = None
-    allow_src_holes: bool = False
-
-
-@attrs.frozen(slots=True)
-class Op:
-    """One resolution: ``length`` bytes at ``address``.
-
-    ``data``: the buffer for COPY; the :class:`Moved` (its ``src``) for MOVE; for
-    ZERO on hugetlbfs, which has no UFFDIO_ZEROPAGE, a zero buffer to copy from
-    (:func:`zero_source`).
-    """
-
-    kind: Kind
-    address: int
-    length: int
-    data: Any = None
-    wp: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.address + self.length
-
-
-def merge(ops: Iterable[Op]) -> list[Op]:
-    """Sort by address and merge touching ops of the same kind (and wp flag).
-
-    Overlapping COPYs keep the first data for the overlap: the pages are the
-    same page of the same store, and the kernel would report EEXIST anyway.
-    """
-    out: list[Op] = []
-    for op in sorted(ops, key=lambda o: o.address):
-        if out:
-            last = out[-1]
-            if (last.kind is op.kind and last.wp == op.wp and op.address <= last.end
-                    and op.kind is not Kind.MOVE
-                    and (op.kind is not Kind.ZERO or op.data is None is last.data)):
-                if op.end <= last.end:
-                    continue  # fully covered
-                if op.kind is Kind.COPY:
-                    skip = last.end - op.address
-                    data = bytes(last.data) + bytes(memoryview(op.data)[skip:])
-                    out[-1] = Op(Kind.COPY, last.address, len(data), data, last.wp)
-                else:
-                    out[-1] = Op(op.kind, last.address, op.end - last.address, None, last.wp)
-                continue
-        out.append(op)
-    return out
-
-
-_copy_buf = _native.lib.ua_uffd_copy_buf  # (fd, dst, from_buffer(data), length, mode)
-_from_buffer = _native.ffi.from_buffer
+#: ``copy_buf(fd, dst, from_buffer(data), length, mode) == 0``: a whole UFFDIO_COPY in one
+#: native call (no per-call cffi allocation); the fast paths of the resolver use it too
+copy_buf = _native.lib.ua_uffd_copy_buf
+from_buffer = _native.ffi.from_buffer
 
 
 class Backend(Protocol):
@@ -129,7 +57,7 @@ class IoctlBackend:
         if kind is Kind.COPY:
             # the common case in one native call, no per-call cffi allocation
             # (ua_uffd_copy_buf); anything but full success goes the long way
-            if _copy_buf(uffd.fd, op.address, _from_buffer(op.data), op.length,
+            if copy_buf(uffd.fd, op.address, from_buffer(op.data), op.length,
                          2 if op.wp else 0) == 0:
                 return op.length
             src, keep = ll.buffer_address(op.data)
@@ -162,33 +90,3 @@ def execute_move(uffd: Userfaultfd, op: Op) -> int:
     when the address space changed meanwhile)."""
     moved: Moved = op.data
     return uffd.move(op.address, moved.src, op.length, allow_src_holes=moved.allow_src_holes)
-
-
-_zeros: dict[int, Any] = {}
-
-
-def zero_source(length: int) -> memoryview:
-    """``length`` zero bytes to UFFDIO_COPY from where UFFDIO_ZEROPAGE does not exist
-    (hugetlbfs).  A read-only anonymous mapping never written: it costs no memory
-    (every page is the kernel's zero page), one per size, kept for the process."""
-    buf = _zeros.get(length)
-    if buf is None:
-        import mmap
-
-        buf = _zeros[length] = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                         prot=mmap.PROT_READ)
-    return memoryview(buf)
-
-
-def covering(ops: Sequence[Op], address: int) -> Op | None:
-    """The merged op covering ``address`` (ops sorted by address)."""
-    lo, hi = 0, len(ops)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ops[mid].end <= address:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < len(ops) and ops[lo].address <= address < ops[lo].end:
-        return ops[lo]
-    return None
