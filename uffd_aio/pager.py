@@ -2,10 +2,16 @@
 
 Data flow of a fault: the outstanding io_uring read on the uffd completes ->
 the ring reaps the CQE batch (one C call) -> :mod:`uffd_aio.events` decodes
-it -> the fault is mapped to its region and deduplicated per page -> the
-handler runs (eagerly: no Task unless it really suspends) -> the resolution
-is queued, contiguous ones are merged at the end of the batch and executed by
-the backend (:mod:`uffd_aio.resolve`) -> the faulting thread resumes.
+it -> the sans-io core (:mod:`uffd_aio.dispatch`) maps the fault to its region,
+deduplicates it per page and admits it (its :class:`~uffd_aio.PageFault` is the
+one record of the fault) -> the pager runs the handler (eagerly: no Task unless
+it really suspends) -> :mod:`uffd_aio.resolver` resolves what it returned (the
+lone fault at once, a batch merged at its end) through the backend
+(:mod:`uffd_aio.resolve`) -> the faulting thread resumes.
+
+This module is the I/O and loop glue: the user-facing :class:`Pager` (lifecycle,
+regions, stats), the uffd reads, the native engine's hooks, the handlers' Tasks
+and timers, events' handlers.  Decisions are the core's.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import inspect
 import os
 import time
 import types
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Literal
 
 import attrs
@@ -31,21 +37,12 @@ from uffd_aio.dispatch import (
     Fault,
     Outcome,
     cancel_error,
-    count_op,
-    default_op,
     failure_outcome,
-    moved_op,
-    policy_ops,
-    result_op,
 )
 from uffd_aio.errors import (
-    BadHandlerResult,
-    FeatureUnavailable,
     HandlerTimeout,
-    MoveError,
     PagerClosed,
     PagerFailed,
-    ResolveError,
     UffdError,
 )
 from uffd_aio.events import Fork, PageFaultMsg, UnknownMsg
@@ -56,26 +53,17 @@ from uffd_aio.region import EventHandler, Region
 from uffd_aio.resolve import (
     Backend,
     IoctlBackend,
-    Kind,
-    Moved,
     Op,
-    copy_buf,
-    covering,
-    from_buffer,
-    merge,
 )
+from uffd_aio.resolver import Resolver
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring._engine import Engine, EngineStats
 from uffd_aio.stats import Counters, PagerStats
 from uffd_aio.uffd import (
-    EAGAIN_MAX_RETRIES,
-    EAGAIN_RETRY_INTERVAL,
     PAGE_SIZE,
-    MmChanging,
     RangeGone,
     Userfaultfd,
-    retry_while_mm_changing,
 )
 
 __all__ = ["BackendName", "ErrorPolicy", "HandlerTimeout", "Pager", "PagerFailed", "ReadMode"]
@@ -146,7 +134,7 @@ class _Context(Channel):
     The dispatch core's :class:`Channel` (extents, faults in flight) plus its reads."""
 
     def __init__(self, pager: Pager, uffd: Userfaultfd, label: str, *, local: bool) -> None:
-        super().__init__(uffd, features=uffd.features, local=local, resolver=pager)
+        super().__init__(uffd, features=uffd.features, local=local, resolver=pager._resolver)
         self.label = label
         self.read_ud: int | None = None
         self.read_cb: Callable[[int, int], None] | None = None  # made once, re-armed often
@@ -278,14 +266,10 @@ class Pager:
         self._event_handlers: list[EventHandler] = []
         #: the sans-io core: admission, dedup, backlog, in-flight counts (uffd_aio.dispatch)
         self._core = Dispatcher(self._counters, max_inflight, PageFault)
-        self._pending: list[tuple[Fault | None, Op, _Context]] = []
-        self._in_batch = False
-        # a batch of one message on a synchronous backend: _complete executes its op at
-        # once (nothing to merge it with), skipping the queue and the flush
-        self._solo = False
-        self._ring_backend = False
-        self._ioctl_backend: IoctlBackend | None = None  # the direct copy's (_complete)
-        self._flush_scheduled = False
+        #: executes what the core decides: batches, the lone-fault fast path, retries,
+        #: explicit ev.* calls, the error policy's ioctls (uffd_aio.resolver)
+        self._resolver = Resolver(self._counters, on_error, finish=self._finish,
+                                  fail=self._fail, name=name)
         self._started = False
         self._closing = False
         self._abandon = False  # aclose(abandon_inflight=True): a successor takes the uffd
@@ -296,8 +280,6 @@ class Pager:
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ring: Ring | None = None
-        self._backend: Backend = IoctlBackend()
-        self._sync_backend: Backend = self._backend  # resolutions done when execute returns
         self._warned_default = False
 
     # ---- lifecycle -------------------------------------------------------
@@ -319,11 +301,7 @@ class Pager:
         self._ring = self._given_ring or Ring(loop=self._loop)
         try:
             uffd = self._given_uffd or Userfaultfd.open(self._features, required=self._required)
-            self._backend = self._make_backend(uffd)
-            self._sync_backend = getattr(self._backend, "sync", self._backend)
-            self._ring_backend = self._backend.name == "ring"
-            if type(self._backend) is IoctlBackend:
-                self._ioctl_backend = self._backend
+            self._resolver.use(self._make_backend(uffd), self._loop, self._ring)
             if self._poll:
                 self._start_polling(uffd)
             self._main = self._add_context(uffd, "main")
@@ -337,7 +315,7 @@ class Pager:
                 name=self.name, pid=os.getpid(), timeout=self._stall_warning),
                 uffd=uffd.fd)
         self._log.info("uffd_aio.pager_started", uffd=uffd.fd, ring_fd=self._ring.fd,
-                       backend=self._backend.name, read_mode=self._main.read_mode,
+                       backend=self._resolver.backend.name, read_mode=self._main.read_mode,
                        poll_budget_ns=self._poll_budget_ns,
                        loop=type(self._loop).__module__)
 
@@ -388,7 +366,12 @@ class Pager:
 
     @property
     def backend(self) -> str:
-        return self._backend.name
+        return self._resolver.backend.name
+
+    @property
+    def _sync_backend(self) -> Backend:
+        """The backend whose resolutions are done when ``execute`` returns."""
+        return self._resolver.sync_backend
 
     @property
     def features(self) -> Feature:
@@ -401,12 +384,13 @@ class Pager:
     @property
     def stats(self) -> PagerStats:
         c = self._counters
-        ioctls = getattr(self._backend, "ioctls", 0)
+        backend = self._resolver.backend
+        ioctls = getattr(backend, "ioctls", 0)
         c.ioctls = ioctls
-        c.ring_writes = getattr(self._backend, "ring_writes", 0)
-        c.pwrites = getattr(self._backend, "pwrites", 0)
+        c.ring_writes = getattr(backend, "ring_writes", 0)
+        c.pwrites = getattr(backend, "pwrites", 0)
         snap = c.snapshot(inflight=self._core.running, backlog=len(self._core.backlog),
-                          backend=self._backend.name)
+                          backend=backend.name)
         return self._native_stats(snap)
 
     async def wait_closed(self) -> None:
@@ -433,7 +417,7 @@ class Pager:
             await self._closed.wait()
             return
         self._closing = True
-        self._abandon = abandon_inflight
+        self._abandon = self._resolver.abandon = abandon_inflight
         try:
             await asyncio.wait_for(self._wait_idle(), self._close_timeout)
         except TimeoutError:
@@ -503,11 +487,11 @@ class Pager:
                     None, tasks)
                 if stuck:
                     await asyncio.sleep(0)  # let the cancellations be delivered
-            self._flush_pending()
+            self._resolver.flush()
             for ctx in self._contexts:
                 for f in list(ctx.inflight.values()):
                     self._fail(f, PagerClosed("pager closed while the fault was in flight"))
-            self._flush_pending()
+            self._resolver.flush()
 
     # ---- regions -----------------------------------------------------------
 
@@ -868,7 +852,7 @@ class Pager:
         engine = Engine(ctx.uffd.fd)
         try:
             wfd = -1
-            if self._backend.name == "ring":
+            if self._resolver.backend.name == "ring":
                 from uffd_aio import resolve_ring
 
                 wfd = resolve_ring.writer_fd(ctx.uffd)
@@ -955,8 +939,9 @@ class Pager:
     # ---- dispatch: the core decides (uffd_aio.dispatch), the pager runs handlers --------
 
     def _dispatch(self, ctx: _Context, msgs: list[ev_mod.Msg]) -> None:
-        self._in_batch = True
-        self._solo = len(msgs) == 1 and not self._ring_backend
+        r = self._resolver
+        r.in_batch = True
+        r.solo = len(msgs) == 1 and not r.ring_backend
         try:
             for m in msgs:
                 if type(m) is PageFaultMsg:
@@ -964,9 +949,9 @@ class Pager:
                 else:
                     self._on_event(ctx, m)
         finally:
-            self._in_batch = self._solo = False
-        if self._pending:
-            self._flush_pending()
+            r.in_batch = r.solo = False
+        if r.pending:
+            r.flush()
 
     def _on_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
         f = self._core.admit(ctx, msg, time.perf_counter_ns())
@@ -979,7 +964,7 @@ class Pager:
     def _stray_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
         self._log.error("uffd_aio.stray_fault", uffd=ctx.uffd.fd, address=hex(msg.address))
         page = msg.address & ~(PAGE_SIZE - 1)
-        self._apply_policy(ctx, msg.is_wp, msg.is_minor, page, PAGE_SIZE)
+        self._resolver.apply_policy(ctx, msg.is_wp, msg.is_minor, page, PAGE_SIZE)
 
     def _start(self, fault: Fault) -> None:
         """Run the handler of a fault the core started: eagerly, a Task only if it
@@ -991,7 +976,7 @@ class Pager:
                 self._warned_default = True
                 self._log.warning("uffd_aio.no_handler", region=region.name,
                                   hint="faults get zero pages; set @region.on_fault")
-            self._complete(fault, None)
+            self._resolver.complete(fault, None)
             return
         self._counters.handler_calls += 1
         try:
@@ -1007,7 +992,7 @@ class Pager:
                 try:
                     first = res.send(None)
                 except StopIteration as stop:
-                    self._complete(fault, stop.value)
+                    self._resolver.complete(fault, stop.value)
                     return
                 except Exception as exc:
                     self._fail(fault, exc)
@@ -1020,7 +1005,7 @@ class Pager:
             if self._handler_timeout is not None:
                 fault.timer = loop.call_later(self._handler_timeout, self._timeout, fault)
             return
-        self._complete(fault, res)
+        self._resolver.complete(fault, res)
 
     def _timeout(self, fault: Fault) -> None:
         fault.timer = None
@@ -1049,255 +1034,7 @@ class Pager:
         if err is not None:
             self._fail(fault, err)
         else:
-            self._complete(fault, task.result())
-
-    def _complete(self, fault: Fault, result: Any) -> None:
-        """The handler returned ``result``: resolve (lone fault) or queue its resolution."""
-        if fault.resolved:
-            if result is not None:
-                self._log.warning("uffd_aio.result_ignored", fault=repr(fault),
-                                  reason="the handler already resolved the fault explicitly")
-            self._finish(fault)
-            return
-        if result is None:
-            op = default_op(fault)
-        else:
-            try:
-                if type(result) is Moved:
-                    op = moved_op(fault, result)
-                else:
-                    op = result_op(fault, result)
-                    b = self._ioctl_backend
-                    if self._solo and b is self._backend and not self._pending:
-                        # the common case (a lone fault, its handler returned the page):
-                        # one native UFFDIO_COPY that wakes, then _resolved's bookkeeping
-                        # without _execute; anything but full success (EEXIST,
-                        # EAGAIN, a closed uffd: fd -1) goes through _execute, which
-                        # handles it (and issues the COPY again: rare)
-                        assert b is not None
-                        b.ioctls += 1
-                        if copy_buf(fault.channel.uffd.fd, op.address, from_buffer(op.data),
-                                    op.length, 0) == 0:
-                            self._resolved(op, (fault,))
-                            return
-            except (BadHandlerResult, FeatureUnavailable) as exc:
-                self._fail(fault, exc)
-                return
-        ctx: _Context = fault.channel  # type: ignore[assignment]
-        if self._solo and not self._pending:
-            # the batch's only message: the flush after it would run this op alone
-            self._execute(ctx, op, [fault])
-            return
-        self._queue(fault, op, ctx)
-
-    # ---- resolution -----------------------------------------------------------
-
-    def _queue(self, inf: Fault | None, op: Op, ctx: _Context) -> None:
-        self._pending.append((inf, op, ctx))
-        if not self._in_batch and not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush_pending)
-
-    def _flush_pending(self) -> None:
-        if not self._ring_backend:
-            self._flush_pending_now()
-            return
-        backend: Any = self._backend
-        # ring writes: one io_uring_enter for the whole batch (with the re-armed read),
-        # still before any other code runs, so they keep their order with ioctls
-        backend.hold = True
-        try:
-            self._flush_pending_now()
-        finally:
-            backend.hold = False
-            self.ring.flush()
-
-    def _flush_pending_now(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        if len(pending) == 1:
-            inf, op, ctx = pending[0]
-            self._execute(ctx, op, [inf] if inf is not None else [])
-            return
-        # common with several faulting threads: one uffd, ranges that neither overlap
-        # nor touch: merging would return them unchanged, so run them in address order
-        ctx0 = pending[0][2]
-        pending.sort(key=_op_address)
-        end = -1
-        for _, op, ctx in pending:
-            if ctx is not ctx0 or op.address <= end:
-                break
-            end = op.address + op.length
-        else:
-            b = self._ioctl_backend
-            if b is not self._backend:
-                b = None
-            c = self._counters
-            for inf, op, ctx in pending:
-                if b is not None and inf is not None and op.kind is Kind.COPY and not op.wp:
-                    # a handler's page(s), as in _complete: one native call when it works
-                    b.ioctls += 1
-                    if copy_buf(ctx.uffd.fd, op.address, from_buffer(op.data), op.length,
-                                 0) == 0:
-                        c.resolved_bytes += op.length
-                        c.copies += 1
-                        c.resolved_pages += 1
-                        self._finish(inf)
-                        continue
-                self._execute(ctx, op, [inf] if inf is not None else [])
-            return
-        by_ctx: dict[int, tuple[_Context, list[tuple[Fault | None, Op]]]] = {}
-        for inf, op, ctx in pending:
-            by_ctx.setdefault(id(ctx), (ctx, []))[1].append((inf, op))
-        for ctx, items in by_ctx.values():
-            merged = merge(op for _, op in items)
-            owners: dict[int, list[Fault]] = {id(m): [] for m in merged}
-            for inf, op in items:
-                m = covering(merged, op.address)
-                if m is not None and inf is not None:
-                    owners[id(m)].append(inf)
-            for m in merged:
-                self._execute(ctx, m, owners[id(m)])
-
-    def _execute(self, ctx: _Context, op: Op, infs: list[Fault]) -> None:
-        if ctx.uffd.closed:  # a retry timer that outlived aclose(): nothing left to do
-            for inf in infs:
-                self._finish(inf)
-            return
-        try:
-            res = self._backend.execute(ctx.uffd, op)
-        except MmChanging:
-            self._retry_later(ctx, op, infs)
-            return
-        except RangeGone:
-            for inf in infs:
-                self._finish(inf)
-            return
-        except ResolveError as exc:
-            self._resolve_failed(ctx, op, infs, exc)
-            return
-        if isinstance(res, int):
-            self._resolved(op, infs)
-        else:
-            for inf in infs:
-                inf.resolving = True
-            res.add_done_callback(lambda f: self._execute_done(ctx, op, infs, f))
-
-    def _execute_done(self, ctx: _Context, op: Op, infs: list[Fault],
-                      fut: asyncio.Future[int]) -> None:
-        exc = fut.exception()
-        if exc is None:
-            self._resolved(op, infs)
-        elif isinstance(exc, MmChanging):
-            self._retry_later(ctx, op, infs)
-        elif isinstance(exc, RangeGone):
-            for inf in infs:
-                self._finish(inf)
-        elif isinstance(exc, ResolveError):
-            self._resolve_failed(ctx, op, infs, exc)
-        else:
-            self._resolve_failed(ctx, op, infs, ResolveError(
-                E.EIO, str(exc), op=op.kind.value, address=op.address, length=op.length))
-
-    def _resolved(self, op: Op, infs: Sequence[Fault]) -> None:
-        c = self._counters
-        c.resolved_bytes += op.length
-        count_op(c, op.kind)
-        for inf in infs:
-            c.resolved_pages += 1
-            self._finish(inf)
-
-    def _retry_later(self, ctx: _Context, op: Op, infs: list[Fault]) -> None:
-        attempts = max((inf.attempts for inf in infs), default=0) + 1
-        for inf in infs:
-            inf.attempts = attempts
-        self._counters.eagain_retries += 1
-        if attempts > EAGAIN_MAX_RETRIES:
-            self._resolve_failed(ctx, op, infs, ResolveError(
-                E.EAGAIN, "address space kept changing", op=op.kind.value, address=op.address,
-                length=op.length))
-            return
-        assert self._loop is not None
-        self._loop.call_later(EAGAIN_RETRY_INTERVAL, self._execute, ctx, op, infs)
-
-    def _resolve_failed(self, ctx: _Context, op: Op, infs: list[Fault],
-                        exc: ResolveError) -> None:
-        if op.kind is Kind.MOVE and isinstance(exc, MoveError) and (
-                exc.done or exc.errno == E.EEXIST):
-            # a handler's Moved: the faulting page (op.address) was moved, or is there
-            # already; what was not moved stays at the source
-            self._log.warning("uffd_aio.move_incomplete", address=hex(op.address),
-                              moved=exc.done, length=op.length, error=str(exc))
-            if not exc.done:  # EEXIST does not wake
-                try:
-                    ctx.uffd.wake(op.address, infs[0].page_size if infs else PAGE_SIZE)
-                except OSError:
-                    pass
-            self._counters.moves += bool(exc.done)
-            for inf in infs:
-                self._counters.resolved_pages += 1
-                self._finish(inf)
-            return
-        self._log.error("uffd_aio.resolve_failed", op=op.kind.value, address=hex(op.address),
-                        length=op.length, error=str(exc))
-        if op.kind is Kind.POISON or not infs:
-            for inf in infs:
-                self._finish(inf)
-            if not infs:
-                self._counters.errors += 1
-            return
-        for inf in infs:
-            self._fail(inf, exc)
-
-    def explicit(self, inf: Fault, op: Op) -> int | asyncio.Future[int]:
-        """ev.copy()/zero()/... (:class:`~uffd_aio.dispatch.ExplicitResolver`): run now,
-        outside batching; the fault counts as resolved."""
-        ctx = inf.channel
-        try:
-            # done when this returns (a handler may rely on it): ring writes -> pwrite
-            res = self._sync_backend.execute(ctx.uffd, op)
-        except MmChanging:
-            assert self._loop is not None
-            return asyncio.ensure_future(self._explicit_retry(inf, op), loop=self._loop)
-        if isinstance(res, int):
-            self._mark_explicit(inf, op, res)
-            return res
-        if op.address <= inf.page < op.end:
-            inf.resolving = True
-        # a ring write: EAGAIN arrives in the future; retried as with the ioctl backend
-        return asyncio.ensure_future(self._explicit_await(inf, op, res), loop=self._loop)
-
-    async def _explicit_await(self, inf: Fault, op: Op, fut: asyncio.Future[int]) -> int:
-        try:
-            n = await fut
-        except MmChanging:
-            return await self._explicit_retry(inf, op)
-        self._mark_explicit(inf, op, n)
-        return n
-
-    async def _explicit_retry(self, inf: Fault, op: Op) -> int:
-        async def attempt() -> int:
-            res = self._sync_backend.execute(inf.channel.uffd, op)
-            return res if isinstance(res, int) else await res
-
-        def count() -> None:
-            self._counters.eagain_retries += 1
-
-        n = await retry_while_mm_changing(attempt, op=op.kind.value, address=op.address,
-                                          length=op.length, on_retry=count)
-        self._mark_explicit(inf, op, n)
-        return n
-
-    def _mark_explicit(self, inf: Fault, op: Op, n: int) -> None:
-        c = self._counters
-        c.resolved_bytes += n
-        count_op(c, op.kind)
-        if op.address <= inf.page < op.end and not inf.resolved:
-            inf.resolved = True
-            c.resolved_pages += 1
+            self._resolver.complete(fault, task.result())
 
     # ---- errors ------------------------------------------------------------------
 
@@ -1319,35 +1056,12 @@ class Pager:
         if what.record:
             self._failure = exc
         if what.policy:
-            self._apply_policy(fault.channel, fault.is_wp, fault.is_minor, fault.page,
+            self._resolver.apply_policy(fault.channel, fault.is_wp, fault.is_minor, fault.page,
                                fault.page_size)
         self._finish(fault)
         if what.stop:
             assert self._loop is not None
             self._loop.create_task(self.aclose())
-
-    def _apply_policy(self, ctx: Channel, is_wp: bool, is_minor: bool, page: int,
-                      size: int) -> None:
-        if self._abandon:
-            return  # the successor's WAKE re-raises the fault
-        ops = policy_ops(self._on_error, is_wp=is_wp, is_minor=is_minor, page=page, size=size)
-        backend = self._sync_backend  # synchronous resolutions
-        for op in ops:
-            try:
-                res = backend.execute(ctx.uffd, op)
-                if not isinstance(res, int):
-                    res.add_done_callback(lambda f: f.exception())
-                count_op(self._counters, op.kind)
-                return
-            except RangeGone:
-                return
-            except (ResolveError, OSError) as exc:
-                self._log.warning("uffd_aio.policy_step_failed", op=op.kind.value,
-                                  address=hex(page), error=str(exc))
-        try:  # last resort: let the thread retry rather than hang
-            ctx.uffd.wake(page, size)
-        except OSError:
-            pass
 
     def _finish(self, fault: Fault) -> None:
         core = self._core
