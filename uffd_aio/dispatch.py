@@ -29,7 +29,7 @@ import bisect
 import enum
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
@@ -63,6 +63,8 @@ class RegionView(Protocol):
     def remote(self) -> bool: ...
     @property
     def memfd(self) -> int | None: ...
+    @property
+    def event_handlers(self) -> Sequence[Callable[[Any], Any]]: ...
     def address_of(self, offset: int) -> int: ...
 
 

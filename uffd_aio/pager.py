@@ -953,15 +953,15 @@ class Pager:
         if r.pending:
             r.flush()
 
-    def _on_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
+    def _on_fault(self, ctx: Channel, msg: PageFaultMsg) -> None:
         f = self._core.admit(ctx, msg, time.perf_counter_ns())
-        if type(f) is Outcome:
+        if isinstance(f, Outcome):
             if f is Outcome.STRAY:
                 self._stray_fault(ctx, msg)
             return
-        self._start(f)  # type: ignore[arg-type]
+        self._start(f)
 
-    def _stray_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
+    def _stray_fault(self, ctx: Channel, msg: PageFaultMsg) -> None:
         self._log.error("uffd_aio.stray_fault", uffd=ctx.uffd.fd, address=hex(msg.address))
         page = msg.address & ~(PAGE_SIZE - 1)
         self._resolver.apply_policy(ctx, msg.is_wp, msg.is_minor, page, PAGE_SIZE)
@@ -1079,7 +1079,7 @@ class Pager:
                 self._start(nxt)
         if core.deferred:
             for m in core.take_deferred(fault):
-                self._on_fault(fault.channel, m)  # type: ignore[arg-type]
+                self._on_fault(fault.channel, m)
         if self._idle_waiter is not None and core.idle:
             w, self._idle_waiter = self._idle_waiter, None
             if not w.done():
@@ -1103,7 +1103,7 @@ class Pager:
             else:
                 os.close(msg.ufd)
         handlers = list(self._event_handlers)
-        handlers += [h for r in regions for h in r.event_handlers]  # type: ignore[attr-defined]
+        handlers += [h for r in regions for h in r.event_handlers]
         self._log.debug("uffd_aio.event", uffd=ctx.uffd.fd, message=repr(msg))
         for h in dict.fromkeys(handlers):
             self._run_event_handler(h, msg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -51,6 +52,7 @@ class FakeRegion:
     page_size: int = PS
     remote: bool = False
     memfd: int | None = None
+    event_handlers: list[Callable[[Any], Any]] = attrs.Factory(list)
 
     @property
     def end(self) -> int:
