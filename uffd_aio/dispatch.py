@@ -30,7 +30,7 @@ import enum
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import attrs
 
@@ -40,9 +40,6 @@ from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, Unmap
 from uffd_aio.modes import Feature, feature_names
 from uffd_aio.ops import Kind, Moved, Op, new_op, zero_source
 from uffd_aio.stats import Counters
-
-if TYPE_CHECKING:
-    from uffd_aio.uffd import Userfaultfd
 
 ErrorPolicy = Literal["poison", "zero", "raise"]
 
@@ -94,15 +91,16 @@ class Extent:
 class Channel:
     """One uffd being served: its extent table and its faults in flight (per page).
 
-    ``local``: the uffd belongs to this process (not a fork child's or a handed-over
-    one), so UFFDIO_MOVE from our memory can reach it.  ``resolver`` runs the
-    explicit resolutions of its faults.
+    ``uffd`` is the I/O side's handle (a :class:`~uffd_aio.uffd.Userfaultfd`), carried
+    for the resolver and never touched here.  ``local``: the uffd belongs to this
+    process (not a fork child's or a handed-over one), so UFFDIO_MOVE from our memory
+    can reach it.  ``resolver`` runs the explicit resolutions of its faults.
     """
 
     __slots__ = ("extents", "features", "inflight", "local", "resolver", "starts",
                  "thread_ids", "uffd")
 
-    def __init__(self, uffd: Userfaultfd, *, features: Feature = Feature(0),
+    def __init__(self, uffd: Any, *, features: Feature = Feature(0),
                  local: bool = True, resolver: ExplicitResolver | None = None) -> None:
         self.uffd = uffd
         self.features = features

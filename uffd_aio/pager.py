@@ -133,6 +133,8 @@ class _Context(Channel):
     """One uffd being served: the pager's own, a fork child's, or a handed-off one.
     The dispatch core's :class:`Channel` (extents, faults in flight) plus its reads."""
 
+    uffd: Userfaultfd
+
     def __init__(self, pager: Pager, uffd: Userfaultfd, label: str, *, local: bool) -> None:
         super().__init__(uffd, features=uffd.features, local=local, resolver=pager._resolver)
         self.label = label
