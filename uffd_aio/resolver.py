@@ -130,8 +130,8 @@ class Resolver:
             return
         self.queue(fault, op, ctx)
 
-    def queue(self, inf: Fault | None, op: Op, ctx: Channel) -> None:
-        self.pending.append((inf, op, ctx))
+    def queue(self, fault: Fault | None, op: Op, ctx: Channel) -> None:
+        self.pending.append((fault, op, ctx))
         if not self.in_batch and not self._flush_scheduled:
             self._flush_scheduled = True
             assert self.loop is not None
@@ -158,8 +158,8 @@ class Resolver:
         if not pending:
             return
         if len(pending) == 1:
-            inf, op, ctx = pending[0]
-            self.execute(ctx, op, [inf] if inf is not None else [])
+            fault, op, ctx = pending[0]
+            self.execute(ctx, op, [fault] if fault is not None else [])
             return
         # common with several faulting threads: one uffd, ranges that neither overlap
         # nor touch: merging would return them unchanged, so run them in address order
@@ -175,8 +175,8 @@ class Resolver:
             if b is not self.backend:
                 b = None
             c = self.counters
-            for inf, op, ctx in pending:
-                if b is not None and inf is not None and op.kind is Kind.COPY and not op.wp:
+            for fault, op, ctx in pending:
+                if b is not None and fault is not None and op.kind is Kind.COPY and not op.wp:
                     # a handler's page(s), as in _complete: one native call when it works
                     b.ioctls += 1
                     if copy_buf(ctx.uffd.fd, op.address, from_buffer(op.data), op.length,
@@ -184,85 +184,85 @@ class Resolver:
                         c.resolved_bytes += op.length
                         c.copies += 1
                         c.resolved_pages += 1
-                        self._finish(inf)
+                        self._finish(fault)
                         continue
-                self.execute(ctx, op, [inf] if inf is not None else [])
+                self.execute(ctx, op, [fault] if fault is not None else [])
             return
         by_ctx: dict[int, tuple[Channel, list[tuple[Fault | None, Op]]]] = {}
-        for inf, op, ctx in pending:
-            by_ctx.setdefault(id(ctx), (ctx, []))[1].append((inf, op))
+        for fault, op, ctx in pending:
+            by_ctx.setdefault(id(ctx), (ctx, []))[1].append((fault, op))
         for ctx, items in by_ctx.values():
             merged = merge(op for _, op in items)
             owners: dict[int, list[Fault]] = {id(m): [] for m in merged}
-            for inf, op in items:
+            for fault, op in items:
                 m = covering(merged, op.address)
-                if m is not None and inf is not None:
-                    owners[id(m)].append(inf)
+                if m is not None and fault is not None:
+                    owners[id(m)].append(fault)
             for m in merged:
                 self.execute(ctx, m, owners[id(m)])
 
-    def execute(self, ctx: Channel, op: Op, infs: list[Fault]) -> None:
+    def execute(self, ctx: Channel, op: Op, faults: list[Fault]) -> None:
         if ctx.uffd.closed:  # a retry timer that outlived aclose(): nothing left to do
-            for inf in infs:
-                self._finish(inf)
+            for fault in faults:
+                self._finish(fault)
             return
         try:
             res = self.backend.execute(ctx.uffd, op)
         except MmChanging:
-            self._retry_later(ctx, op, infs)
+            self._retry_later(ctx, op, faults)
             return
         except RangeGone:
-            for inf in infs:
-                self._finish(inf)
+            for fault in faults:
+                self._finish(fault)
             return
         except ResolveError as exc:
-            self._resolve_failed(ctx, op, infs, exc)
+            self._resolve_failed(ctx, op, faults, exc)
             return
         if isinstance(res, int):
-            self._resolved(op, infs)
+            self._resolved(op, faults)
         else:
-            for inf in infs:
-                inf.resolving = True
-            res.add_done_callback(lambda f: self._execute_done(ctx, op, infs, f))
+            for fault in faults:
+                fault.resolving = True
+            res.add_done_callback(lambda f: self._execute_done(ctx, op, faults, f))
 
-    def _execute_done(self, ctx: Channel, op: Op, infs: list[Fault],
+    def _execute_done(self, ctx: Channel, op: Op, faults: list[Fault],
                       fut: asyncio.Future[int]) -> None:
         exc = fut.exception()
         if exc is None:
-            self._resolved(op, infs)
+            self._resolved(op, faults)
         elif isinstance(exc, MmChanging):
-            self._retry_later(ctx, op, infs)
+            self._retry_later(ctx, op, faults)
         elif isinstance(exc, RangeGone):
-            for inf in infs:
-                self._finish(inf)
+            for fault in faults:
+                self._finish(fault)
         elif isinstance(exc, ResolveError):
-            self._resolve_failed(ctx, op, infs, exc)
+            self._resolve_failed(ctx, op, faults, exc)
         else:
-            self._resolve_failed(ctx, op, infs, ResolveError(
+            self._resolve_failed(ctx, op, faults, ResolveError(
                 E.EIO, str(exc), op=op.kind.value, address=op.address, length=op.length))
 
-    def _resolved(self, op: Op, infs: Sequence[Fault]) -> None:
+    def _resolved(self, op: Op, faults: Sequence[Fault]) -> None:
         c = self.counters
         c.resolved_bytes += op.length
         count_op(c, op.kind)
-        for inf in infs:
+        for fault in faults:
             c.resolved_pages += 1
-            self._finish(inf)
+            self._finish(fault)
 
-    def _retry_later(self, ctx: Channel, op: Op, infs: list[Fault]) -> None:
-        attempts = max((inf.attempts for inf in infs), default=0) + 1
-        for inf in infs:
-            inf.attempts = attempts
+    def _retry_later(self, ctx: Channel, op: Op, faults: list[Fault]) -> None:
+        attempts = max((fault.attempts for fault in faults), default=0) + 1
+        for fault in faults:
+            fault.attempts = attempts
         self.counters.eagain_retries += 1
         if attempts > EAGAIN_MAX_RETRIES:
-            self._resolve_failed(ctx, op, infs, ResolveError(
+            self._resolve_failed(ctx, op, faults, ResolveError(
                 E.EAGAIN, "address space kept changing", op=op.kind.value, address=op.address,
                 length=op.length))
             return
         assert self.loop is not None
-        self.loop.call_later(EAGAIN_RETRY_INTERVAL, self.execute, ctx, op, infs)
+        self.loop.call_later(EAGAIN_RETRY_INTERVAL, self.execute, ctx, op, faults)
 
-    def _resolve_failed(self, ctx: Channel, op: Op, infs: list[Fault],
+    def _resolve_failed(self, ctx: Channel, op: Op, faults: list[Fault],
                         exc: ResolveError) -> None:
         if op.kind is Kind.MOVE and isinstance(exc, MoveError) and (
                 exc.done or exc.errno == E.EEXIST):
@@ -272,54 +272,54 @@ class Resolver:
                               moved=exc.done, length=op.length, error=str(exc))
             if not exc.done:  # EEXIST does not wake
                 try:
-                    ctx.uffd.wake(op.address, infs[0].page_size if infs else PAGE_SIZE)
+                    ctx.uffd.wake(op.address, faults[0].page_size if faults else PAGE_SIZE)
                 except OSError:
                     pass
             self.counters.moves += bool(exc.done)
-            for inf in infs:
+            for fault in faults:
                 self.counters.resolved_pages += 1
-                self._finish(inf)
+                self._finish(fault)
             return
         self._log.error("uffd_aio.resolve_failed", op=op.kind.value, address=hex(op.address),
                         length=op.length, error=str(exc))
-        if op.kind is Kind.POISON or not infs:
-            for inf in infs:
-                self._finish(inf)
-            if not infs:
+        if op.kind is Kind.POISON or not faults:
+            for fault in faults:
+                self._finish(fault)
+            if not faults:
                 self.counters.errors += 1
             return
-        for inf in infs:
-            self._fail(inf, exc)
+        for fault in faults:
+            self._fail(fault, exc)
 
-    def explicit(self, inf: Fault, op: Op) -> int | asyncio.Future[int]:
+    def explicit(self, fault: Fault, op: Op) -> int | asyncio.Future[int]:
         """ev.copy()/zero()/... (:class:`~uffd_aio.dispatch.ExplicitResolver`): run now,
         outside batching; the fault counts as resolved."""
-        ctx = inf.channel
+        ctx = fault.channel
         try:
             # done when this returns (a handler may rely on it): ring writes -> pwrite
             res = self.sync_backend.execute(ctx.uffd, op)
         except MmChanging:
             assert self.loop is not None
-            return asyncio.ensure_future(self._explicit_retry(inf, op), loop=self.loop)
+            return asyncio.ensure_future(self._explicit_retry(fault, op), loop=self.loop)
         if isinstance(res, int):
-            self._mark_explicit(inf, op, res)
+            self._mark_explicit(fault, op, res)
             return res
-        if op.address <= inf.page < op.end:
-            inf.resolving = True
+        if op.address <= fault.page < op.end:
+            fault.resolving = True
         # a ring write: EAGAIN arrives in the future; retried as with the ioctl backend
-        return asyncio.ensure_future(self._explicit_await(inf, op, res), loop=self.loop)
+        return asyncio.ensure_future(self._explicit_await(fault, op, res), loop=self.loop)
 
-    async def _explicit_await(self, inf: Fault, op: Op, fut: asyncio.Future[int]) -> int:
+    async def _explicit_await(self, fault: Fault, op: Op, fut: asyncio.Future[int]) -> int:
         try:
             n = await fut
         except MmChanging:
-            return await self._explicit_retry(inf, op)
-        self._mark_explicit(inf, op, n)
+            return await self._explicit_retry(fault, op)
+        self._mark_explicit(fault, op, n)
         return n
 
-    async def _explicit_retry(self, inf: Fault, op: Op) -> int:
+    async def _explicit_retry(self, fault: Fault, op: Op) -> int:
         async def attempt() -> int:
-            res = self.sync_backend.execute(inf.channel.uffd, op)
+            res = self.sync_backend.execute(fault.channel.uffd, op)
             return res if isinstance(res, int) else await res
 
         def count() -> None:
@@ -327,15 +327,15 @@ class Resolver:
 
         n = await retry_while_mm_changing(attempt, op=op.kind.value, address=op.address,
                                           length=op.length, on_retry=count)
-        self._mark_explicit(inf, op, n)
+        self._mark_explicit(fault, op, n)
         return n
 
-    def _mark_explicit(self, inf: Fault, op: Op, n: int) -> None:
+    def _mark_explicit(self, fault: Fault, op: Op, n: int) -> None:
         c = self.counters
         c.resolved_bytes += n
         count_op(c, op.kind)
-        if op.address <= inf.page < op.end and not inf.resolved:
-            inf.resolved = True
+        if op.address <= fault.page < op.end and not fault.resolved:
+            fault.resolved = True
             c.resolved_pages += 1
 
     def apply_policy(self, ctx: Channel, is_wp: bool, is_minor: bool, page: int,
