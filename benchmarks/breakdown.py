@@ -16,7 +16,7 @@ around each stage, hands it a uffd from ``benchmarks/c/build/workload`` (pinned 
 * ``submit``: io_uring_enter re-arming the read (completes inline when a message waits);
 * ``reap``: the C reap call and the tuples it returns;
 * ``decode``, ``arm`` (prep of the next read), ``handler`` (the bench's read-ahead
-  handler), ``resolve (py)`` (IoctlResolver.execute minus its ioctl), ``dispatch (py)``
+  handler), ``resolve (py)`` (IoctlExecutor.execute minus its ioctl), ``dispatch (py)``
   (Pager._dispatch minus handler and resolve: lookup, dedup, PageFault, checks, queue,
   merge/flush, stats, finish);
 * ``ring+read (py)``: the rest of Ring._on_readable (drain loop, callbacks, Pager._on_read);
@@ -102,7 +102,7 @@ def install() -> None:
     wrap(pager_mod.ev_mod, "decode", "decode")
     wrap(pager_mod.Pager, "_arm", "arm")
     wrap(pager_mod.Pager, "_dispatch", "dispatch")
-    wrap(resolve_mod.IoctlResolver, "execute", "resolve")
+    wrap(resolve_mod.IoctlExecutor, "execute", "resolve")
     orig_on = ring_mod.Ring._on_readable
     last = LAST
 

@@ -70,7 +70,7 @@ def quiet_pager(name: str) -> Pager:
     return Pager(name=name)
 
 
-class StubResolver:
+class StubExecutor:
     name = "stub"
     ioctls = 0
 
@@ -92,7 +92,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         async with quiet_pager("micro") as pager:
             region = pager.map(pages * PAGE)
             attach(region, store, 1, sync=sync)
-            pager._backend = StubResolver()  # type: ignore[assignment]
+            pager._resolver.backend = StubExecutor()  # type: ignore[assignment]
             ctx = pager._main
             assert ctx is not None
             msgs = [events.PageFaultMsg(region.address + (i % pages) * PAGE, 0, 0)

@@ -34,6 +34,14 @@ class PagerClosed(UffdError):
     """The pager was closed while an operation was pending."""
 
 
+class PagerFailed(UffdError):
+    """A handler failed under ``on_error="raise"``; the pager stopped serving."""
+
+
+class HandlerTimeout(UffdError, TimeoutError):
+    """A fault handler ran longer than ``handler_timeout``."""
+
+
 class ResolveError(UffdError, OSError):
     """A resolve ioctl/write failed; ``errno`` and ``address`` tell which."""
 

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec
 
-import attrs
-
+from uffd_aio.dispatch import BASE_PAGE, Fault, check_move, check_range
 from uffd_aio.log import get_logger
-from uffd_aio.resolve import Kind, Moved, Op, zero_source
-from uffd_aio.uffd import PAGE_SIZE
-
-if TYPE_CHECKING:
-    from uffd_aio.pager import _Inflight
-    from uffd_aio.region import Region
+from uffd_aio.ops import Kind, Moved, Op, zero_source
 
 _P = ParamSpec("_P")
 
@@ -83,8 +77,7 @@ def _resolution(fn: Callable[Concatenate[PageFault, _P], Coroutine[Any, Any, int
     return method
 
 
-@attrs.frozen(slots=True, repr=False)
-class PageFault:
+class PageFault(Fault):
     """A page fault in a registered region.
 
     Return ``bytes`` (copied in at :attr:`page`; may span several pages for
@@ -108,36 +101,17 @@ class PageFault:
     * ``region``: the :class:`~uffd_aio.Region` faulted;
     * ``is_write``, ``is_wp``, ``is_minor`` (and :attr:`is_missing`): the kind of fault;
     * ``thread_id``: the faulting thread's id when ``THREAD_ID`` was negotiated.
+
+    The same object is the pager's record of the fault while it is in flight
+    (:class:`uffd_aio.dispatch.Fault`: one record per fault).
     """
 
-    address: int
-    page: int
-    offset: int
-    page_size: int
-    region: Region
-    is_write: bool
-    is_wp: bool
-    is_minor: bool
-    thread_id: int | None
-    _inf: _Inflight = attrs.field(eq=False)
-
-    @property
-    def is_missing(self) -> bool:
-        return not (self.is_wp or self.is_minor)
-
-    @property
-    def page_address(self) -> int:
-        """The faulting page's address (the same as :attr:`page`, under a clearer name)."""
-        return self.page
-
-    def __repr__(self) -> str:
-        kind = "wp" if self.is_wp else "minor" if self.is_minor else "missing"
-        rw = "write" if self.is_write else "read"
-        return (f"PageFault({kind} {rw} at {self.address:#x}, region={self.region.name!r}, "
-                f"offset={self.offset:#x}, tid={self.thread_id})")
+    __slots__ = ()
 
     async def _run(self, op: Op) -> int:
-        res = self._inf.pager._resolve_explicit(self._inf, op)
+        resolver = self.channel.resolver
+        assert resolver is not None
+        res = resolver.explicit(self, op)
         if isinstance(res, int):
             return res
         return await res
@@ -155,7 +129,7 @@ class PageFault:
         """
         start = self.page if offset is None else self.region.address_of(offset)
         view = memoryview(data).cast("B")
-        self._inf.pager._check_range(self._inf, start, view.nbytes, what="copy")
+        check_range(self, start, view.nbytes, what="copy")
         return await self._run(Op(Kind.COPY, start, view.nbytes, view, wp))
 
     @_resolution
@@ -179,30 +153,30 @@ class PageFault:
         start = self.page if offset is None else self.region.address_of(offset)
         n = self.page_size if length is None else length
         moved = Moved(src_address, n, allow_src_holes)
-        self._inf.pager._check_move(self._inf, start, n, moved)
+        check_move(self, start, n, moved)
         return await self._run(Op(Kind.MOVE, start, n, moved))
 
     @_resolution
     async def zero(self, length: int | None = None) -> int:
         """Map zero pages from this fault's page on (``length`` bytes, default one page)."""
         n = self.page_size if length is None else length
-        self._inf.pager._check_range(self._inf, self.page, n, what="zero")
+        check_range(self, self.page, n, what="zero")
         # hugetlbfs has no zero page: a copy from a zero buffer
-        data = None if self.page_size == PAGE_SIZE else zero_source(n)
+        data = None if self.page_size == BASE_PAGE else zero_source(n)
         return await self._run(Op(Kind.ZERO, self.page, n, data))
 
     @_resolution
     async def continue_(self, length: int | None = None, *, wp: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages that are already there (MINOR faults)."""
         n = self.page_size if length is None else length
-        self._inf.pager._check_range(self._inf, self.page, n, what="continue")
+        check_range(self, self.page, n, what="continue")
         return await self._run(Op(Kind.CONTINUE, self.page, n, None, wp))
 
     @_resolution
     async def unprotect(self, length: int | None = None) -> int:
         """Remove write protection (WP faults) and wake the writer."""
         n = self.page_size if length is None else length
-        self._inf.pager._check_range(self._inf, self.page, n, what="unprotect")
+        check_range(self, self.page, n, what="unprotect")
         return await self._run(Op(Kind.UNPROTECT, self.page, n))
 
     @_resolution

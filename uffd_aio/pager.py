@@ -2,70 +2,72 @@
 
 Data flow of a fault: the outstanding io_uring read on the uffd completes ->
 the ring reaps the CQE batch (one C call) -> :mod:`uffd_aio.events` decodes
-it -> the fault is mapped to its region and deduplicated per page -> the
-handler runs (eagerly: no Task unless it really suspends) -> the resolution
-is queued, contiguous ones are merged at the end of the batch and executed by
-the backend (:mod:`uffd_aio.resolve`) -> the faulting thread resumes.
+it -> the sans-io core (:mod:`uffd_aio.dispatch`) maps the fault to its region,
+deduplicates it per page and admits it (its :class:`~uffd_aio.PageFault` is the
+one record of the fault) -> the pager runs the handler (eagerly: no Task unless
+it really suspends) -> :mod:`uffd_aio.resolver` resolves what it returned (the
+lone fault at once, a batch merged at its end) through the backend
+(:mod:`uffd_aio.resolve`) -> the faulting thread resumes.
+
+This module is the I/O and loop glue: the user-facing :class:`Pager` (lifecycle,
+regions, stats), the uffd reads, the native engine's hooks, the handlers' Tasks
+and timers, events' handlers.  Decisions are the core's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import errno as E
 import functools
 import inspect
 import os
 import time
 import types
-from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Literal
 
 import attrs
 
 from uffd_aio import events as ev_mod
 from uffd_aio import hugepages
+from uffd_aio.dispatch import (
+    Channel,
+    Dispatcher,
+    ErrorPolicy,
+    Fault,
+    Outcome,
+    cancel_error,
+    failure_outcome,
+)
 from uffd_aio.errors import (
-    BadHandlerResult,
-    FeatureUnavailable,
-    MoveError,
+    HandlerTimeout,
     PagerClosed,
-    ResolveError,
+    PagerFailed,
     UffdError,
 )
-from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
+from uffd_aio.events import Fork, PageFaultMsg, UnknownMsg
 from uffd_aio.fault import PageFault
 from uffd_aio.log import get_logger
-from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode, feature_names
+from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode
 from uffd_aio.region import EventHandler, Region
 from uffd_aio.resolve import (
-    Backend,
-    IoctlBackend,
-    Kind,
-    Moved,
+    IoctlExecutor,
     Op,
-    covering,
-    merge,
-    zero_source,
+    OpExecutor,
 )
+from uffd_aio.resolver import Resolver
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring._engine import Engine, EngineStats
-from uffd_aio.ring._lowlevel import copy_buf as _copy_buf
-from uffd_aio.ring._lowlevel import from_buffer as _from_buffer
 from uffd_aio.stats import Counters, PagerStats
 from uffd_aio.uffd import (
-    EAGAIN_MAX_RETRIES,
-    EAGAIN_RETRY_INTERVAL,
     PAGE_SIZE,
-    MmChanging,
     RangeGone,
     Userfaultfd,
-    retry_while_mm_changing,
 )
 
-ErrorPolicy = Literal["poison", "zero", "raise"]
+__all__ = ["BackendName", "ErrorPolicy", "HandlerTimeout", "Pager", "PagerFailed", "ReadMode"]
+
 BackendName = Literal["auto", "ioctl", "ring"]
 ReadMode = Literal["auto", "multishot", "read", "poll"]
 
@@ -73,9 +75,6 @@ _READ_BATCH = 64  # uffd_msg per read
 _READ_ON = 16  # direct reads after a dispatched batch before re-arming the ring read
 _NATIVE_SLOT_BYTES = 256 * 1024  # native engine: one io_uring READ of page-cache misses
 _CoroType = types.CoroutineType
-_WRITE = ev_mod.PAGEFAULT_FLAG_WRITE
-_WP = ev_mod.PAGEFAULT_FLAG_WP
-_MINOR = ev_mod.PAGEFAULT_FLAG_MINOR
 
 
 _STALL_MESSAGE = """
@@ -91,53 +90,6 @@ pager has read the FORK event; use _Fork(), posix_spawn, or leave EVENT_FORK out
 handler blocks the loop this long.  See docs/gil.md.  To see which thread: run with
 PYTHONFAULTHANDLER=1 and send SIGABRT, or py-spy dump --pid {pid}.
 """
-
-
-def _slot_constructor(cls: type[Any]) -> Callable[..., Any]:
-    """``cls(*fields)`` for a frozen attrs class without validators, converters or
-    defaults to apply: the slots' setters called directly, instead of the generated
-    frozen ``__init__`` that goes through ``object.__setattr__`` per field.  Built for
-    the two records made per fault (PageFault, Op); same objects, ~half the cost."""
-    fields = attrs.fields(cls)
-    if any(a.validator is not None or a.converter is not None for a in fields):
-        raise TypeError(f"{cls.__name__} has validators/converters")
-    setters = tuple(cls.__dict__[a.name].__set__ for a in fields)  # slot descriptors
-    new = object.__new__
-    n = len(setters)
-
-    if n == 10:
-        s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = setters
-
-        def make10(a0: Any, a1: Any, a2: Any, a3: Any, a4: Any, a5: Any, a6: Any, a7: Any,
-                   a8: Any, a9: Any) -> Any:
-            o = new(cls)
-            s0(o, a0); s1(o, a1); s2(o, a2); s3(o, a3); s4(o, a4)  # noqa: E702
-            s5(o, a5); s6(o, a6); s7(o, a7); s8(o, a8); s9(o, a9)  # noqa: E702
-            return o
-
-        return make10
-    if n == 5:
-        t0, t1, t2, t3, t4 = setters
-
-        def make5(a0: Any, a1: Any, a2: Any, a3: Any, a4: Any) -> Any:
-            o = new(cls)
-            t0(o, a0); t1(o, a1); t2(o, a2); t3(o, a3); t4(o, a4)  # noqa: E702
-            return o
-
-        return make5
-    raise TypeError(f"no fast constructor for {n} fields")
-
-
-_new_fault: Callable[..., PageFault] = _slot_constructor(PageFault)
-_new_op: Callable[..., Op] = _slot_constructor(Op)
-
-
-class PagerFailed(UffdError):
-    """A handler failed under ``on_error="raise"``; the pager stopped serving."""
-
-
-class HandlerTimeout(UffdError, TimeoutError):
-    """A fault handler ran longer than ``handler_timeout``."""
 
 
 class _Resume:
@@ -177,43 +129,15 @@ async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
     return await _Resume(coro, first)
 
 
-def _count_op(c: Counters, kind: Kind) -> None:
-    """Count one resolution of ``kind`` (the batched, explicit and policy paths)."""
-    if kind is Kind.COPY:
-        c.copies += 1
-    elif kind is Kind.ZERO:
-        c.zeropages += 1
-    elif kind is Kind.CONTINUE:
-        c.continues += 1
-    elif kind is Kind.UNPROTECT:
-        c.unprotects += 1
-    elif kind is Kind.POISON:
-        c.poisons += 1
-    elif kind is Kind.MOVE:
-        c.moves += 1
-    else:
-        c.wakes += 1
+class _Context(Channel):
+    """One uffd being served: the pager's own, a fork child's, or a handed-off one.
+    The dispatch core's :class:`Channel` (extents, faults in flight) plus its reads."""
 
+    uffd: Userfaultfd
 
-class _Extent:
-    """[start, end) of a uffd context maps to ``region`` at ``offset``."""
-
-    __slots__ = ("end", "offset", "region", "start")
-
-    def __init__(self, start: int, end: int, region: Region, offset: int) -> None:
-        self.start, self.end, self.region, self.offset = start, end, region, offset
-
-
-class _Context:
-    """One uffd being served: the pager's own, a fork child's, or a handed-off one."""
-
-    def __init__(self, pager: Pager, uffd: Userfaultfd, label: str) -> None:
-        self.pager = pager
-        self.uffd = uffd
+    def __init__(self, pager: Pager, uffd: Userfaultfd, label: str, *, local: bool) -> None:
+        super().__init__(uffd, features=uffd.features, local=local, resolver=pager._resolver)
         self.label = label
-        self.extents: list[_Extent] = []
-        self.starts: list[int] = []
-        self.inflight: dict[int, _Inflight] = {}
         self.read_ud: int | None = None
         self.read_cb: Callable[[int, int], None] | None = None  # made once, re-armed often
         self.read_mode: ReadMode = "read"
@@ -222,110 +146,12 @@ class _Context:
         self.bufring: ll.BufRing | None = None
         self.reading = False
         self.errors_in_row = 0
-        self.thread_ids = uffd.has(Feature.THREAD_ID)
         self.engine: Engine | None = None  # native fault engine (region.serve_from)
         self.engine_up: bytearray | None = None  # what its completions pass up (take)
 
-    def add_extent(self, start: int, end: int, region: Region, offset: int) -> None:
-        i = bisect.bisect_left(self.starts, start)
-        self.starts.insert(i, start)
-        self.extents.insert(i, _Extent(start, end, region, offset))
 
-    def remove_range(self, start: int, end: int) -> list[_Extent]:
-        """Cut [start, end) out of the extents; returns the removed pieces."""
-        kept: list[_Extent] = []
-        removed: list[_Extent] = []
-        for x in self.extents:
-            if x.end <= start or x.start >= end:
-                kept.append(x)
-                continue
-            if x.start < start:
-                kept.append(_Extent(x.start, start, x.region, x.offset))
-            if x.end > end:
-                kept.append(_Extent(end, x.end, x.region, x.offset + (end - x.start)))
-            lo, hi = max(x.start, start), min(x.end, end)
-            removed.append(_Extent(lo, hi, x.region, x.offset + (lo - x.start)))
-        kept.sort(key=lambda e: e.start)
-        self.extents = kept
-        self.starts = [x.start for x in kept]
-        return removed
-
-    def lookup(self, address: int) -> _Extent | None:
-        i = bisect.bisect_right(self.starts, address) - 1
-        if i >= 0:
-            x = self.extents[i]
-            if address < x.end:
-                return x
-        return None
-
-
-class _Inflight:
-    """A fault being handled (one per page per context; duplicates only count)."""
-
-    __slots__ = (
-        "attempts",
-        "ctx",
-        "dups",
-        "end",
-        "fault",
-        "msg",
-        "page",
-        "page_size",
-        "pager",
-        "region",
-        "resolved",
-        "resolving",
-        "t0",
-        "task",
-        "timed_out",
-        "timer",
-    )
-
-    def __init__(self, pager: Pager, ctx: _Context, msg: PageFaultMsg, region: Region,
-                 page: int) -> None:
-        self.pager = pager
-        self.ctx = ctx
-        self.msg = msg
-        self.region = region
-        self.page = page
-        self.page_size = region.page_size
-        self.t0 = time.perf_counter_ns()
-        self.dups = 0
-        self.resolved = False
-        # a resolution covering the page went to the ring (a write not completed yet):
-        # the kernel may already have woken the thread, which may fault again
-        self.resolving = False
-        self.task: asyncio.Task[Any] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.timed_out = False
-        self.attempts = 0
-        self.fault: PageFault | None = None
-        self.end = 0  # end of the extent the fault was in, when its handler started
-
-
-def _op_address(item: tuple[_Inflight | None, Op, _Context]) -> int:
+def _op_address(item: tuple[Fault | None, Op, _Context]) -> int:
     return item[1].address
-
-
-def _default_op(inf: _Inflight) -> Op:
-    msg = inf.msg
-    if msg.is_wp:
-        return Op(Kind.UNPROTECT, inf.page, inf.page_size)
-    if msg.is_minor:
-        return Op(Kind.CONTINUE, inf.page, inf.page_size)
-    return zero_op(inf.page, inf.page_size, inf.page_size)
-
-
-def zero_op(address: int, length: int, page_size: int) -> Op:
-    """Zero pages; on hugetlbfs (no UFFDIO_ZEROPAGE there) a copy from a zero buffer."""
-    if page_size == PAGE_SIZE:
-        return Op(Kind.ZERO, address, length)
-    return Op(Kind.ZERO, address, length, zero_source(length))
-
-
-def _page_size_at(ctx: _Context, address: int) -> int:
-    x = ctx.lookup(address)
-    return PAGE_SIZE if x is None else x.region.page_size
 
 
 class Pager:
@@ -440,31 +266,23 @@ class Pager:
         self._main: _Context | None = None
         self._regions: list[Region] = []
         self._event_handlers: list[EventHandler] = []
-        self._running = 0
-        self._backlog: deque[_Inflight] = deque()
-        self._pending: list[tuple[_Inflight | None, Op, _Context]] = []
-        self._in_batch = False
-        # a batch of one message on a synchronous backend: _complete executes its op at
-        # once (nothing to merge it with), skipping the queue and the flush
-        self._solo = False
-        self._ring_backend = False
-        self._ioctl_backend: IoctlBackend | None = None  # the direct copy's (_complete)
-        self._flush_scheduled = False
+        #: the sans-io core: admission, dedup, backlog, in-flight counts (uffd_aio.dispatch)
+        self._core = Dispatcher(self._counters, max_inflight, PageFault)
+        #: executes what the core decides: batches, the lone-fault fast path, retries,
+        #: explicit ev.* calls, the error policy's ioctls (uffd_aio.resolver)
+        self._resolver = Resolver(self._counters, on_error, finish=self._finish,
+                                  fail=self._fail, name=name)
         self._started = False
         self._closing = False
         self._abandon = False  # aclose(abandon_inflight=True): a successor takes the uffd
         self._closed = asyncio.Event()
-        # aclose waits for _running == 0 and no backlog: a future made only then (an
-        # Event cleared and set per fault cost more than the counts it mirrored)
+        # aclose waits for the core to be idle (no fault running, none backlogged): a
+        # future made only then (an Event per fault cost more than the counts)
         self._idle_waiter: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ring: Ring | None = None
-        self._backend: Backend = IoctlBackend()
-        self._sync_backend: Backend = self._backend  # resolutions done when execute returns
         self._warned_default = False
-        #: new faults on a page whose inflight was resolved but not finished (_on_fault)
-        self._deferred: dict[_Inflight, list[PageFaultMsg]] = {}
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -485,11 +303,7 @@ class Pager:
         self._ring = self._given_ring or Ring(loop=self._loop)
         try:
             uffd = self._given_uffd or Userfaultfd.open(self._features, required=self._required)
-            self._backend = self._make_backend(uffd)
-            self._sync_backend = getattr(self._backend, "sync", self._backend)
-            self._ring_backend = self._backend.name == "ring"
-            if type(self._backend) is IoctlBackend:
-                self._ioctl_backend = self._backend
+            self._resolver.use(self._make_backend(uffd), self._loop, self._ring)
             if self._poll:
                 self._start_polling(uffd)
             self._main = self._add_context(uffd, "main")
@@ -503,26 +317,26 @@ class Pager:
                 name=self.name, pid=os.getpid(), timeout=self._stall_warning),
                 uffd=uffd.fd)
         self._log.info("uffd_aio.pager_started", uffd=uffd.fd, ring_fd=self._ring.fd,
-                       backend=self._backend.name, read_mode=self._main.read_mode,
+                       backend=self._resolver.backend.name, read_mode=self._main.read_mode,
                        poll_budget_ns=self._poll_budget_ns,
                        loop=type(self._loop).__module__)
 
-    def _make_backend(self, uffd: Userfaultfd) -> Backend:
+    def _make_backend(self, uffd: Userfaultfd) -> OpExecutor:
         choice = self._backend_choice
         if choice == "ioctl":
-            return IoctlBackend()
+            return IoctlExecutor()
         from uffd_aio import resolve_ring  # patched kernels: io_uring writes on the uffd
 
         if choice == "auto" and not resolve_ring.write_path_available(uffd):
-            return IoctlBackend()
+            return IoctlExecutor()
         assert self._ring is not None
         try:
-            return resolve_ring.RingWriteBackend.create(self._ring, uffd)
+            return resolve_ring.RingWriteExecutor.create(self._ring, uffd)
         except (UffdError, OSError) as exc:
             if choice == "ring":
                 raise
             self._log.warning("uffd_aio.ring_backend_unavailable", error=str(exc))
-            return IoctlBackend()
+            return IoctlExecutor()
 
     def _start_polling(self, uffd: Userfaultfd) -> None:
         from uffd_aio import resolve_ring
@@ -554,7 +368,12 @@ class Pager:
 
     @property
     def backend(self) -> str:
-        return self._backend.name
+        return self._resolver.backend.name
+
+    @property
+    def _sync_backend(self) -> OpExecutor:
+        """The backend whose resolutions are done when ``execute`` returns."""
+        return self._resolver.sync_backend
 
     @property
     def features(self) -> Feature:
@@ -567,12 +386,13 @@ class Pager:
     @property
     def stats(self) -> PagerStats:
         c = self._counters
-        ioctls = getattr(self._backend, "ioctls", 0)
+        backend = self._resolver.backend
+        ioctls = getattr(backend, "ioctls", 0)
         c.ioctls = ioctls
-        c.ring_writes = getattr(self._backend, "ring_writes", 0)
-        c.pwrites = getattr(self._backend, "pwrites", 0)
-        snap = c.snapshot(inflight=self._running, backlog=len(self._backlog),
-                          backend=self._backend.name)
+        c.ring_writes = getattr(backend, "ring_writes", 0)
+        c.pwrites = getattr(backend, "pwrites", 0)
+        snap = c.snapshot(inflight=self._core.running, backlog=len(self._core.backlog),
+                          backend=backend.name)
         return self._native_stats(snap)
 
     async def wait_closed(self) -> None:
@@ -599,12 +419,12 @@ class Pager:
             await self._closed.wait()
             return
         self._closing = True
-        self._abandon = abandon_inflight
+        self._abandon = self._resolver.abandon = abandon_inflight
         try:
             await asyncio.wait_for(self._wait_idle(), self._close_timeout)
         except TimeoutError:
-            self._log.warning("uffd_aio.close_timeout", inflight=self._running,
-                              backlog=len(self._backlog))
+            self._log.warning("uffd_aio.close_timeout", inflight=self._core.running,
+                              backlog=len(self._core.backlog))
         # Whatever is still in flight gets the error policy now, and it is finished
         # before anything below: unregistering a range or closing the uffd wakes its
         # waiting threads, which then read the memory as if it had never been
@@ -635,7 +455,7 @@ class Pager:
 
     async def _wait_idle(self) -> None:
         """Until no handler runs and none waits in the backlog."""
-        while self._running or self._backlog:
+        while not self._core.idle:
             assert self._loop is not None
             if self._idle_waiter is None or self._idle_waiter.done():
                 self._idle_waiter = self._loop.create_future()
@@ -652,14 +472,15 @@ class Pager:
         times: finishing a fault can start a deferred one.
         """
         for _ in range(4):
-            infs = [inf for ctx in self._contexts for inf in ctx.inflight.values()]
-            if not infs and not self._backlog:
+            faults = [f for ctx in self._contexts for f in ctx.inflight.values()]
+            backlog = self._core.backlog
+            if not faults and not backlog:
                 return
-            while self._backlog:
-                inf = self._backlog.popleft()
-                if inf.ctx.inflight.get(inf.page) is inf:
-                    self._fail(inf, PagerClosed("pager closed before the handler ran"))
-            tasks = [inf.task for inf in infs if inf.task is not None and not inf.task.done()]
+            while backlog:
+                f = backlog.popleft()
+                if f.channel.inflight.get(f.page) is f:
+                    self._fail(f, PagerClosed("pager closed before the handler ran"))
+            tasks = [t for f in faults if isinstance(t := f.task, asyncio.Task) and not t.done()]
             for t in tasks:
                 t.cancel()
             if tasks:
@@ -668,11 +489,11 @@ class Pager:
                     None, tasks)
                 if stuck:
                     await asyncio.sleep(0)  # let the cancellations be delivered
-            self._flush_pending()
+            self._resolver.flush()
             for ctx in self._contexts:
-                for inf in list(ctx.inflight.values()):
-                    self._fail(inf, PagerClosed("pager closed while the fault was in flight"))
-            self._flush_pending()
+                for f in list(ctx.inflight.values()):
+                    self._fail(f, PagerClosed("pager closed while the fault was in flight"))
+            self._resolver.flush()
 
     # ---- regions -----------------------------------------------------------
 
@@ -791,8 +612,8 @@ class Pager:
     async def unregister(self, region: Region) -> None:
         """Stop serving ``region`` (waits for its running handlers)."""
         # rare and short: polling beats keeping an Event per region on the fault path
-        while any(inf.region is region for c in self._contexts  # noqa: ASYNC110
-                  for inf in c.inflight.values()):
+        while any(f.region is region for c in self._contexts  # noqa: ASYNC110
+                  for f in c.inflight.values()):
             await asyncio.sleep(0.001)
         owned = self._release_region(region)
         self._regions.remove(region)
@@ -840,8 +661,8 @@ class Pager:
     # ---- reading -----------------------------------------------------------
 
     def _add_context(self, uffd: Userfaultfd, label: str) -> _Context:
-        ctx = _Context(self, uffd, label)
-        uffd.page_size_of = functools.partial(_page_size_at, ctx)  # hugetlbfs EEXIST skips
+        ctx = _Context(self, uffd, label, local=self._main is None)  # the first is ours
+        uffd.page_size_of = ctx.page_size_at  # hugetlbfs EEXIST skips
         self._contexts.append(ctx)
         ring = self.ring
         choice = self._read_mode_choice
@@ -998,8 +819,9 @@ class Pager:
     # pass each read buffer through the context's engine and drop/close it with the
     # regions.  Everything the engine passes up is dispatched as before.
 
-    def _serve_from(self, region: Region, source: Any, *, offset: int,
-                    readahead: Any) -> None:
+    def serve_native(self, region: Region, source: Any, *, offset: int,
+                     readahead: Any) -> None:
+        """``region.serve_from``: hand ``region`` to its uffd's native engine."""
         from uffd_aio import native
 
         ctx = self._check_open()
@@ -1032,7 +854,7 @@ class Pager:
         engine = Engine(ctx.uffd.fd)
         try:
             wfd = -1
-            if self._backend.name == "ring":
+            if self._resolver.backend.name == "ring":
                 from uffd_aio import resolve_ring
 
                 wfd = resolve_ring.writer_fd(ctx.uffd)
@@ -1116,11 +938,12 @@ class Pager:
             native_read_waits=es.read_waits, native_read_passed_up=es.read_passed_up,
             native_ring_writes=es.ring_writes, native_pwrites=es.pwrites)
 
-    # ---- dispatch ---------------------------------------------------------
+    # ---- dispatch: the core decides (uffd_aio.dispatch), the pager runs handlers --------
 
     def _dispatch(self, ctx: _Context, msgs: list[ev_mod.Msg]) -> None:
-        self._in_batch = True
-        self._solo = len(msgs) == 1 and not self._ring_backend
+        r = self._resolver
+        r.in_batch = True
+        r.solo = len(msgs) == 1 and not r.ring_backend
         try:
             for m in msgs:
                 if type(m) is PageFaultMsg:
@@ -1128,72 +951,40 @@ class Pager:
                 else:
                     self._on_event(ctx, m)
         finally:
-            self._in_batch = self._solo = False
-        if self._pending:
-            self._flush_pending()
+            r.in_batch = r.solo = False
+        if r.pending:
+            r.flush()
 
-    def _on_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
-        c = self._counters
-        c.faults += 1
-        x = ctx.lookup(msg.address)
-        if x is None:
-            self._stray_fault(ctx, msg)
+    def _on_fault(self, ctx: Channel, msg: PageFaultMsg) -> None:
+        f = self._core.admit(ctx, msg, time.perf_counter_ns())
+        if isinstance(f, Outcome):
+            if f is Outcome.STRAY:
+                self._stray_fault(ctx, msg)
             return
-        region = x.region
-        page = msg.address & ~(region.page_size - 1)
-        inf = ctx.inflight.get(page)
-        if inf is not None:
-            if inf.resolved or inf.resolving:
-                # Resolved explicitly (ev.copy...), its handler not finished yet: the
-                # faulting thread was already woken, so this is a NEW fault on the page
-                # (say a write after a read resolved write-protected), not a duplicate.
-                # Dropping it would leave the thread asleep: run it after this one.
-                self._deferred.setdefault(inf, []).append(msg)
-                return
-            inf.dups += 1
-            c.duplicate_faults += 1
-            return
-        inf = _Inflight(self, ctx, msg, region, page)
-        ctx.inflight[page] = inf
-        if self._running >= self._max_inflight:
-            self._backlog.append(inf)
-            return
-        self._start(inf, x)
+        self._start(f)
 
-    def _stray_fault(self, ctx: _Context, msg: PageFaultMsg) -> None:
+    def _stray_fault(self, ctx: Channel, msg: PageFaultMsg) -> None:
         self._log.error("uffd_aio.stray_fault", uffd=ctx.uffd.fd, address=hex(msg.address))
-        self._counters.errors += 1
         page = msg.address & ~(PAGE_SIZE - 1)
-        self._apply_policy(ctx, msg, page, PAGE_SIZE)
+        self._resolver.apply_policy(ctx, msg.is_wp, msg.is_minor, page, PAGE_SIZE)
 
-    def _start(self, inf: _Inflight, x: _Extent | None = None) -> None:
-        if x is None:
-            x = inf.ctx.lookup(inf.page)
-            if x is None:  # unmapped while it waited
-                self._finish(inf)
-                return
-        self._running += 1
-        region = inf.region
-        msg = inf.msg
-        f = msg.flags
-        inf.end = x.end
-        fault = _new_fault(msg.address, inf.page, x.offset + (inf.page - x.start),
-                           region.page_size, region, f & _WRITE != 0, f & _WP != 0,
-                           f & _MINOR != 0, msg.thread_id if inf.ctx.thread_ids else None, inf)
-        inf.fault = fault
+    def _start(self, fault: Fault) -> None:
+        """Run the handler of a fault the core started: eagerly, a Task only if it
+        suspends."""
+        region = fault.region
         handler = region.fault_handler
         if handler is None:
             if not self._warned_default:
                 self._warned_default = True
                 self._log.warning("uffd_aio.no_handler", region=region.name,
                                   hint="faults get zero pages; set @region.on_fault")
-            self._complete(inf, None)
+            self._resolver.complete(fault, None)
             return
         self._counters.handler_calls += 1
         try:
             res = handler(fault)
         except Exception as exc:
-            self._fail(inf, exc)
+            self._fail(fault, exc)
             return
         if type(res) is _CoroType or inspect.isawaitable(res):
             eager = self._eager if region.eager is None else region.eager
@@ -1203,453 +994,95 @@ class Pager:
                 try:
                     first = res.send(None)
                 except StopIteration as stop:
-                    self._complete(inf, stop.value)
+                    self._resolver.complete(fault, stop.value)
                     return
                 except Exception as exc:
-                    self._fail(inf, exc)
+                    self._fail(fault, exc)
                     return
                 task = loop.create_task(_resume(res, first))
             else:
                 task = loop.create_task(_as_coro(res))
-            inf.task = task
-            task.add_done_callback(functools.partial(self._task_done, inf))
+            fault.task = task
+            task.add_done_callback(functools.partial(self._task_done, fault))
             if self._handler_timeout is not None:
-                inf.timer = loop.call_later(self._handler_timeout, self._timeout, inf)
+                fault.timer = loop.call_later(self._handler_timeout, self._timeout, fault)
             return
-        self._complete(inf, res)
+        self._resolver.complete(fault, res)
 
-    def _timeout(self, inf: _Inflight) -> None:
-        inf.timer = None
-        if inf.task is not None and not inf.task.done():
-            inf.timed_out = True
-            inf.task.cancel()
+    def _timeout(self, fault: Fault) -> None:
+        fault.timer = None
+        task = fault.task
+        if isinstance(task, asyncio.Task) and not task.done():
+            fault.timed_out = True
+            task.cancel()
 
-    def _task_done(self, inf: _Inflight, task: asyncio.Task[Any]) -> None:
-        if inf.timer is not None:
-            inf.timer.cancel()
-            inf.timer = None
-        if inf.ctx.inflight.get(inf.page) is not inf:
+    def _task_done(self, fault: Fault, task: asyncio.Task[Any]) -> None:
+        if fault.timer is not None:
+            fault.timer.cancel()
+            fault.timer = None
+        if fault.channel.inflight.get(fault.page) is not fault:
             # already finished: closing applied the policy to it (_abort_inflight)
             if not task.cancelled() and task.exception() is not None:
-                self._log.debug("uffd_aio.late_handler_error", page=hex(inf.page),
+                self._log.debug("uffd_aio.late_handler_error", page=hex(fault.page),
                                 error=repr(task.exception()))
             return
         if task.cancelled():
-            if inf.timed_out:
+            if fault.timed_out:
                 self._counters.timeouts += 1
-                exc: BaseException = HandlerTimeout(
-                    f"handler for {inf.fault!r} exceeded {self._handler_timeout} s")
-            elif self._closing:
-                exc = PagerClosed("pager closed while the handler ran")
-            else:
-                exc = asyncio.CancelledError("handler task was cancelled")
-            self._fail(inf, exc)
+            exc = cancel_error(fault, closing=self._closing, timeout=self._handler_timeout)
+            self._fail(fault, exc or asyncio.CancelledError("handler task was cancelled"))
             return
         err = task.exception()
         if err is not None:
-            self._fail(inf, err)
+            self._fail(fault, err)
         else:
-            self._complete(inf, task.result())
-
-    def _complete(self, inf: _Inflight, result: Any) -> None:
-        """The handler returned ``result``: queue its resolution."""
-        if inf.resolved:
-            if result is not None:
-                self._log.warning("uffd_aio.result_ignored", fault=repr(inf.fault),
-                                  reason="the handler already resolved the fault explicitly")
-            self._finish(inf)
-            return
-        if result is None:
-            op = _default_op(inf)
-        else:
-            try:
-                if type(result) is Moved:
-                    n = inf.page_size if result.length is None else result.length
-                    self._check_move(inf, inf.page, n, result)
-                    op = Op(Kind.MOVE, inf.page, n, result)
-                else:
-                    op = self._copy_op(inf, result)
-                    b = self._ioctl_backend
-                    if self._solo and b is self._backend and not self._pending:
-                        # the common case (a lone fault, its handler returned the page):
-                        # one native UFFDIO_COPY that wakes, then _resolved's bookkeeping
-                        # without _execute; anything but full success (EEXIST,
-                        # EAGAIN, a closed uffd: fd -1) goes through _execute, which
-                        # handles it (and issues the COPY again: rare)
-                        assert b is not None
-                        b.ioctls += 1
-                        if _copy_buf(inf.ctx.uffd.fd, op.address, _from_buffer(op.data),
-                                     op.length, 0) == 0:
-                            self._resolved(op, (inf,))
-                            return
-            except (BadHandlerResult, FeatureUnavailable) as exc:
-                self._fail(inf, exc)
-                return
-        if self._solo and not self._pending:
-            # the batch's only message: the flush after it would run this op alone
-            self._execute(inf.ctx, op, [inf])
-            return
-        self._queue(inf, op)
-
-    def _copy_op(self, inf: _Inflight, result: Any) -> Op:
-        if inf.msg.flags & (_WP | _MINOR):
-            kind = "write-protect" if inf.msg.is_wp else "minor"
-            raise BadHandlerResult(
-                f"handler for a {kind} fault at {inf.page:#x} returned data; the page is "
-                f"already present: return None (or await ev.unprotect()/ev.continue_())")
-        try:
-            view = memoryview(result).cast("B")
-        except TypeError:
-            raise BadHandlerResult(
-                f"handler for {inf.fault!r} returned {type(result).__name__}; expected a "
-                f"bytes-like object or None") from None
-        n = view.nbytes
-        ps = inf.page_size
-        if n == 0 or n % ps:
-            raise BadHandlerResult(
-                f"handler for {inf.fault!r} returned {n} bytes; expected a non-zero multiple "
-                f"of the page size ({ps})")
-        if inf.task is None:  # ran eagerly to the end: the extent seen in _start still holds
-            end: int | None = inf.end
-        else:
-            x = inf.ctx.lookup(inf.page)
-            end = None if x is None else x.end
-        if end is not None and inf.page + n > end:
-            raise BadHandlerResult(
-                f"handler for {inf.fault!r} returned {n} bytes, which run "
-                f"{inf.page + n - end} bytes past the end of {inf.region!r}")
-        return _new_op(Kind.COPY, inf.page, n, view, False)
-
-    def _check_range(self, inf: _Inflight, start: int, length: int, *, what: str) -> None:
-        ps = inf.page_size
-        x = inf.ctx.lookup(start)
-        if length <= 0 or length % ps or start % ps:
-            raise BadHandlerResult(f"{what} of {length} bytes at {start:#x}: address and "
-                                   f"length must be non-zero multiples of the page size {ps}")
-        if x is None or start + length > x.end:
-            raise BadHandlerResult(f"{what} {start:#x}+{length:#x} is outside "
-                                   f"{inf.region!r}")
-
-    def _check_move(self, inf: _Inflight, dst: int, length: int, moved: Moved) -> None:
-        """What UFFDIO_MOVE needs that we can tell before asking the kernel."""
-        region = inf.region
-        if inf.msg.flags & (_WP | _MINOR):
-            raise BadHandlerResult(f"move for {inf.fault!r}: MOVE fills missing pages; this "
-                                   f"page is present (return None, or unprotect/continue)")
-        if region.remote or inf.ctx is not self._main:
-            raise BadHandlerResult(
-                f"move for {inf.fault!r}: UFFDIO_MOVE moves pages inside the address space "
-                f"that owns the uffd, and {region!r} is another process's memory (a handed-"
-                f"over uffd or a fork child): copy the data instead")
-        if not inf.ctx.uffd.has(Feature.MOVE):
-            raise FeatureUnavailable(["MOVE"], available=feature_names(inf.ctx.uffd.features),
-                                     what="ev.move / uffd_aio.Moved (Linux 6.8+)")
-        if region.memfd is not None or region.page_size != PAGE_SIZE:
-            raise BadHandlerResult(
-                f"move into {region!r}: UFFDIO_MOVE works only on private anonymous memory "
-                f"with base pages (not shmem or hugetlbfs): copy instead")
-        src = moved.src
-        if not isinstance(src, int) or src <= 0 or src % PAGE_SIZE:
-            raise BadHandlerResult(f"move source {src!r} must be a page-aligned address")
-        self._check_range(inf, dst, length, what="move")
-        if src < dst + length and dst < src + length:
-            raise BadHandlerResult(f"move source {src:#x}+{length:#x} overlaps the "
-                                   f"destination {dst:#x}")
-
-    # ---- resolution -----------------------------------------------------------
-
-    def _queue(self, inf: _Inflight | None, op: Op, ctx: _Context | None = None) -> None:
-        self._pending.append((inf, op, ctx if ctx is not None else inf.ctx))  # type: ignore[union-attr]
-        if not self._in_batch and not self._flush_scheduled:
-            self._flush_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon(self._flush_pending)
-
-    def _flush_pending(self) -> None:
-        if not self._ring_backend:
-            self._flush_pending_now()
-            return
-        backend: Any = self._backend
-        # ring writes: one io_uring_enter for the whole batch (with the re-armed read),
-        # still before any other code runs, so they keep their order with ioctls
-        backend.hold = True
-        try:
-            self._flush_pending_now()
-        finally:
-            backend.hold = False
-            self.ring.flush()
-
-    def _flush_pending_now(self) -> None:
-        self._flush_scheduled = False
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        if len(pending) == 1:
-            inf, op, ctx = pending[0]
-            self._execute(ctx, op, [inf] if inf is not None else [])
-            return
-        # common with several faulting threads: one uffd, ranges that neither overlap
-        # nor touch: merging would return them unchanged, so run them in address order
-        ctx0 = pending[0][2]
-        pending.sort(key=_op_address)
-        end = -1
-        for _, op, ctx in pending:
-            if ctx is not ctx0 or op.address <= end:
-                break
-            end = op.address + op.length
-        else:
-            b = self._ioctl_backend
-            if b is not self._backend:
-                b = None
-            c = self._counters
-            for inf, op, ctx in pending:
-                if b is not None and inf is not None and op.kind is Kind.COPY and not op.wp:
-                    # a handler's page(s), as in _complete: one native call when it works
-                    b.ioctls += 1
-                    if _copy_buf(ctx.uffd.fd, op.address, _from_buffer(op.data), op.length,
-                                 0) == 0:
-                        c.resolved_bytes += op.length
-                        c.copies += 1
-                        c.resolved_pages += 1
-                        self._finish(inf)
-                        continue
-                self._execute(ctx, op, [inf] if inf is not None else [])
-            return
-        by_ctx: dict[int, tuple[_Context, list[tuple[_Inflight | None, Op]]]] = {}
-        for inf, op, ctx in pending:
-            by_ctx.setdefault(id(ctx), (ctx, []))[1].append((inf, op))
-        for ctx, items in by_ctx.values():
-            merged = merge(op for _, op in items)
-            owners: dict[int, list[_Inflight]] = {id(m): [] for m in merged}
-            for inf, op in items:
-                m = covering(merged, op.address)
-                if m is not None and inf is not None:
-                    owners[id(m)].append(inf)
-            for m in merged:
-                self._execute(ctx, m, owners[id(m)])
-
-    def _execute(self, ctx: _Context, op: Op, infs: list[_Inflight]) -> None:
-        if ctx.uffd.closed:  # a retry timer that outlived aclose(): nothing left to do
-            for inf in infs:
-                self._finish(inf)
-            return
-        try:
-            res = self._backend.execute(ctx.uffd, op)
-        except MmChanging:
-            self._retry_later(ctx, op, infs)
-            return
-        except RangeGone:
-            for inf in infs:
-                self._finish(inf)
-            return
-        except ResolveError as exc:
-            self._resolve_failed(ctx, op, infs, exc)
-            return
-        if isinstance(res, int):
-            self._resolved(op, infs)
-        else:
-            for inf in infs:
-                inf.resolving = True
-            res.add_done_callback(lambda f: self._execute_done(ctx, op, infs, f))
-
-    def _execute_done(self, ctx: _Context, op: Op, infs: list[_Inflight],
-                      fut: asyncio.Future[int]) -> None:
-        exc = fut.exception()
-        if exc is None:
-            self._resolved(op, infs)
-        elif isinstance(exc, MmChanging):
-            self._retry_later(ctx, op, infs)
-        elif isinstance(exc, RangeGone):
-            for inf in infs:
-                self._finish(inf)
-        elif isinstance(exc, ResolveError):
-            self._resolve_failed(ctx, op, infs, exc)
-        else:
-            self._resolve_failed(ctx, op, infs, ResolveError(
-                E.EIO, str(exc), op=op.kind.value, address=op.address, length=op.length))
-
-    def _resolved(self, op: Op, infs: Sequence[_Inflight]) -> None:
-        c = self._counters
-        c.resolved_bytes += op.length
-        _count_op(c, op.kind)
-        for inf in infs:
-            c.resolved_pages += 1
-            self._finish(inf)
-
-    def _retry_later(self, ctx: _Context, op: Op, infs: list[_Inflight]) -> None:
-        attempts = max((inf.attempts for inf in infs), default=0) + 1
-        for inf in infs:
-            inf.attempts = attempts
-        self._counters.eagain_retries += 1
-        if attempts > EAGAIN_MAX_RETRIES:
-            self._resolve_failed(ctx, op, infs, ResolveError(
-                E.EAGAIN, "address space kept changing", op=op.kind.value, address=op.address,
-                length=op.length))
-            return
-        assert self._loop is not None
-        self._loop.call_later(EAGAIN_RETRY_INTERVAL, self._execute, ctx, op, infs)
-
-    def _resolve_failed(self, ctx: _Context, op: Op, infs: list[_Inflight],
-                        exc: ResolveError) -> None:
-        if op.kind is Kind.MOVE and isinstance(exc, MoveError) and (
-                exc.done or exc.errno == E.EEXIST):
-            # a handler's Moved: the faulting page (op.address) was moved, or is there
-            # already; what was not moved stays at the source
-            self._log.warning("uffd_aio.move_incomplete", address=hex(op.address),
-                              moved=exc.done, length=op.length, error=str(exc))
-            if not exc.done:  # EEXIST does not wake
-                try:
-                    ctx.uffd.wake(op.address, infs[0].page_size if infs else PAGE_SIZE)
-                except OSError:
-                    pass
-            self._counters.moves += bool(exc.done)
-            for inf in infs:
-                self._counters.resolved_pages += 1
-                self._finish(inf)
-            return
-        self._log.error("uffd_aio.resolve_failed", op=op.kind.value, address=hex(op.address),
-                        length=op.length, error=str(exc))
-        if op.kind is Kind.POISON or not infs:
-            for inf in infs:
-                self._finish(inf)
-            if not infs:
-                self._counters.errors += 1
-            return
-        for inf in infs:
-            self._fail(inf, exc)
-
-    def _resolve_explicit(self, inf: _Inflight, op: Op) -> int | asyncio.Future[int]:
-        """ev.copy()/zero()/...: run now, outside batching; the fault counts as resolved."""
-        ctx = inf.ctx
-        try:
-            # done when this returns (a handler may rely on it): ring writes -> pwrite
-            res = self._sync_backend.execute(ctx.uffd, op)
-        except MmChanging:
-            assert self._loop is not None
-            return asyncio.ensure_future(self._explicit_retry(inf, op), loop=self._loop)
-        if isinstance(res, int):
-            self._mark_explicit(inf, op, res)
-            return res
-        if op.address <= inf.page < op.end:
-            inf.resolving = True
-        # a ring write: EAGAIN arrives in the future; retried as with the ioctl backend
-        return asyncio.ensure_future(self._explicit_await(inf, op, res), loop=self._loop)
-
-    async def _explicit_await(self, inf: _Inflight, op: Op, fut: asyncio.Future[int]) -> int:
-        try:
-            n = await fut
-        except MmChanging:
-            return await self._explicit_retry(inf, op)
-        self._mark_explicit(inf, op, n)
-        return n
-
-    async def _explicit_retry(self, inf: _Inflight, op: Op) -> int:
-        async def attempt() -> int:
-            res = self._sync_backend.execute(inf.ctx.uffd, op)
-            return res if isinstance(res, int) else await res
-
-        def count() -> None:
-            self._counters.eagain_retries += 1
-
-        n = await retry_while_mm_changing(attempt, op=op.kind.value, address=op.address,
-                                          length=op.length, on_retry=count)
-        self._mark_explicit(inf, op, n)
-        return n
-
-    def _mark_explicit(self, inf: _Inflight, op: Op, n: int) -> None:
-        c = self._counters
-        c.resolved_bytes += n
-        _count_op(c, op.kind)
-        if op.address <= inf.page < op.end and not inf.resolved:
-            inf.resolved = True
-            c.resolved_pages += 1
+            self._resolver.complete(fault, task.result())
 
     # ---- errors ------------------------------------------------------------------
 
-    def _fail(self, inf: _Inflight, exc: BaseException) -> None:
+    def _fail(self, fault: Fault, exc: BaseException) -> None:
         """A handler failed: log, apply the error policy so no thread hangs."""
-        if self._abandon:  # closing for a successor, which re-raises the fault (WAKE)
-            self._log.debug("uffd_aio.fault_abandoned", page=hex(inf.page),
+        what = failure_outcome(self._on_error, gone=isinstance(exc, RangeGone),
+                               abandon=self._abandon, resolved=fault.resolved,
+                               closing=self._closing, failed_before=self._failure is not None)
+        name = repr(fault) if fault.running else hex(fault.page)
+        if what.error:
+            self._counters.errors += 1
+            self._log.error("uffd_aio.handler_failed", fault=name, policy=self._on_error,
+                            error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        elif self._abandon:  # closing for a successor, which re-raises the fault (WAKE)
+            self._log.debug("uffd_aio.fault_abandoned", page=hex(fault.page),
                             error=f"{type(exc).__name__}: {exc}")
-            self._finish(inf)
-            return
-        if isinstance(exc, RangeGone):  # the process exited or dropped the range: no error
-            self._log.info("uffd_aio.handler_range_gone", fault=repr(inf.fault) if inf.fault
-                           else hex(inf.page), error=str(exc))
-            if not inf.resolved:
-                self._apply_policy(inf.ctx, inf.msg, inf.page, inf.page_size)
-            self._finish(inf)
-            return
-        self._counters.errors += 1
-        self._log.error("uffd_aio.handler_failed", fault=repr(inf.fault) if inf.fault else
-                        hex(inf.page), policy=self._on_error,
-                        error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-        if self._on_error == "raise" and self._failure is None:
+        else:  # the process exited or dropped the range: no error
+            self._log.info("uffd_aio.handler_range_gone", fault=name, error=str(exc))
+        if what.record:
             self._failure = exc
-        if not inf.resolved:
-            self._apply_policy(inf.ctx, inf.msg, inf.page, inf.page_size)
-        self._finish(inf)
-        if self._on_error == "raise" and not self._closing:
+        if what.policy:
+            self._resolver.apply_policy(fault.channel, fault.is_wp, fault.is_minor, fault.page,
+                               fault.page_size)
+        self._finish(fault)
+        if what.stop:
             assert self._loop is not None
             self._loop.create_task(self.aclose())
 
-    def _apply_policy(self, ctx: _Context, msg: PageFaultMsg, page: int, size: int) -> None:
-        if self._abandon:
-            return  # the successor's WAKE re-raises the fault
-        if msg.is_wp:
-            ops = [Op(Kind.UNPROTECT, page, size)]
-        elif msg.is_minor:
-            ops = [Op(Kind.POISON, page, size), Op(Kind.CONTINUE, page, size)]
-        elif self._on_error == "zero":
-            ops = [zero_op(page, size, size)]
-        else:
-            ops = [Op(Kind.POISON, page, size), zero_op(page, size, size)]
-        if msg.is_wp and self._on_error != "zero":
-            ops.insert(0, Op(Kind.POISON, page, size))
-        backend = getattr(self._backend, "sync", self._backend)  # synchronous resolutions
-        for op in ops:
-            try:
-                res = backend.execute(ctx.uffd, op)
-                if not isinstance(res, int):
-                    res.add_done_callback(lambda f: f.exception())
-                _count_op(self._counters, op.kind)
-                return
-            except RangeGone:
-                return
-            except (ResolveError, OSError) as exc:
-                self._log.warning("uffd_aio.policy_step_failed", op=op.kind.value,
-                                  address=hex(page), error=str(exc))
-        try:  # last resort: let the thread retry rather than hang
-            ctx.uffd.wake(page, size)
-        except OSError:
-            pass
-
-    def _finish(self, inf: _Inflight) -> None:
-        ctx = inf.ctx
-        if ctx.inflight.get(inf.page) is inf:
-            del ctx.inflight[inf.page]
-        else:
+    def _finish(self, fault: Fault) -> None:
+        core = self._core
+        if not core.finish(fault, time.perf_counter_ns()):
             return
-        if inf.timer is not None:
-            inf.timer.cancel()
-            inf.timer = None
-        if inf.fault is not None:
-            self._running -= 1
-            self._counters.latency.record(time.perf_counter_ns() - inf.t0)
-            # PageFault._inf <-> _Inflight.fault is a cycle: break it so that both go by
-            # refcount now, not by the cyclic GC (whose passes were ~5% of the fault path
-            # and its millisecond pauses the latency tail)
-            inf.fault = None
-        while self._backlog and self._running < self._max_inflight:
-            nxt = self._backlog.popleft()
-            if nxt.ctx.inflight.get(nxt.page) is nxt:
+        if fault.timer is not None:
+            fault.timer.cancel()
+            fault.timer = None
+        # the task's coroutine holds the fault: drop the reference so that both go by
+        # refcount now, not by the cyclic GC (whose passes were ~5% of the fault path
+        # and its millisecond pauses the latency tail)
+        fault.task = None
+        if core.backlog:
+            while (nxt := core.next_ready()) is not None:
                 self._start(nxt)
-        if self._deferred:
-            later = self._deferred.pop(inf, None)
-            for m in later or ():
-                self._counters.faults -= 1  # counted when it arrived
-                self._on_fault(ctx, m)
-        if self._idle_waiter is not None and self._running == 0 and not self._backlog:
+        if core.deferred:
+            for m in core.take_deferred(fault):
+                self._on_fault(fault.channel, m)
+        if self._idle_waiter is not None and core.idle:
             w, self._idle_waiter = self._idle_waiter, None
             if not w.done():
                 w.set_result(None)
@@ -1657,45 +1090,25 @@ class Pager:
     # ---- non-fault events -------------------------------------------------------
 
     def _on_event(self, ctx: _Context, msg: ev_mod.Msg) -> None:
-        c = self._counters
-        c.events += 1
-        handlers = list(self._event_handlers)
+        regions = self._core.event(ctx, msg)
+        if regions is None:
+            self._log.warning("uffd_aio.unknown_event",
+                              kind=msg.event if isinstance(msg, UnknownMsg) else repr(msg))
+            return
         if isinstance(msg, Fork):
-            c.forks += 1
             if self._follow_forks and not self._closing:
                 child = Userfaultfd.from_fd(msg.ufd, ctx.uffd.features)
-                cctx = self._add_context(child, f"{ctx.label}/fork{c.forks}")
-                for x in ctx.extents:
-                    cctx.add_extent(x.start, x.end, x.region, x.offset)
+                cctx = self._add_context(child, f"{ctx.label}/fork{self._counters.forks}")
+                cctx.inherit(ctx)
                 self._log.info("uffd_aio.fork_followed", parent_uffd=ctx.uffd.fd,
                                child_uffd=msg.ufd)
             else:
                 os.close(msg.ufd)
-        elif isinstance(msg, Remap):
-            c.remaps += 1
-            moved = ctx.remove_range(msg.old, msg.old + msg.length)
-            for x in moved:
-                delta = x.start - msg.old
-                ctx.add_extent(msg.new + delta, msg.new + delta + (x.end - x.start), x.region,
-                               x.offset)
-            handlers += [h for x in moved for h in x.region.event_handlers]
-        elif isinstance(msg, Remove):
-            c.removes += 1
-            handlers += self._region_handlers(ctx, msg.start, msg.end)
-        elif isinstance(msg, Unmap):
-            c.unmaps += 1
-            handlers += self._region_handlers(ctx, msg.start, msg.end)
-            ctx.remove_range(msg.start, msg.end)
-        elif isinstance(msg, UnknownMsg):
-            self._log.warning("uffd_aio.unknown_event", kind=msg.event)
-            return
+        handlers = list(self._event_handlers)
+        handlers += [h for r in regions for h in r.event_handlers]
         self._log.debug("uffd_aio.event", uffd=ctx.uffd.fd, message=repr(msg))
         for h in dict.fromkeys(handlers):
             self._run_event_handler(h, msg)
-
-    def _region_handlers(self, ctx: _Context, start: int, end: int) -> list[EventHandler]:
-        return [h for x in ctx.extents if x.start < end and start < x.end
-                for h in x.region.event_handlers]
 
     def _run_event_handler(self, handler: Callable[[Any], Any], msg: ev_mod.Msg) -> None:
         try:

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import attrs
 
@@ -15,12 +15,23 @@ from uffd_aio.ring import _lowlevel as ll
 
 if TYPE_CHECKING:
     from uffd_aio.events import Fork, Remap, Remove, Unmap
-    from uffd_aio.fault import PageFault
-    from uffd_aio.pager import Pager
+    from uffd_aio.uffd import Userfaultfd
 
 FaultResult = Any  # bytes-like | None
-FaultHandler = Callable[["PageFault"], "FaultResult | Awaitable[FaultResult]"]
+#: takes a :class:`~uffd_aio.PageFault` (typed Any here: region.py sits below fault.py)
+FaultHandler = Callable[[Any], "FaultResult | Awaitable[FaultResult]"]
 EventHandler = Callable[["Fork | Remap | Remove | Unmap"], "Awaitable[None] | None"]
+
+
+class RegionOwner(Protocol):
+    """What a region asks of the :class:`~uffd_aio.Pager` that owns it."""
+
+    @property
+    def closing(self) -> bool: ...
+    def uffd_for(self, region: Region) -> Userfaultfd: ...
+    def fault_in_flight(self, address: int) -> bool: ...
+    def serve_native(self, region: Region, source: Any, *, offset: int,
+                     readahead: Any) -> None: ...
 F = TypeVar("F", bound=Callable[..., Any])
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -30,7 +41,7 @@ class Region:
     """A registered range.  Created by :meth:`Pager.map`, :meth:`Pager.register` or
     :meth:`Pager.adopt`; not constructed directly."""
 
-    pager: Pager
+    pager: RegionOwner  # the Pager
     address: int
     length: int
     mode: Mode
@@ -124,7 +135,7 @@ class Region:
                              f"({_PAGE_SIZE} bytes) only; {self!r} has "
                              f"{self.page_size >> 10} KiB pages (hugetlbfs): serve it "
                              f"with a Python handler (region.on_fault)")
-        self.pager._serve_from(self, source, offset=offset, readahead=readahead)
+        self.pager.serve_native(self, source, offset=offset, readahead=readahead)
 
     @property
     def handler_is_async(self) -> bool:

@@ -1,4 +1,4 @@
-"""Ring-write resolver (``Pager(backend="ring")``) and poll mode (kernels with the uffd_aio series).
+"""Ring-write executor (``Pager(backend="ring")``) and poll mode (kernels with the uffd_aio series).
 
 On a patched kernel (``Feature.WRITE``, kernel_patches/uapi.md) a fault is
 resolved by a positional write to a writable fd of the uffd
@@ -7,7 +7,7 @@ is an io_uring ``IORING_OP_WRITE`` prepared on the pager's :class:`Ring`, so
 it leaves in the same ``io_uring_enter`` as the next read of the uffd (the
 ring submits once per loop iteration, and right after a batch of completions).
 
-Semantics are those of :class:`uffd_aio.resolve.IoctlResolver`:
+Semantics are those of :class:`uffd_aio.resolve.IoctlExecutor`:
 
 * a short count (partial progress) is continued with the rest of the range;
 * ``-EEXIST`` (COPY, ZEROPAGE, CONTINUE, POISON): that page is already there,
@@ -20,7 +20,7 @@ Semantics are those of :class:`uffd_aio.resolve.IoctlResolver`:
 * ``-ENOENT`` / ``-ESRCH``: :class:`~uffd_aio.uffd.RangeGone`;
 * anything else: :class:`~uffd_aio.errors.ResolveError`.
 
-:meth:`RingWriteResolver.execute` returns a future of the bytes covered (a
+:meth:`RingWriteExecutor.execute` returns a future of the bytes covered (a
 light one whose done callbacks run as soon as the completion is reaped).  The
 write is submitted before ``execute`` returns (or, for the pager's batches,
 right after the batch), so resolutions keep their order with the uffd ioctls
@@ -221,7 +221,7 @@ def set_poll_budget(uffd: Userfaultfd, budget_ns: int) -> int:
         raise
 
 
-# ---- the resolvers -----------------------------------------------------------
+# ---- the executors -----------------------------------------------------------
 
 
 def _error(res: int, what: str, address: int, length: int, done: int) -> ResolveError:
@@ -233,15 +233,15 @@ def _error(res: int, what: str, address: int, length: int, done: int) -> Resolve
     return ResolveError(err, os.strerror(err), op=what, address=address, length=length)
 
 
-class PwriteResolver:
+class PwriteExecutor:
     """The write interface used synchronously: ``pwrite(2)`` on the writer fd.
 
-    Same contract and semantics as :class:`~uffd_aio.resolve.IoctlResolver`
+    Same contract and semantics as :class:`~uffd_aio.resolve.IoctlExecutor`
     (returns the bytes covered; skips existing pages and wakes the range once;
     :class:`MmChanging` / :class:`RangeGone` / :class:`ResolveError`).  The pager
     uses it where a resolution must be done when the call returns: explicit
     resolutions (``await ev.copy()`` ... a handler may rely on the page being in
-    when it continues) and its error policy; :class:`RingWriteResolver` uses it to
+    when it continues) and its error policy; :class:`RingWriteExecutor` uses it to
     finish a ring write that came back short.
     """
 
@@ -307,7 +307,7 @@ class _Write(_FutureOp):
     __slots__ = ("_callbacks", "_done", "_exc", "_res", "address", "backend", "length",
                  "loop", "mode_wp", "op", "src", "wfd")
 
-    def __init__(self, backend: RingWriteResolver, wfd: int, op: WriteOp, address: int,
+    def __init__(self, backend: RingWriteExecutor, wfd: int, op: WriteOp, address: int,
                  length: int, src: int, keep: object, mode_wp: bool) -> None:
         self.fut = self  # type: ignore[assignment]  # what Ring.close() fails on teardown
         self.keep = keep
@@ -415,7 +415,7 @@ class _Write(_FutureOp):
         return self.result()
 
 
-class RingWriteResolver:
+class RingWriteExecutor:
     """Resolve with io_uring WRITEs on the uffd's writer fd (patched kernels).
 
     ``ring_writes`` counts the WRITE SQEs; ``pwrites`` the synchronous writes
@@ -431,7 +431,7 @@ class RingWriteResolver:
         #: set by the pager while it executes a batch (it flushes the ring after it)
         self.hold = False
         self.ring_writes = 0
-        self.sync = PwriteResolver()
+        self.sync = PwriteExecutor()
         self._log = get_logger(component="resolve_ring",
                                                          ring_fd=ring.fd)
 
@@ -442,8 +442,8 @@ class RingWriteResolver:
     ioctls = 0
 
     @classmethod
-    def create(cls, ring: Ring, uffd: Userfaultfd) -> RingWriteResolver:
-        """The resolver for ``uffd``; :class:`FeatureUnavailable` on a kernel without the series."""
+    def create(cls, ring: Ring, uffd: Userfaultfd) -> RingWriteExecutor:
+        """The executor for ``uffd``; :class:`FeatureUnavailable` on a kernel without the series."""
         if not write_path_available(uffd):
             raise _unavailable("WRITE", "backend='ring' (io_uring writes on the uffd)")
         if not ring.supports(ll.OP_WRITE):
@@ -483,9 +483,3 @@ class RingWriteResolver:
             self.ring.flush()
         # duck-typed future: see _Write (callbacks run when the completion is reaped)
         return cast("asyncio.Future[int]", w)
-
-
-# The old names, still used by pager.py (being reworked; it switches to the new names
-# then).  Not public: remove them with that rework.
-PwriteBackend = PwriteResolver
-RingWriteBackend = RingWriteResolver

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import attrs
-
 from uffd_aio import events
 from uffd_aio.events import PageFaultMsg
-from uffd_aio.fault import PageFault
-from uffd_aio.pager import _new_fault, _new_op
+from uffd_aio.ops import new_op as _new_op
 from uffd_aio.resolve import Kind, Op
 
 
@@ -26,10 +23,6 @@ def test_decode_fast_path_matches_decode_one() -> None:
         assert events.decode(one, events.MSG_SIZE) == [msg]
 
 
-def test_slot_constructors_match_attrs_init() -> None:
-    args = (0x7000, 0x7000, 0, 4096, None, True, False, False, 12, None)
-    fast, slow = _new_fault(*args), PageFault(*args)
-    for a in attrs.fields(PageFault):
-        assert getattr(fast, a.name) == getattr(slow, a.name)
-    assert fast == slow
+def test_fast_op_matches_attrs_init() -> None:
     assert _new_op(Kind.COPY, 0x1000, 4096, b"x", False) == Op(Kind.COPY, 0x1000, 4096, b"x")
+    assert _new_op(Kind.ZERO, 0x2000, 8192, None, True) == Op(Kind.ZERO, 0x2000, 8192, wp=True)

@@ -24,7 +24,7 @@ from tests.limits import limit
 from tests.limits import size as scaled
 from uffd_aio import Feature, Mode, resolve_ring, testing
 from uffd_aio.resolve import Kind, Op
-from uffd_aio.resolve_ring import RingWriteResolver
+from uffd_aio.resolve_ring import RingWriteExecutor
 from uffd_aio.ring import Ring
 from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import MmChanging, RangeGone, Userfaultfd
@@ -177,7 +177,7 @@ class _Direct:
     def __init__(self, n: int, mode: Mode = Mode.MISSING) -> None:
         self.uffd = Userfaultfd.open()
         self.ring = Ring()
-        self.backend = RingWriteResolver.create(self.ring, self.uffd)
+        self.backend = RingWriteExecutor.create(self.ring, self.uffd)
         self.n = n
         self.addr = ll.mmap(n * PS)
         self.uffd.register(self.addr, n * PS, mode)
@@ -259,7 +259,7 @@ async def test_eagain_while_an_event_is_pending_is_mm_changing() -> None:
     ring = Ring()
     addr = ll.mmap(4 * PS)
     try:
-        backend = RingWriteResolver.create(ring, uffd)
+        backend = RingWriteExecutor.create(ring, uffd)
         uffd.register(addr, 4 * PS)
         fut0 = backend.execute(uffd, Op(Kind.ZERO, addr, 4 * PS))
         assert await asyncio.wait_for(fut0, limit(10)) == 4 * PS
