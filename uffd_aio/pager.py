@@ -1667,6 +1667,9 @@ class Pager:
                 cctx = self._add_context(child, f"{ctx.label}/fork{c.forks}")
                 for x in ctx.extents:
                     cctx.add_extent(x.start, x.end, x.region, x.offset)
+                if self._native:  # the child's pieces of native regions: an engine too
+                    from uffd_aio import native
+                    native.follow_fork(self, cctx)
                 self._log.info("uffd_aio.fork_followed", parent_uffd=ctx.uffd.fd,
                                child_uffd=msg.ufd)
             else:
