@@ -17,6 +17,7 @@ crash and for the tp_clear warning that precedes it.
 from __future__ import annotations
 
 import mmap
+import pickle
 import subprocess
 import sys
 from array import array
@@ -121,6 +122,15 @@ def test_a_memoryview_pin_covers_the_view_and_holds_its_base(kind: str) -> None:
             base.close()
         del keep
         base.close()
+
+
+def test_a_view_of_a_view_exported_by_another_object_is_pinned_at_the_bottom() -> None:
+    base = bytearray(8192)
+    outer = memoryview(pickle.PickleBuffer(memoryview(base)[4096:]))  # .obj: a memoryview
+    assert isinstance(outer.obj, memoryview)
+    addr, keep = ll.buffer_address(outer)
+    assert isinstance(keep, ll.BasePin) and len(keep) == 4096
+    assert addr == _addr(base) + 4096
 
 
 def test_pins_of_other_buffers_are_plain_exports() -> None:

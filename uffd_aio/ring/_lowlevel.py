@@ -89,8 +89,7 @@ def buffer_address(buf: Any, *, writable: bool = False) -> tuple[int, Any]:
     COPY, kept by the failed handler task) -- the old server's SIGSEGV at exit after a
     takeover.  So a memoryview is pinned through the object it views (a bytearray, an
     mmap, bytes, an array...), which the GC never clears while exported; only when that
-    is not possible (another memoryview below, or memory outside it) is the view itself
-    pinned.
+    is not possible (no such object, or memory outside it) is the view itself pinned.
     """
     cbuf = ffi.from_buffer(buf, require_writable=writable)
     addr = int(ffi.cast("uintptr_t", cbuf))
@@ -104,7 +103,15 @@ def buffer_address(buf: Any, *, writable: bool = False) -> tuple[int, Any]:
 
 
 def _pin_base(obj: Any, addr: int, n: int, writable: bool) -> Any:
-    """An export of ``obj`` covering [addr, addr+n), or None."""
+    """An export of ``obj`` (or of what it views, if it is a memoryview too) covering
+    [addr, addr+n), or None."""
+    for _ in range(8):
+        if not isinstance(obj, memoryview):
+            break
+        try:
+            obj = obj.obj
+        except ValueError:  # released
+            return None
     if obj is None or isinstance(obj, memoryview):
         return None
     try:
