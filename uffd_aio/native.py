@@ -101,9 +101,41 @@ class NativeSource:
     fd: int | None = None  # our file descriptor (file source)
     file_offset: int = 0  # file offset of the region's first page (file source)
     ra: tuple[int, int] = (1, 1)
+    #: fork children's engines serving pieces of the region from this source: (context, id)
+    forks: list[tuple[Any, int]] = attrs.field(factory=list)
+    drain: Callable[[], None] | None = None  # the ring's schedule_drain (see follow_fork)
+
+    def add_to(self, engine: Any, start: int, length: int, page_size: int,
+               region_offset: int) -> int:
+        """Serve [start, start+length), region offset ``region_offset`` on, from this
+        source in ``engine``; returns the engine's region id."""
+        src = self.src + region_offset if self.kind != _engine.SRC_ZERO else 0
+        src_len = max(self.src_len - region_offset, 0) if self.kind != _engine.SRC_ZERO else 0
+        rid: int = engine.add(start, length, page_size, self.kind, src, src_len, *self.ra)
+        if self.fd is not None:
+            try:
+                engine.set_file(rid, self.fd, self.file_offset + region_offset)
+            except BaseException:
+                engine.drop(rid)
+                raise
+        return rid
 
     def close(self) -> None:
-        """Release the mapping and the file; the engine must have dropped the region."""
+        """Release the mapping and the file; the engine must have dropped the region
+        (the engines of fork children are dropped from here: they copy from the same
+        source and read the same file)."""
+        forks, self.forks = self.forks, []
+        waited = False
+        for ctx, rid in forks:
+            engine = ctx.engine
+            if engine is not None and not engine.closed:
+                waited = waited or engine.inflight() > 0
+                try:
+                    engine.drop(rid)  # waits for the WRITEs that read the source
+                except OSError:
+                    pass
+        if waited and self.drain is not None:
+            self.drain()  # what those waits reaped, to its owners
         if self.mapping is not None:
             addr, length = self.mapping
             self.mapping = None
@@ -205,3 +237,42 @@ def _file_source(region: Any, source: Any, offset: int, ra: tuple[int, int]) -> 
 
     return NativeSource(_engine.SRC_FILE, base + offset, region.length, f"file({name})",
                         file_fallback, mapping=(base, maplen), fd=fd, file_offset=offset, ra=ra)
+
+
+def follow_fork(pager: Any, child: Any) -> int:
+    """Give a fork child's uffd context (``child``, whose extents the pager copied from
+    its parent's) an engine of its own serving every piece of a native region from that
+    region's source, as the parent's engine does; returns the pieces served natively.
+
+    The child's address space is a copy of the parent's at the fork: the same addresses
+    hold the same regions, so the same sources apply (with fresh resident bits: pages
+    the child inherited present just meet EEXIST).  What the engine cannot serve reaches
+    the region's handler, as for the parent.  The source stays the parent region's: when
+    that region stops being native, :meth:`NativeSource.close` drops the child's pieces
+    first.  A piece the engine refuses stays with Python.
+    """
+    native = pager._native
+    pieces = [(x, native[x.region][2]) for x in child.extents if x.region in native]
+    if not pieces or child.engine is not None:
+        return 0
+    log = get_logger(component="native")
+    try:
+        child.engine = pager._native_engine(child)
+    except OSError as exc:
+        log.warning("uffd_aio.native_fork_failed", uffd=child.uffd.fd, error=str(exc))
+        return 0
+    ring = pager.ring
+    served = 0
+    for x, src in pieces:
+        try:
+            rid = src.add_to(child.engine, x.start, x.end - x.start, x.region.page_size,
+                             x.offset)
+        except OSError as exc:
+            log.debug("uffd_aio.native_fork_piece_python", uffd=child.uffd.fd,
+                      start=hex(x.start), end=hex(x.end), error=str(exc))
+            continue
+        src.forks.append((child, rid))
+        src.drain = ring.schedule_drain
+        served += 1
+    log.debug("uffd_aio.native_fork", uffd=child.uffd.fd, pieces=served, of=len(pieces))
+    return served

@@ -1100,6 +1100,9 @@ class Pager:
                 child = Userfaultfd.from_fd(msg.ufd, ctx.uffd.features)
                 cctx = self._add_context(child, f"{ctx.label}/fork{self._counters.forks}")
                 cctx.inherit(ctx)
+                if self._native:  # the child's pieces of native regions: an engine too
+                    from uffd_aio import native
+                    native.follow_fork(self, cctx)
                 self._log.info("uffd_aio.fork_followed", parent_uffd=ctx.uffd.fd,
                                child_uffd=msg.ufd)
             else:

@@ -361,12 +361,74 @@ async def test_other_read_modes(read_mode: str) -> None:
         assert st.native_faults > 0 and st.errors == 0
 
 
-async def test_fork_child_served_by_the_fallback() -> None:
-    """A fork child's uffd has no engine: the Python fallback serves the same source."""
+@pytest.mark.parametrize("readahead", [None, (1, 16)], ids=["ra1", "adaptive"])
+async def test_fork_child_served_by_an_engine_of_its_own(readahead: Any) -> None:
+    """A fork child's uffd gets an engine with the parent region's source: its faults
+    (the half the parent never touched) are resolved in C; the child verifies every
+    byte of the range (its exit status)."""
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(_pattern_mmap(LENGTH), readahead=readahead)
+        assert (await scan(region.address, LENGTH // 2, op="verify")).mismatches == 0
+        before = pager.stats.native_faults
+        status = await child(region.address, LENGTH, op="verify", timeout=60)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        st = pager.stats
+        assert st.forks == 1 and st.python_faults == 0 and st.errors == 0
+        assert st.native_faults > before
+        assert st.native_pages >= NPAGES  # both halves, once each
+        child_ctx = pager._contexts[1]
+        assert child_ctx.engine is not None and child_ctx.engine.ranges() == 1
+
+
+async def test_fork_child_engine_reads_page_cache_misses(tmp_path: Path) -> None:
+    """File source, not in the page cache: the child's engine reads the misses with
+    io_uring READs on the shared ring, every byte verified by the child."""
+    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    _require_evicted(snap)
+    async with Pager(handler_timeout=20) as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(snap, readahead=(1, 8))
+        status = await child(region.address, LENGTH, op="verify", timeout=60)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        st = pager.stats
+        assert st.forks == 1 and st.errors == 0 and st.python_faults == 0
+        assert st.native_cache_reads > 0 and st.native_faults > 0
+
+
+async def test_fork_child_pieces_go_with_the_parent_source() -> None:
+    """Replacing the region's source drops the child's piece first (it copies from the
+    old source, which is then unmapped); the child is then served by Python from the
+    new source; a child of a region moved by mremap before the fork is served where the
+    region is now."""
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(_pattern_mmap(LENGTH))
-        assert (await scan(region.address, LENGTH // 2, op="verify")).mismatches == 0
+        status = await child(region.address, LENGTH // 2, op="verify", timeout=60)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        child_ctx = pager._contexts[1]
+        assert child_ctx.engine is not None and child_ctx.engine.ranges() == 1
+        region.serve_from(_pattern_mmap(LENGTH))  # a new source: old pieces dropped
+        assert child_ctx.engine.ranges() == 0
         status = await child(region.address, LENGTH, op="verify", timeout=60)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        assert pager.stats.forks == 1 and pager.stats.python_faults > 0
+        assert pager.stats.forks == 2 and pager.stats.errors == 0
+        assert pager._contexts[2].engine.ranges() == 1  # the second child: the new source
+
+
+async def test_fork_child_of_a_file_region_with_an_offset(tmp_path: Path) -> None:
+    """A source offset and a piece that does not start at the region's start (the
+    parent unmapped the region's first pages before the fork)."""
+    snap = tmp_path / "mem.snap"
+    snap.write_bytes(testing.pattern_bytes(0, LENGTH + 16 * PS))
+    async with Pager() as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(snap, offset=16 * PS)
+        await asyncio.to_thread(ll.munmap, region.address, 8 * PS)  # UNMAP event
+        await asyncio.sleep(0.05)
+        start = region.address + 8 * PS
+        status = await child(start, LENGTH - 8 * PS, op="verify", offset=24 * PS,
+                             timeout=60)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        st = pager.stats
+        assert st.forks == 1 and st.python_faults == 0 and st.errors == 0

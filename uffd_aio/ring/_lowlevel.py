@@ -69,11 +69,68 @@ def check(rc: int, what: str) -> int:
 # ---- buffers ---------------------------------------------------------
 
 
+class BasePin:
+    """Keeps a memoryview's memory in place through an export of the object *under* it
+    (see :func:`buffer_address`); ``len()`` is the view's size in bytes."""
+
+    __slots__ = ("_base", "_n")
+
+    def __init__(self, base: object, n: int) -> None:
+        self._base = base
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+
 def buffer_address(buf: ReadableBuffer, *, writable: bool = False) -> tuple[int, Sized]:
-    """Address of a buffer-protocol object, plus the cffi handle that keeps it pinned
-    (its ``len`` is the buffer's size in bytes)."""
+    """Address of a buffer-protocol object, plus a handle that keeps it pinned (its
+    ``len()`` is the buffer's size in bytes).
+
+    The pin is never an export of a ``memoryview``: CPython before 3.12.7 crashes when
+    the cyclic GC clears a memoryview that still has an exported buffer (gh-77894:
+    ``memory_clear`` fails with "memoryview has 1 exported buffer", drops the view's
+    managed buffer anyway, and the view's deallocation then dereferences NULL).  A pin
+    only has to be caught in a reference cycle with its view for that to happen, e.g.
+    by the traceback of an exception raised while it was held (a ``RangeGone`` from a
+    COPY, kept by the failed handler task) -- the old server's SIGSEGV at exit after a
+    takeover.  So a memoryview is pinned through the object it views (a bytearray, an
+    mmap, bytes, an array...), which the GC never clears while exported; only when that
+    is not possible (no such object, or memory outside it) is the view itself pinned.
+    """
     cbuf = ffi.from_buffer(buf, require_writable=writable)
-    return int(ffi.cast("uintptr_t", cbuf)), cbuf
+    addr = int(ffi.cast("uintptr_t", cbuf))
+    if isinstance(buf, memoryview):
+        n = len(cbuf)
+        base = _pin_base(buf.obj, addr, n, writable)
+        if base is not None:
+            ffi.release(cbuf)  # the export of the view ends here, not at the GC's mercy
+            return addr, BasePin(base, n)
+    return addr, cbuf
+
+
+def _pin_base(obj: object, addr: int, n: int, writable: bool) -> CData | None:
+    """An export of ``obj`` (or of what it views, if it is a memoryview too) covering
+    [addr, addr+n), or None."""
+    for _ in range(8):
+        if not isinstance(obj, memoryview):
+            break
+        try:
+            obj = obj.obj
+        except ValueError:  # released
+            return None
+    if obj is None or isinstance(obj, memoryview):
+        return None
+    try:
+        base = ffi.from_buffer(obj, require_writable=writable)
+    except (TypeError, ValueError, BufferError):
+        return None
+    start = int(ffi.cast("uintptr_t", base))
+    if start <= addr and addr + n <= start + len(base):
+        pinned: CData = base
+        return pinned
+    ffi.release(base)  # an exporter that hands out other memory each time
+    return None
 
 
 def read_memory(addr: int, length: int) -> bytes:
