@@ -76,8 +76,8 @@ class ReadaheadSpec:
     kind: Literal["off", "fixed", "adaptive", "custom"] = "off"
     max_pages: int = 1
     custom: ReadaheadPolicy | None = None
-    #: what was given, for messages
-    text: str = "off"
+    #: what was given, for messages (not compared)
+    text: str = attrs.field(default="off", eq=False)
 
     @classmethod
     def parse(cls, spec: ReadaheadSpec | ReadaheadPolicy | int | str | None) -> ReadaheadSpec:
@@ -94,7 +94,7 @@ class ReadaheadSpec:
             if isinstance(spec, str) and "unknown read-ahead" not in str(exc):
                 raise ValueError(f"bad read-ahead {spec!r}: {exc}") from None
             raise
-        text = spec if isinstance(spec, str) else repr(spec)
+        text = spec if isinstance(spec, str) else "off" if spec is None else repr(spec)
         if not isinstance(spec, (int, str)) and spec is not None:
             return cls("custom", 1, policy, text)
         if isinstance(policy, NoReadahead):

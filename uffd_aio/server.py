@@ -78,7 +78,7 @@ from uffd_aio.handoff import (
 from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
 from uffd_aio.log import get_logger
 from uffd_aio.native import ZERO as _ZERO
-from uffd_aio.native import _Zero, readahead_bounds
+from uffd_aio.native import readahead_bounds
 from uffd_aio.pager import Pager
 from uffd_aio.ring import Ring
 from uffd_aio.ring.ring import REDRAIN_ROUNDS as _REDRAIN_DEFAULT
@@ -989,7 +989,8 @@ class HandoffServer:
     def _serve_region(self, client: _Client, region: Region, store_offset: int) -> None:
         plan = self._native_plan(region, store_offset)
         if not isinstance(plan, str):
-            source, readahead = plan
+            file, readahead = plan
+            source = _ZERO if file is None else file
             try:
                 region.serve_from(source, offset=store_offset if source is not _ZERO else 0,
                                   readahead=readahead)
@@ -1014,7 +1015,7 @@ class HandoffServer:
             client.native_regions += 1
             self.stats.native_regions += 1
             client.log.debug("uffd_aio.client_native_path", region=region.name,
-                             source=repr(plan[0]) if plan[0] is _ZERO else self.backend.name,
+                             source=repr(_ZERO) if plan[0] is None else self.backend.name,
                              offset=store_offset, replay=self._replay is not None)
 
     def _native_capable(self) -> bool:
@@ -1024,9 +1025,10 @@ class HandoffServer:
         return isinstance(self.backend, (FileBackend, ZeroBackend))
 
     def _native_plan(self, region: Region, store_offset: int
-                     ) -> tuple[FileBackend | _Zero, int | tuple[int, int]] | str:
-        """``(source, readahead)`` for :meth:`Region.serve_from`, or why ``region`` stays
-        on the Python path (every fault through :func:`~uffd_aio.handlers.attach.attach`).
+                     ) -> tuple[FileBackend | None, int | tuple[int, int]] | str:
+        """``(file, readahead)`` for :meth:`Region.serve_from` (no file: zeros,
+        :data:`uffd_aio.ZERO`), or why ``region`` stays on the Python path (every fault
+        through :func:`~uffd_aio.handlers.attach.attach`).
 
         Native: a ``file:`` backend (the snapshot's fd, the mapping's ``offset``) or
         ``zero``, with the read-ahead policy as the engine's window.  Python: ``native``
@@ -1048,7 +1050,7 @@ class HandoffServer:
         if isinstance(readahead, str):
             return readahead
         if not isinstance(backend, FileBackend):
-            return _ZERO, readahead
+            return None, readahead
         if self.options.remove == "zero":
             return "--remove zero: removed ranges of a file are served as zeros by Python"
         if store_offset + region.length > backend.size:
