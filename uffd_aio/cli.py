@@ -20,7 +20,7 @@ from structlog.typing import Processor
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("uffd_aio.doctor", "what this kernel and machine support, and why not"),
     "demo": ("uffd_aio.demo", "page a large region through an asyncio handler and verify it"),
-    "serve": ("uffd_aio.server", "serve uffds handed over a Unix socket (Firecracker protocol)"),
+    "serve": ("uffd_aio.serve_cli", "serve uffds handed over a Unix socket (Firecracker protocol)"),
     "bench": ("uffd_aio.bench.cli", "benchmark against the C reference handler"),
     "soak": ("uffd_aio.soak", "many checked clients against uffd-aio serve; RSS/fd trend"),
     "workingset": ("uffd_aio.workingset_cli", "show and merge working-set recordings"),

@@ -27,12 +27,15 @@ Per client:
    first (``keep_after_eof``: only on process exit, for VMMs that close the
    socket right after the handoff).
 
+Its options arrive as one frozen :class:`~uffd_aio.serve_options.ServeOptions`
+(the keywords of ``HandoffServer(...)`` are converted once, at construction);
+the ``uffd-aio serve`` command is :mod:`uffd_aio.serve_cli`.
+
 See docs/handoff.md for the protocol, limits, security and failure behaviour.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import contextlib
@@ -44,14 +47,13 @@ import select
 import signal
 import socket
 import stat
-import sys
-import threading
 import time
-from collections.abc import Callable, Collection, Iterator
-from typing import Any, Literal
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 
+from uffd_aio import workingset
 from uffd_aio.fdkeeper import (
     FdStore,
     KeeperStore,
@@ -61,7 +63,10 @@ from uffd_aio.fdkeeper import (
     recv_msg,
     send_msg,
 )
+from uffd_aio.handlers.attach import Attachment, attach
 from uffd_aio.handlers.base import PageStore
+from uffd_aio.handlers.file import FileBackend
+from uffd_aio.handlers.readahead import AdaptiveWindow, FaultRecorder, FixedWindow, NoReadahead
 from uffd_aio.handoff import (
     Handoff,
     HandoffError,
@@ -74,9 +79,24 @@ from uffd_aio.handoff import (
 from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
 from uffd_aio.log import get_logger
 from uffd_aio.native import ZERO as _ZERO
-from uffd_aio.pager import ErrorPolicy, Pager
+from uffd_aio.native import readahead_bounds
+from uffd_aio.pager import Pager
 from uffd_aio.ring import Ring
 from uffd_aio.ring.ring import REDRAIN_ROUNDS as _REDRAIN_DEFAULT
+from uffd_aio.serve_cli import main, start_metrics
+from uffd_aio.serve_options import (
+    AttachOptions,
+    FatalPolicy,
+    FdStoreChoice,
+    PagerOptions,
+    ReadaheadSpec,
+    RemovePolicy,
+    ServeErrorPolicy,
+    ServeOptions,
+    add_arguments,
+    pager_options_from,
+    parse_size,
+)
 from uffd_aio.serve_state import (
     MAX_STATE_BYTES,
     ClientState,
@@ -89,19 +109,22 @@ from uffd_aio.serve_state import (
     process_start_time,
     write_atomic,
 )
+from uffd_aio.stats import PagerStats
 from uffd_aio.uffd import Userfaultfd
+from uffd_aio.workingset import WorkingSet, WorkingSetRecorder
 
-RemovePolicy = Literal["refetch", "zero"]
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from uffd_aio.events import Fork, Remap, Remove, Unmap
+    from uffd_aio.handlers.setreplay import SetInstaller
+    from uffd_aio.region import Region
+
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-#: attach options the native path honours (read-ahead: the engine's window; the rest
-#: only concern a --replay's prefetching Attachment)
-_NATIVE_ATTACH_OPTIONS = frozenset({"readahead", "replay_concurrency", "replay_batch",
-                                    "replay_max_wait", "eager"})
-FatalPolicy = Literal["hang", "kill-clients"]
-FdStoreChoice = Literal["auto", "keeper", "systemd"]
 
-__all__ = ["ClientInfo", "HandoffServer", "RecoveryReport", "ServerStats", "add_arguments",
-           "main"]
+__all__ = ["AttachOptions", "ClientInfo", "HandoffServer", "ReadaheadSpec", "RecoveryReport",
+           "ServeOptions", "ServerStats", "add_arguments", "main", "parse_size",
+           "start_metrics"]
 
 
 class _Ranges:
@@ -123,7 +146,9 @@ class _Ranges:
         self._starts[i:j] = [start]
         self._ends[i:j] = [end]
 
-    def __contains__(self, address: int) -> bool:
+    def __contains__(self, address: object) -> bool:
+        if not self._starts or not isinstance(address, int):
+            return False
         i = bisect.bisect_right(self._starts, address) - 1
         return i >= 0 and address < self._ends[i]
 
@@ -191,7 +216,8 @@ class ServerStats:
 
 
 class _Client:
-    def __init__(self, cid: int, sock: socket.socket | None, log: Any) -> None:
+    def __init__(self, cid: int, sock: socket.socket | None, log: FilteringBoundLogger
+                 ) -> None:
         self.id = cid
         self.sock = sock
         self.log = log
@@ -208,10 +234,10 @@ class _Client:
         self.task: asyncio.Task[None] | None = None
         self.handoff: Handoff | None = None
         self.pager: Pager | None = None
-        self.attachments: list[Any] = []
-        self.recorder: Any = None
-        self.ws_recorder: Any = None  # --record-set
-        self.installer: Any = None  # working-set replay (setreplay.SetInstaller)
+        self.attachments: list[Attachment] = []
+        self.recorder: FaultRecorder | None = None  # --record
+        self.ws_recorder: WorkingSetRecorder | None = None  # --record-set
+        self.installer: SetInstaller | None = None  # working-set replay
         self.install_task: asyncio.Task[None] | None = None
         self.removed = _Ranges()
         self.removes = 0
@@ -251,7 +277,7 @@ class _Client:
         return "native" if self.native_regions else "python"
 
 
-def _resolved_bytes(st: Any) -> int:
+def _resolved_bytes(st: PagerStats) -> int:
     """Bytes placed for a client: Python's resolutions and the engine's pages (base
     pages only; read-ahead included on both sides)."""
     return int(st.resolved_bytes) + int(st.native_pages) * _PAGE_SIZE
@@ -267,14 +293,6 @@ async def _hangup(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         await wait_readable(loop, ep.fileno())
     finally:
         ep.close()
-
-
-def _load_attach() -> Callable[..., Any] | None:
-    try:
-        from uffd_aio.handlers.attach import attach
-    except ImportError:
-        return None
-    return attach
 
 
 class HandoffServer:
@@ -294,6 +312,7 @@ class HandoffServer:
         path: str | os.PathLike[str],
         backend: PageStore,
         *,
+        options: ServeOptions | None = None,
         allow_uids: Collection[int] | None = None,
         handoff_timeout: float = 5.0,
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
@@ -303,9 +322,9 @@ class HandoffServer:
         max_pending: int = 128,
         remove: RemovePolicy = "refetch",
         keep_after_eof: bool = False,
-        on_error: ErrorPolicy = "poison",
-        attach_options: dict[str, Any] | None = None,
-        pager_options: dict[str, Any] | None = None,
+        on_error: ServeErrorPolicy = "poison",
+        attach_options: AttachOptions | Mapping[str, object] | None = None,
+        pager_options: Mapping[str, object] | None = None,
         close_backend: bool = False,
         socket_mode: int = 0o600,
         record: str | os.PathLike[str] | None = None,
@@ -325,76 +344,54 @@ class HandoffServer:
         takeover_drain: float = 1.0,
         native: bool = True,
     ) -> None:
-        if remove not in ("refetch", "zero"):
-            raise ValueError(f"remove must be 'refetch' or 'zero', not {remove!r}")
-        if on_error not in ("poison", "zero"):
-            raise ValueError("on_error must be 'poison' or 'zero' (one client's failure "
-                             "must not stop the server)")
+        # the keywords become one record here (ValueError for a bad value); or the
+        # record comes made (ServeOptions.from_args), and then no keyword may be given
+        opts = ServeOptions(
+            allow_uids=allow_uids, handoff_timeout=handoff_timeout,
+            max_mappings=max_mappings, max_total=max_total, max_payload=max_payload,
+            max_clients=max_clients, max_pending=max_pending, remove=remove,
+            keep_after_eof=keep_after_eof, on_error=on_error,
+            attach=AttachOptions.from_mapping(attach_options),
+            pager=pager_options_from(pager_options), socket_mode=socket_mode,
+            record=record, replay=replay, record_set=record_set,
+            record_set_pages=record_set_pages, record_set_seconds=record_set_seconds,
+            fill=fill, snapshot_id=snapshot_id, replay_chunk=replay_chunk,
+            state_dir=state_dir, takeover=takeover, on_fatal=on_fatal, fd_store=fd_store,
+            keeper_idle=keeper_idle, pidfd_getfd=pidfd_getfd, takeover_drain=takeover_drain,
+            native=native)
+        if options is not None:
+            if opts != ServeOptions():
+                raise TypeError("HandoffServer: pass options= or the option keywords, "
+                                "not both")
+            opts = options
+        self.options = opts
         self.path = os.fspath(path)
         self.backend = backend
-        self.allow_uids = frozenset(allow_uids) if allow_uids is not None else None
-        self.handoff_timeout = handoff_timeout
-        self.max_mappings = max_mappings
-        self.max_total = max_total
-        self.max_payload = max_payload
-        if max_clients < 1 or max_pending < 1:
-            raise ValueError("max_clients and max_pending must be at least 1")
-        self.max_clients = max_clients
-        self.max_pending = max_pending
-        self.remove = remove
-        self.keep_after_eof = keep_after_eof
-        self.on_error = on_error
-        self.attach_options = dict(attach_options or {})
-        self.pager_options = dict(pager_options or {})
         self.close_backend = close_backend
-        self.socket_mode = socket_mode
-        self.record = os.fspath(record) if record is not None else None
+        self._native_window = self._native_readahead()
         self._replay: tuple[int, list[int]] | None = None
-        self._ws: Any = None  # a WorkingSet to install (--replay of a working-set file)
-        self.record_set = os.fspath(record_set) if record_set is not None else None
-        self._record_set_bounds = (record_set_pages, record_set_seconds)
-        self.fill = fill
-        self.replay_chunk = replay_chunk
-        self._snapshot_id_text = snapshot_id
+        self._ws: WorkingSet | None = None  # to install (--replay of a working-set file)
         self._src_map: tuple[int, int] | None = None  # (address, length) of the snapshot
         self._installing = 0  # clients whose working set is going in (set phase)
-        if replay is not None:
-            from uffd_aio import workingset
+        if opts.replay is not None:
             from uffd_aio.handlers.readahead import decode_trace
 
-            with open(replay, "rb") as f:
+            with open(opts.replay, "rb") as f:
                 data = f.read()
             if workingset.is_working_set(data):
-                self._ws = workingset.decode(data, what=f"working set {os.fspath(replay)!r}")
-                self._check_ws(backend)
+                self._ws = workingset.decode(data, what=f"working set {opts.replay!r}")
+                self._check_ws(self._ws)
             else:
                 try:
                     self._replay = decode_trace(data)
                 except ValueError as exc:
-                    raise ValueError(f"--replay {os.fspath(replay)!r} is neither a working "
+                    raise ValueError(f"--replay {opts.replay!r} is neither a working "
                                      f"set nor a fault trace: {exc}") from None
-        if fill and self._ws is None:
+        if opts.fill and self._ws is None:
             raise ValueError("fill needs a working set to replay (--replay FILE of "
                              "`uffd-aio workingset` format)")
-        if (self._ws is not None or record_set is not None) and \
-                (attach_options or {}).get("dirty") is not None:
+        if self._ws is not None and opts.attach.dirty is not None:
             raise ValueError("working-set record/replay does not support dirty tracking")
-        if on_fatal not in ("hang", "kill-clients"):
-            raise ValueError(f"on_fatal must be 'hang' or 'kill-clients', not {on_fatal!r}")
-        if fd_store not in ("auto", "keeper", "systemd"):
-            raise ValueError(f"fd_store must be 'auto', 'keeper' or 'systemd', not {fd_store!r}")
-        if takeover and state_dir is None:
-            raise ValueError("takeover needs a state_dir (the running server listens for "
-                             "takeovers in its state directory)")
-        self.state_dir = os.path.abspath(os.fspath(state_dir)) if state_dir is not None \
-            else None
-        self.takeover = takeover
-        self.on_fatal: FatalPolicy = on_fatal
-        self.fd_store_choice: FdStoreChoice = fd_store
-        self.keeper_idle = keeper_idle
-        self.pidfd_getfd = pidfd_getfd
-        self.takeover_drain = takeover_drain
-        self.native = native
         #: set when the server handed its clients over (or left them for the next one)
         self.handed_over = False
         self._store: FdStore | None = None
@@ -419,11 +416,6 @@ class HandoffServer:
         self._closed = asyncio.Event()
         self._changed = asyncio.Event()  # a client was adopted or released
         self._log = get_logger(component="server", socket=self.path)
-        self._attach = _load_attach()
-        if self._attach is None:
-            self._log.warning("uffd_aio.attach_unavailable",
-                              hint="uffd_aio.handlers.attach missing: serving one page per "
-                                   "fault without read-ahead")
 
     # ---- lifecycle ----------------------------------------------------------
 
@@ -442,10 +434,10 @@ class HandoffServer:
         receive every client of the running server (its listening socket too)."""
         self._loop = asyncio.get_running_loop()
         received: _Received | None = None
-        if self.state_dir is not None:
+        if self.options.state_dir is not None:
             self._fingerprint = self._backend_fingerprint()
-            os.makedirs(os.path.join(self.state_dir, "clients"), mode=0o700, exist_ok=True)
-            if self.takeover:
+            os.makedirs(os.path.join(self.options.state_dir, "clients"), mode=0o700, exist_ok=True)
+            if self.options.takeover:
                 received = await self._request_takeover()
                 self._lsock = received.lsock
             else:
@@ -454,7 +446,7 @@ class HandoffServer:
             if self._lsock is None:
                 self._bind()
             self._ring = Ring.shared(self._loop)  # one io_uring per loop: shared with the stores
-            if self.state_dir is not None:
+            if self.options.state_dir is not None:
                 self._store = self._open_store()
                 if received is not None:
                     await self._adopt_received(received)
@@ -468,9 +460,10 @@ class HandoffServer:
             raise
         self._accept_task = self._loop.create_task(self._accept_loop())
         self._accept_task.add_done_callback(self._accept_done)
+        uids = self.options.allow_uids
         self._log.info("uffd_aio.server_listening", backend=self.backend.name,
-                       allow_uids=sorted(self.allow_uids) if self.allow_uids else None,
-                       remove=self.remove, state_dir=self.state_dir,
+                       allow_uids=sorted(uids) if uids else None,
+                       remove=self.options.remove, state_dir=self.options.state_dir,
                        fd_store=self._store.kind if self._store is not None else None)
 
     # ---- working sets (--record-set, --replay of a set, --fill) ----------------------
@@ -488,12 +481,11 @@ class HandoffServer:
             pages = (backend.size + page_size - 1) // page_size
             if os.path.isfile(backend.path):
                 sid = workingset.fingerprint_file(backend.path)
-        if self._snapshot_id_text is not None:
-            sid = workingset.id_from_text(self._snapshot_id_text)
+        if self.options.snapshot_id is not None:
+            sid = workingset.id_from_text(self.options.snapshot_id)
         return pages, sid
 
-    def _check_ws(self, backend: PageStore) -> None:
-        ws = self._ws
+    def _check_ws(self, ws: WorkingSet) -> None:
         pages, sid = self._snapshot_identity(ws.page_size)
         ws.check(page_size=ws.page_size, store_pages=pages, snapshot_id=sid,
                  what="the working set")
@@ -526,7 +518,7 @@ class HandoffServer:
 
         ws = self._ws
         pager = client.pager
-        assert pager is not None
+        assert pager is not None and ws is not None
         ps = h.mappings[0].page_size
         try:
             if any(m.page_size != ws.page_size for m in h.mappings):
@@ -543,7 +535,7 @@ class HandoffServer:
         for region in pager.regions:
             lo = region.store_offset // ps
             removed = None
-            if self.remove == "zero":
+            if self.options.remove == "zero":
                 rm = client.removed
                 base = region.address - region.store_offset
 
@@ -551,8 +543,9 @@ class HandoffServer:
                     return bool(rm) and base + page * ps in rm
             targets.append(Target(lo, lo + region.length // ps, region.address,
                                   pager.uffd_for(region).fd, removed=removed))
-        plan = workingset.InstallPlan(ws, [(t.lo, t.hi) for t in targets], fill=self.fill,
-                                      chunk=self.replay_chunk, max_run=self.replay_chunk)
+        chunk = self.options.replay_chunk
+        plan = workingset.InstallPlan(ws, [(t.lo, t.hi) for t in targets],
+                                      fill=self.options.fill, chunk=chunk, max_run=chunk)
         src = self._source_map()
         reads = pager._native_reads
         ring = self._ring
@@ -579,9 +572,9 @@ class HandoffServer:
         task = self._loop.create_task(self._run_install(client, inst))
         client.install_task = task
 
-    async def _run_install(self, client: _Client, inst: Any) -> None:
+    async def _run_install(self, client: _Client, inst: SetInstaller) -> None:
         client.log.info("uffd_aio.workingset_replay_started", set_pages=inst.plan.set_pages,
-                        fill=self.fill, fill_pages=inst.plan.fill_pages)
+                        fill=self.options.fill, fill_pages=inst.plan.fill_pages)
         try:
             m = await inst.run()
         except asyncio.CancelledError:
@@ -608,7 +601,7 @@ class HandoffServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    def workingset_metrics(self, client_id: int) -> dict[str, Any] | None:
+    def workingset_metrics(self, client_id: int) -> dict[str, object] | None:
         """The replay metrics of a connected client (None without a replay)."""
         c = self._clients.get(client_id)
         inst = getattr(c, "installer", None)
@@ -622,15 +615,16 @@ class HandoffServer:
     def _save_set(self, client: _Client) -> None:
         from uffd_aio import workingset
 
-        assert self.record_set is not None
+        assert self.options.record_set is not None
         rec = client.ws_recorder
+        assert rec is not None
         try:
-            workingset.write(self.record_set, rec.result())
+            workingset.write(self.options.record_set, rec.result())
         except OSError as exc:
-            client.log.error("uffd_aio.workingset_save_failed", path=self.record_set,
+            client.log.error("uffd_aio.workingset_save_failed", path=self.options.record_set,
                              error=str(exc))
             return
-        client.log.info("uffd_aio.workingset_saved", path=self.record_set, pages=len(rec),
+        client.log.info("uffd_aio.workingset_saved", path=self.options.record_set, pages=len(rec),
                         written=len(rec.written), full=rec.full)
 
     def _backend_fingerprint(self) -> str:
@@ -643,7 +637,7 @@ class HandoffServer:
         self._remove_stale_socket()
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            old = os.umask(0o777 & ~self.socket_mode)
+            old = os.umask(0o777 & ~self.options.socket_mode)
             try:
                 lsock.bind(self.path)
             finally:
@@ -660,7 +654,7 @@ class HandoffServer:
             c.detached = True  # a failed start leaves the state for the next server
             if c.task is not None:
                 c.task.cancel()
-        if self._lsock is not None and not self.takeover:
+        if self._lsock is not None and not self.options.takeover:
             self._lsock.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
@@ -693,9 +687,8 @@ class HandoffServer:
         if self._fatal is None:
             self._fatal = loop.create_future()
         closed = asyncio.ensure_future(self._closed.wait())
-        waits: list[asyncio.Future[Any]] = [closed, self._fatal]
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((closed, self._fatal), return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
         if self._fatal.done() and not self._closed.is_set():
@@ -706,8 +699,8 @@ class HandoffServer:
         SIGKILLs every client now (a VM killed loudly beats one hung forever, as
         Firecracker recommends); :meth:`serve_forever` then raises ``exc``."""
         self._log.critical("uffd_aio.server_fatal", error=f"{type(exc).__name__}: {exc}",
-                           on_fatal=self.on_fatal, clients=len(self._clients))
-        if self.on_fatal == "kill-clients":
+                           on_fatal=self.options.on_fatal, clients=len(self._clients))
+        if self.options.on_fatal == "kill-clients":
             self.kill_clients(f"server failure: {type(exc).__name__}: {exc}")
         if self._fatal is None and self._loop is not None:
             self._fatal = self._loop.create_future()
@@ -746,7 +739,7 @@ class HandoffServer:
             if not self.handed_over:  # after a takeover the new server listens there
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
-        if self.state_dir is not None and not self.handed_over:
+        if self.options.state_dir is not None and not self.handed_over:
             left = [c for c in self._clients.values() if c.pager is not None and c.stored]
             await asyncio.gather(*(self._detach(c) for c in left))
             if left:
@@ -763,9 +756,9 @@ class HandoffServer:
         self._detached_clients.clear()
         if self._tsock is not None:
             self._tsock.close()
-            if not self.handed_over and self.state_dir is not None:
+            if not self.handed_over and self.options.state_dir is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.state_dir, TAKEOVER_SOCKET))
+                    os.unlink(os.path.join(self.options.state_dir, TAKEOVER_SOCKET))
         if self._store is not None:
             self._store.close()
         self._unlock()
@@ -822,7 +815,7 @@ class HandoffServer:
                 await asyncio.sleep(0.1)
                 continue
             self.stats.connections += 1
-            if len(self._pending) >= self.max_pending:
+            if len(self._pending) >= self.options.max_pending:
                 self._evict_oldest_pending()
             cid = next(self._ids)
             client = _Client(cid, conn, self._log.bind(client=cid))
@@ -852,7 +845,7 @@ class HandoffServer:
         oldest.log.warning(
             "uffd_aio.handoff_rejected",
             error=f"peer pid {oldest.pid} had not completed its handoff after "
-                  f"{time.monotonic() - oldest.since:.3f} s when {self.max_pending} "
+                  f"{time.monotonic() - oldest.since:.3f} s when {self.options.max_pending} "
                   "connections were pending (max_pending): dropped the oldest")
         if oldest.task is not None:
             oldest.task.cancel()
@@ -896,9 +889,10 @@ class HandoffServer:
         client.log = client.log.bind(peer_pid=client.pid, peer_uid=client.uid)
         client.log.info("uffd_aio.client_connected")
         try:
-            h = await receive(sock, timeout=self.handoff_timeout,
-                              max_payload=self.max_payload, max_mappings=self.max_mappings,
-                              max_total=self.max_total, allow_uids=self.allow_uids)
+            o = self.options
+            h = await receive(sock, timeout=o.handoff_timeout, max_payload=o.max_payload,
+                              max_mappings=o.max_mappings, max_total=o.max_total,
+                              allow_uids=o.allow_uids)
         except HandoffRejected as exc:
             self.stats.rejected += 1
             client.log.error("uffd_aio.handoff_rejected", error=str(exc))
@@ -920,12 +914,12 @@ class HandoffServer:
         if self._pending.pop(client.id, None) is None:
             h.close()  # evicted while receive() returned
             return
-        if len(self._clients) >= self.max_clients:
+        if len(self._clients) >= self.options.max_clients:
             h.close()
             self.stats.rejected += 1
-            client.log.error("uffd_aio.too_many_clients", limit=self.max_clients,
+            client.log.error("uffd_aio.too_many_clients", limit=self.options.max_clients,
                              error=f"peer pid {client.pid} uid {client.uid} handed off "
-                                   f"while {self.max_clients} clients were being served "
+                                   f"while {self.options.max_clients} clients were being served "
                                    "(max_clients): connection closed")
             return
         self._clients[client.id] = client
@@ -956,12 +950,13 @@ class HandoffServer:
             if client.start_time is None:
                 raise ProcessLookupError(f"process {client.pid} exited right after its "
                                          "handoff")
-        if self.state_dir is not None and client.keep_uffd < 0:
+        if self.options.state_dir is not None and client.keep_uffd < 0:
             client.keep_uffd = os.dup(h.uffd_fd)  # for a takeover (the pager owns h's)
         uffd = Userfaultfd.from_fd(h.uffd_fd)
-        opts: dict[str, Any] = {"close_timeout": 2.0, "on_error": self.on_error}
-        opts.update(self.pager_options)
-        pager = Pager(uffd=uffd, ring=self._ring, name=f"client{client.id}", **opts)
+        opts = PagerOptions(close_timeout=2.0)
+        opts.update(self.options.pager)
+        pager = Pager(uffd=uffd, ring=self._ring, name=f"client{client.id}",
+                      on_error=self.options.on_error, **opts)
         try:
             pager.start()
         except BaseException:
@@ -969,18 +964,18 @@ class HandoffServer:
             raise
         client.pager = pager
         pager.on_event(lambda msg: self._on_event(client, msg))
-        if self.record_set is not None and self._attach is not None:
+        if self.options.record_set is not None:
             from uffd_aio.workingset import WorkingSetRecorder
 
             ps = h.mappings[0].page_size
             pages, sid = self._snapshot_identity(ps)
             if pages is None:
                 pages = max(m.offset + m.size for m in h.mappings) // ps
-            max_pages, max_seconds = self._record_set_bounds
-            client.ws_recorder = WorkingSetRecorder(page_size=ps, store_pages=pages,
-                                                    snapshot_id=sid, max_pages=max_pages,
-                                                    max_seconds=max_seconds)
-        if self.record is not None and self._attach is not None:
+            client.ws_recorder = WorkingSetRecorder(
+                page_size=ps, store_pages=pages, snapshot_id=sid,
+                max_pages=self.options.record_set_pages,
+                max_seconds=self.options.record_set_seconds)
+        if self.options.record is not None:
             from uffd_aio.handlers.readahead import FaultRecorder
 
             # one recorder for all the client's mappings: traces hold store pages
@@ -989,15 +984,16 @@ class HandoffServer:
             region = pager.adopt(m.base_host_virt_addr, m.size, store_offset=m.offset,
                                  page_size=m.page_size, name=f"client{client.id}.map{i}")
             self._serve_region(client, region, m.offset)
-        if self._ws is not None and self._attach is not None:
+        if self._ws is not None:
             self._start_install(client, h)
-        if self.state_dir is not None and not self._defer_store:
+        if self.options.state_dir is not None and not self._defer_store:
             self._store_client(client)
 
-    def _serve_region(self, client: _Client, region: Any, store_offset: int) -> None:
+    def _serve_region(self, client: _Client, region: Region, store_offset: int) -> None:
         plan = self._native_plan(region, store_offset)
         if not isinstance(plan, str):
-            source, readahead = plan
+            file, readahead = plan
+            source = _ZERO if file is None else file
             try:
                 region.serve_from(source, offset=store_offset if source is not _ZERO else 0,
                                   readahead=readahead)
@@ -1022,29 +1018,8 @@ class HandoffServer:
             client.native_regions += 1
             self.stats.native_regions += 1
             client.log.debug("uffd_aio.client_native_path", region=region.name,
-                             source=repr(plan[0]) if plan[0] is _ZERO else self.backend.name,
+                             source=repr(_ZERO) if plan[0] is None else self.backend.name,
                              offset=store_offset, replay=self._replay is not None)
-        rec = client.ws_recorder
-        if rec is not None:
-            rec_inner = region.fault_handler
-            page0 = store_offset // region.page_size
-
-            def recording(ev: Any) -> Any:
-                if not ev.is_wp and not ev.is_minor:
-                    rec.record(page0 + ev.offset // ev.page_size, ev.is_write)
-                return rec_inner(ev)
-
-            region.fault_handler = recording
-        if self.remove == "zero":
-            inner = region.fault_handler
-            removed = client.removed
-
-            def on_fault(ev: Any) -> Any:
-                if removed and ev.page in removed:
-                    return None  # a zero page: the client discarded this memory
-                return inner(ev)
-
-            region.fault_handler = on_fault
 
     def _native_capable(self) -> bool:
         from uffd_aio.handlers.file import FileBackend
@@ -1052,9 +1027,11 @@ class HandoffServer:
 
         return isinstance(self.backend, (FileBackend, ZeroBackend))
 
-    def _native_plan(self, region: Any, store_offset: int) -> tuple[Any, Any] | str:
-        """``(source, readahead)`` for :meth:`Region.serve_from`, or why ``region`` stays
-        on the Python path (every fault through :func:`~uffd_aio.handlers.attach.attach`).
+    def _native_plan(self, region: Region, store_offset: int
+                     ) -> tuple[FileBackend | None, int | tuple[int, int]] | str:
+        """``(file, readahead)`` for :meth:`Region.serve_from` (no file: zeros,
+        :data:`uffd_aio.ZERO`), or why ``region`` stays on the Python path (every fault
+        through :func:`~uffd_aio.handlers.attach.attach`).
 
         Native: a ``file:`` backend (the snapshot's fd, the mapping's ``offset``) or
         ``zero``, with the read-ahead policy as the engine's window.  Python: ``native``
@@ -1062,67 +1039,63 @@ class HandoffServer:
         Python), ``dirty`` tracking (write-protect faults), ``remove="zero"`` on a file
         (removed ranges read as zeros), a mapping past the end of the file (zeros there),
         huge pages, a read-ahead policy the engine has no equivalent for."""
-        from uffd_aio import native
-        from uffd_aio.handlers.file import FileBackend
-        from uffd_aio.handlers.readahead import policy_from
-
         backend = self.backend
-        if not self.native:
-            return "native serving is off (--no-native)"
+        why = self.options.python_only
+        if why is not None and not self.options.native:
+            return why
         if not self._native_capable():
             return f"backend {backend.name} has no native source"
-        if self._attach is None:
-            return "uffd_aio.handlers.attach is unavailable"
-        if self.record is not None:
-            return "--record: the order of first faults is recorded per fault in Python"
-        if self.record_set is not None:
-            return "--record-set: first touches are recorded per fault in Python"
-        if self.attach_options.get("dirty") is not None:
-            return "dirty tracking needs the write-protect faults in Python"
-        extra = set(self.attach_options) - _NATIVE_ATTACH_OPTIONS
-        if extra:
-            return f"attach options {sorted(extra)} need the Python path"
+        if why is not None:
+            return why
         if region.page_size != _PAGE_SIZE:
             return "huge pages: the native engine serves base pages only"
-        spec = self.attach_options.get("readahead")
-        try:
-            readahead: Any = policy_from(spec)  # readahead_bounds: TypeError if custom
-            native.readahead_bounds(readahead)
-        except (TypeError, ValueError) as exc:
-            return f"read-ahead {spec!r} has no native equivalent: {exc}"
+        readahead = self._native_window
+        if isinstance(readahead, str):
+            return readahead
         if not isinstance(backend, FileBackend):
-            return _ZERO, readahead
-        if self.remove == "zero":
+            return None, readahead
+        if self.options.remove == "zero":
             return "--remove zero: removed ranges of a file are served as zeros by Python"
         if store_offset + region.length > backend.size:
             return (f"the mapping ends past the end of {backend.path!r} ({backend.size} "
                     "bytes): Python serves zeros there")
         return backend, readahead
 
-    def _attach_python(self, client: _Client, region: Any, store_offset: int) -> None:
-        backend = self.backend
-        if self._attach is not None:
-            opts = dict(self.attach_options)
-            if client.recorder is not None:
-                opts["recorder"] = client.recorder
-            if client.ws_recorder is not None:
-                opts["readahead"] = None  # a window would hide the pages it brought in
-            if self._replay is not None and self._replay[0] == region.page_size:
-                opts["replay"] = self._replay[1]  # attach keeps the pages of this mapping
-            client.attachments.append(
-                self._attach(region, backend, store_offset=store_offset, **opts))
-        else:
-            async def fetch(ev: Any) -> Any:
-                return await backend.fetch(store_offset + ev.offset, ev.page_size)
+    def _native_readahead(self) -> int | tuple[int, int] | str:
+        """The engine's window for the read-ahead option (once per server): pages, or
+        (min, max) for an adaptive one; or why the engine cannot do it."""
+        spec = self.options.attach.readahead
+        policy = spec.policy()
+        if not isinstance(policy, (NoReadahead, FixedWindow, AdaptiveWindow)):
+            return f"read-ahead {spec.text} has no native equivalent: a custom policy"
+        try:
+            lo, hi = readahead_bounds(policy)
+        except ValueError as exc:
+            return f"read-ahead {spec.text} has no native equivalent: {exc}"
+        return lo if lo == hi else (lo, hi)
 
-            region.on_fault(fetch)
+    def _attach_python(self, client: _Client, region: Region, store_offset: int) -> None:
+        a = self.options.attach
+        replay = self._replay
+        client.attachments.append(attach(
+            region, self.backend, store_offset=store_offset,
+            # with --record-set, a window would hide the pages it brought in
+            readahead=None if client.ws_recorder is not None else a.readahead.policy(),
+            dirty=a.dirty, recorder=client.recorder,
+            # attach keeps the pages of this mapping
+            replay=replay[1] if replay is not None and replay[0] == region.page_size
+            else None,
+            replay_concurrency=a.replay_concurrency, replay_batch=a.replay_batch,
+            replay_max_wait=a.replay_max_wait, eager=a.eager,
+            zero_removed=client.removed if self.options.remove == "zero" else None,
+            observe=client.ws_recorder.record if client.ws_recorder is not None else None))
 
-    def _on_event(self, client: _Client, msg: Any) -> None:
+    def _on_event(self, client: _Client, msg: Fork | Remap | Remove | Unmap) -> None:
         from uffd_aio.events import Remove
 
         if isinstance(msg, Remove):
             client.removes += 1
-            if self.remove == "zero":
+            if self.options.remove == "zero":
                 client.removed.add(msg.start, msg.end)
                 if client.stored and client.state_flush is None and self._loop is not None:
                     # coalesced: a balloon sends REMOVEs in bursts; a crash within the
@@ -1134,7 +1107,7 @@ class HandoffServer:
     async def _wait_gone(self, client: _Client) -> str:
         """Wait for socket EOF or process exit; returns why the client is gone."""
         loop = asyncio.get_running_loop()
-        waits: dict[asyncio.Future[Any], str] = {}
+        waits: dict[asyncio.Future[str | None], str] = {}
         pidfd = -1
         try:
             try:
@@ -1163,7 +1136,7 @@ class HandoffServer:
                     if not fut.cancelled() and fut.exception() is None:
                         # (an exception is retrieved: a PagerFailed is logged on release)
                         reason = fut.result() or reason
-                    if reason == "connection closed" and self.keep_after_eof and pidfd >= 0:
+                    if reason == "connection closed" and self.options.keep_after_eof and pidfd >= 0:
                         client.log.info("uffd_aio.client_eof_kept")
                         continue
                     return reason
@@ -1233,7 +1206,7 @@ class HandoffServer:
         pager = client.pager
         if pager is None:
             return
-        ws_metrics: dict[str, Any] = {}
+        ws_metrics: dict[str, object] = {}
         if client.installer is not None:
             ws_metrics = {"ws_" + k: v for k, v in client.installer.metrics.as_dict().items()
                           if k in ("pages_by_replay", "pages_by_fill", "set_installed_s",
@@ -1267,21 +1240,23 @@ class HandoffServer:
 
 
     def _save_trace(self, client: _Client) -> None:
-        assert self.record is not None
-        tmp = f"{self.record}.tmp{os.getpid()}"
+        assert self.options.record is not None
+        tmp = f"{self.options.record}.tmp{os.getpid()}"
+        rec = client.recorder
+        assert rec is not None
         try:
-            client.recorder.save(tmp)
-            os.replace(tmp, self.record)  # readers never see half a trace
+            rec.save(tmp)
+            os.replace(tmp, self.options.record)  # readers never see half a trace
         except OSError as exc:
-            client.log.error("uffd_aio.trace_save_failed", path=self.record, error=str(exc))
+            client.log.error("uffd_aio.trace_save_failed", path=self.options.record, error=str(exc))
             return
-        client.log.info("uffd_aio.trace_saved", path=self.record, pages=len(client.recorder))
+        client.log.info("uffd_aio.trace_saved", path=self.options.record, pages=len(rec))
 
     # ---- crash safety and upgrades (--state-dir, --takeover) ------------------------------
 
     def _state_path(self, key: str) -> str:
-        assert self.state_dir is not None
-        return os.path.join(self.state_dir, "clients", f"{key}.json")
+        assert self.options.state_dir is not None
+        return os.path.join(self.options.state_dir, "clients", f"{key}.json")
 
     def _client_state(self, client: _Client) -> ClientState:
         h = client.handoff
@@ -1324,7 +1299,7 @@ class HandoffServer:
         client.stored = False
         self._forget(client.key, reason, client.log)
 
-    def _forget(self, key: str, reason: str, log: Any) -> None:
+    def _forget(self, key: str, reason: str, log: FilteringBoundLogger) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._state_path(key))
         if self._store is not None:
@@ -1335,10 +1310,10 @@ class HandoffServer:
         log.info("uffd_aio.state_dropped", key=key, reason=reason)
 
     def _lock(self, wait: float) -> None:
-        assert self.state_dir is not None
+        assert self.options.state_dir is not None
         if self._lock_fd >= 0:
             return
-        fd = os.open(os.path.join(self.state_dir, "lock"),
+        fd = os.open(os.path.join(self.options.state_dir, "lock"),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + wait
         while True:
@@ -1351,8 +1326,9 @@ class HandoffServer:
                     continue
                 os.close(fd)
                 raise FileExistsError(
-                    errno.EBUSY, f"another server uses the state directory {self.state_dir} "
-                                 "(start the new one with --takeover to replace it)") from None
+                    errno.EBUSY, "another server uses the state directory "
+                                 f"{self.options.state_dir} (start the new one with "
+                                 "--takeover to replace it)") from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -1361,15 +1337,15 @@ class HandoffServer:
             self._lock_fd = -1
 
     def _open_store(self) -> FdStore:
-        assert self.state_dir is not None
-        choice = self.fd_store_choice
+        assert self.options.state_dir is not None
+        choice = self.options.fd_store
         if choice == "systemd" or (choice == "auto" and os.environ.get("NOTIFY_SOCKET")):
             if not os.environ.get("NOTIFY_SOCKET"):
                 raise ValueError("fd_store='systemd' needs NOTIFY_SOCKET (run under systemd "
                                  "with FileDescriptorStoreMax=)")
             return SystemdStore()
         try:
-            store = KeeperStore(self.state_dir, idle=self.keeper_idle)
+            store = KeeperStore(self.options.state_dir, idle=self.options.keeper_idle)
         except StoreError as exc:
             raise OSError(errno.EIO, f"cannot start the fd keeper: {exc}") from None
         if store.started_keeper is not None:
@@ -1437,10 +1413,10 @@ class HandoffServer:
 
     def _recover(self) -> None:
         """Serve again every client a previous server left in the state directory."""
-        assert self.state_dir is not None and self._store is not None
+        assert self.options.state_dir is not None and self._store is not None
         t0 = time.monotonic()
         rep = RecoveryReport("state")
-        cdir = os.path.join(self.state_dir, "clients")
+        cdir = os.path.join(self.options.state_dir, "clients")
         keys: set[str] = set()
         for name in sorted(os.listdir(cdir)):
             path = os.path.join(cdir, name)
@@ -1494,8 +1470,8 @@ class HandoffServer:
 
     def _reject_state(self, path: str, reason: str) -> None:
         """A corrupt or foreign state file: kept aside (never deleted), logged, skipped."""
-        assert self.state_dir is not None
-        rdir = os.path.join(self.state_dir, "rejected")
+        assert self.options.state_dir is not None
+        rdir = os.path.join(self.options.state_dir, "rejected")
         os.makedirs(rdir, mode=0o700, exist_ok=True)
         dest = os.path.join(rdir, f"{os.path.basename(path)}.{int(time.time())}")
         try:
@@ -1516,7 +1492,7 @@ class HandoffServer:
                             error="the stored fd is not a userfaultfd")
             close_all(fds)
             fds = None
-        if fds is None and self.pidfd_getfd:
+        if fds is None and self.options.pidfd_getfd:
             fd = steal_uffd(st.pid, st.start_time)
             if fd is not None:
                 self._log.warning("uffd_aio.uffd_from_client", peer_pid=st.pid,
@@ -1531,8 +1507,8 @@ class HandoffServer:
         log.error("uffd_aio.client_lost",
                   error="no copy of its uffd survived (fd store empty)" if adopted else
                         "its uffd could not be served again",
-                  on_fatal=self.on_fatal)
-        if self.on_fatal == "kill-clients":
+                  on_fatal=self.options.on_fatal)
+        if self.options.on_fatal == "kill-clients":
             _kill(st.pid, st.start_time, -1, log, "its uffd was lost with the server")
         self._forget(st.key, "lost", self._log)
 
@@ -1574,8 +1550,8 @@ class HandoffServer:
     # -- takeover: the running (old) server's side
 
     def _listen_takeover(self) -> None:
-        assert self.state_dir is not None and self._loop is not None
-        path = os.path.join(self.state_dir, TAKEOVER_SOCKET)
+        assert self.options.state_dir is not None and self._loop is not None
+        path = os.path.join(self.options.state_dir, TAKEOVER_SOCKET)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # we hold the lock: any socket there is a predecessor's
         ts = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -1636,7 +1612,7 @@ class HandoffServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._accept_task
         # 2. handoffs under way complete here first (a real VMM sends at once)
-        deadline = time.monotonic() + self.handoff_timeout
+        deadline = time.monotonic() + self.options.handoff_timeout
         while self._pending and time.monotonic() < deadline:  # noqa: ASYNC110 (rare)
             await asyncio.sleep(0.005)
         for c in list(self._pending.values()):
@@ -1695,9 +1671,9 @@ class HandoffServer:
     # -- takeover: the new server's side
 
     async def _request_takeover(self) -> _Received:
-        assert self.state_dir is not None
+        assert self.options.state_dir is not None
         loop = asyncio.get_running_loop()
-        path = os.path.join(self.state_dir, TAKEOVER_SOCKET)
+        path = os.path.join(self.options.state_dir, TAKEOVER_SOCKET)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             try:
@@ -1800,7 +1776,7 @@ class _Received:
 
 
 async def _asend(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 obj: dict[str, Any], fds: list[int] | None = None) -> None:
+                 obj: Mapping[str, object], fds: list[int] | None = None) -> None:
     while True:
         try:
             send_msg(sock, obj, fds or [])
@@ -1824,7 +1800,7 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
 
 
 async def _arecv(loop: asyncio.AbstractEventLoop, sock: socket.socket
-                 ) -> tuple[dict[str, Any] | None, list[int]]:
+                 ) -> tuple[dict[str, object] | None, list[int]]:
     while True:
         try:
             return recv_msg(sock)
@@ -1832,7 +1808,8 @@ async def _arecv(loop: asyncio.AbstractEventLoop, sock: socket.socket
             await wait_readable(loop, sock.fileno())
 
 
-def _kill(pid: int, start_time: int | None, pidfd: int, log: Any, reason: str) -> bool:
+def _kill(pid: int, start_time: int | None, pidfd: int, log: FilteringBoundLogger,
+          reason: str) -> bool:
     """SIGKILL process ``pid`` if it is still the instance that started at ``start_time``."""
     if start_time is None or process_start_time(pid) != start_time:
         log.warning("uffd_aio.client_not_killed", peer_pid=pid,
@@ -1888,257 +1865,3 @@ def steal_uffd(pid: int, start_time: int) -> int | None:
 _SYS_PIDFD_GETFD = 438  # the same number on every architecture (a 5.6 addition)
 TAKEOVER_SOCKET = "takeover.sock"
 TAKEOVER_VERSION = 1
-
-
-# ---- Prometheus metrics (optional) ------------------------------------------------
-
-
-def start_metrics(server: HandoffServer, port: int, addr: str = "127.0.0.1") -> bool:
-    """Serve Prometheus metrics on ``addr:port``.
-
-    Returns False (after a message on stderr) when prometheus-client is missing.
-    """
-    try:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-    except ImportError:
-        print("uffd-aio serve: --metrics-port needs prometheus-client "
-              "(pip install 'uffd-aio[metrics]'); serving without metrics", file=sys.stderr)
-        return False
-
-    lock = threading.Lock()
-    snap: dict[str, Any] = {"clients": [], "stats": ServerStats()}
-
-    def refresh() -> None:  # on the loop thread; the HTTP thread only reads the snapshot
-        with lock:
-            snap["clients"] = server.clients
-            snap["stats"] = attrs.evolve(server.stats)
-        server.call_later_while_open(1.0, refresh)
-
-    class Collector:
-        def collect(self) -> Iterator[Any]:
-            with lock:
-                clients, st = list(snap["clients"]), snap["stats"]
-            yield GaugeMetricFamily("uffd_aio_clients", "clients being served",
-                                    value=len(clients))
-            for name, help_ in (("connections", "connections accepted"),
-                                ("served", "handoffs adopted"),
-                                ("rejected", "peers refused (allow-uid, client limit, full queue)"),
-                                ("invalid", "bad handoff messages"),
-                                ("failed", "handoffs that could not be set up"),
-                                ("closed", "clients released")):
-                yield CounterMetricFamily(f"uffd_aio_{name}", help_, value=getattr(st, name))
-            live_faults = sum(c.faults for c in clients)
-            live_bytes = sum(c.resolved_bytes for c in clients)
-            yield CounterMetricFamily("uffd_aio_faults", "page faults served",
-                                      value=st.faults + live_faults)
-            yield CounterMetricFamily("uffd_aio_resolved_bytes", "bytes resolved",
-                                      value=st.resolved_bytes + live_bytes)
-            yield CounterMetricFamily("uffd_aio_native_faults",
-                                      "faults resolved in C by the native engine",
-                                      value=st.native_faults
-                                      + sum(c.native_faults for c in clients))
-            yield CounterMetricFamily("uffd_aio_python_faults",
-                                      "faults seen by Python (handlers, policies)",
-                                      value=st.python_faults
-                                      + sum(c.python_faults for c in clients))
-            g = GaugeMetricFamily("uffd_aio_client_faults", "faults per live client",
-                                  labels=["client", "pid"])
-            for c in clients:
-                g.add_metric([str(c.id), str(c.pid)], c.faults)
-            yield g
-            g = GaugeMetricFamily("uffd_aio_client_native_faults",
-                                  "faults per live client resolved by the native engine",
-                                  labels=["client", "pid", "path"])
-            for c in clients:
-                g.add_metric([str(c.id), str(c.pid), c.path], c.native_faults)
-            yield g
-
-    registry = CollectorRegistry()  # our own: no process/platform noise, no global state
-    registry.register(Collector())  # type: ignore[arg-type, unused-ignore]
-    start_http_server(port, addr=addr, registry=registry)
-    refresh()
-    return True
-
-
-# ---- the subcommand ---------------------------------------------------------------------
-
-_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``4096``, ``64M``, ``1g``, ``2TiB`` -> bytes."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1:] if t[-1:] in _SUFFIX else ""
-    try:
-        value = int(t[: len(t) - len(unit)]) * _SUFFIX[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", required=True, metavar="PATH",
-                        help="Unix socket to listen on (Firecracker's uffd socket path)")
-    parser.add_argument("--backend", required=True, metavar="SPEC",
-                        help="zero | file:PATH[?nowait] | compressed: | "
-                             "redis://host:port/db?prefix=P")
-    parser.add_argument("--allow-uid", type=int, action="append", metavar="UID",
-                        help="accept only peers with this uid (repeatable; default: any)")
-    parser.add_argument("--metrics-port", type=int, metavar="N",
-                        help="serve Prometheus metrics on 127.0.0.1:N (needs prometheus-client)")
-    parser.add_argument("--readahead", metavar="POLICY",
-                        help="read-ahead: off, N pages, fixed:N, adaptive, adaptive:MAX")
-    parser.add_argument("--record", metavar="FILE",
-                        help="record the order of each client's first faults to FILE "
-                             "(rewritten whenever a client is released: record one VM)")
-    parser.add_argument("--replay", metavar="FILE",
-                        help="prefetch every client's pages from FILE in the background "
-                             "(real faults go first): a working set (--record-set, "
-                             "`uffd-aio workingset merge`) is installed as a set, in "
-                             "first-touch order and batched copies; an order trace "
-                             "(--record) is prefetched in its order")
-    parser.add_argument("--record-set", metavar="FILE",
-                        help="record each client's working set (pages touched, first-touch "
-                             "order, read/write) to FILE when it is released; serves in "
-                             "Python without read-ahead while recording")
-    parser.add_argument("--record-set-pages", type=int, metavar="N",
-                        help="stop recording the set after N pages")
-    parser.add_argument("--record-set-seconds", type=float, metavar="S",
-                        help="stop recording the set S seconds after the first fault")
-    parser.add_argument("--fill", action="store_true",
-                        help="with a working set to --replay: after the set, install the "
-                             "rest of the memory in the background at low priority, so the "
-                             "client ends with no faults left")
-    parser.add_argument("--snapshot-id", metavar="TEXT",
-                        help="identity of the snapshot stored in (and checked against) "
-                             "working sets (default: a fingerprint of a file: snapshot)")
-    parser.add_argument("--replay-chunk", type=int, default=1024, metavar="PAGES",
-                        help="working-set replay batch: pages per batch between which "
-                             "faults are served (1024)")
-    parser.add_argument("--remove", choices=["refetch", "zero"], default="refetch",
-                        help="after REMOVE (balloon/MADV_DONTNEED): fetch the pages again "
-                             "(default) or serve zeros")
-    parser.add_argument("--keep-after-eof", action="store_true",
-                        help="keep serving a client whose socket closed until its process "
-                             "exits (VMMs that close the socket after the handoff)")
-    parser.add_argument("--max-mappings", type=int, default=DEFAULT_MAX_MAPPINGS,
-                        help=f"mappings per client ({DEFAULT_MAX_MAPPINGS})")
-    parser.add_argument("--max-total", type=parse_size, default=DEFAULT_MAX_TOTAL,
-                        metavar="BYTES", help="memory per client (1T)")
-    parser.add_argument("--max-clients", type=int, default=1024,
-                        help="clients served at once (1024); only completed handoffs count")
-    parser.add_argument("--max-pending", type=int, default=128,
-                        help="connections that have not completed their handoff yet (128); "
-                             "when full, the one waiting longest is dropped")
-    parser.add_argument("--handoff-timeout", type=float, default=5.0, metavar="S",
-                        help="seconds a client has to send its handoff (5)")
-    parser.add_argument("--on-error", choices=["poison", "zero"], default="poison",
-                        help="a failed fetch: SIGBUS in the faulting thread (default) or a "
-                             "zero page")
-    parser.add_argument("--state-dir", metavar="DIR",
-                        help="crash-safe serving: keep each client's state in DIR and its "
-                             "uffd in an fd store, so a restarted server (or one started "
-                             "with --takeover) serves every client again (docs/handoff.md)")
-    parser.add_argument("--takeover", action="store_true",
-                        help="live upgrade: receive every client of the server running on "
-                             "--state-dir (which then exits) instead of starting empty")
-    parser.add_argument("--fd-store", choices=["auto", "keeper", "systemd"], default="auto",
-                        help="where the uffds survive the server: systemd's fd store "
-                             "(auto when NOTIFY_SOCKET is set) or an fd-keeper process")
-    parser.add_argument("--keeper-idle", type=float, default=30.0, metavar="S",
-                        help="the fd keeper exits after S seconds holding no fds with no "
-                             "server connected (30)")
-    parser.add_argument("--pidfd-getfd", action="store_true",
-                        help="last resort when a client's uffd is in no store: take it from "
-                             "the client with pidfd_getfd(2) (needs ptrace rights over it)")
-    parser.add_argument("--on-fatal", choices=["hang", "kill-clients"], default="hang",
-                        help="on an unrecoverable server failure: leave the clients waiting "
-                             "(default; with --state-dir the next server serves them) or "
-                             "SIGKILL them (Firecracker's advice without a state dir)")
-    parser.add_argument("--no-native", dest="native", action="store_false",
-                        help="serve file:/zero backends through Python (every fault in the "
-                             "fault handler) instead of the native engine, to compare or "
-                             "as an escape hatch")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
-
-
-async def _serve(args: argparse.Namespace) -> int:
-    from uffd_aio.handlers import open_backend
-
-    try:
-        backend = await open_backend(args.backend)
-    except Exception as exc:
-        print(f"uffd-aio serve: cannot open backend {args.backend!r}: {exc}", file=sys.stderr)
-        return 2
-    attach_options: dict[str, Any] = {}
-    if args.readahead is not None:
-        attach_options["readahead"] = (int(args.readahead) if args.readahead.isdigit()
-                                       else args.readahead)
-    try:
-        if "readahead" in attach_options:
-            from uffd_aio.handlers.readahead import policy_from
-
-            policy_from(attach_options["readahead"])  # a bad spec fails now, not per client
-        server = HandoffServer(args.socket, backend, allow_uids=args.allow_uid,
-                               handoff_timeout=args.handoff_timeout,
-                               max_mappings=args.max_mappings, max_total=args.max_total,
-                               max_clients=args.max_clients, max_pending=args.max_pending,
-                               remove=args.remove,
-                               keep_after_eof=args.keep_after_eof, on_error=args.on_error,
-                               attach_options=attach_options, close_backend=True,
-                               record=args.record, replay=args.replay,
-                               record_set=args.record_set,
-                               record_set_pages=args.record_set_pages,
-                               record_set_seconds=args.record_set_seconds, fill=args.fill,
-                               snapshot_id=args.snapshot_id, replay_chunk=args.replay_chunk,
-                               state_dir=args.state_dir, takeover=args.takeover,
-                               on_fatal=args.on_fatal, fd_store=args.fd_store,
-                               keeper_idle=args.keeper_idle, pidfd_getfd=args.pidfd_getfd,
-                               native=args.native)
-    except (OSError, ValueError) as exc:
-        await backend.aclose()
-        print(f"uffd-aio serve: {exc}", file=sys.stderr)
-        return 2
-    try:
-        await server.start()
-    except (OSError, ValueError) as exc:
-        await backend.aclose()
-        what = "cannot take over" if args.takeover else f"cannot listen on {args.socket}"
-        print(f"uffd-aio serve: {what}: {exc}", file=sys.stderr)
-        return 2
-    loop = asyncio.get_running_loop()
-    closing: list[asyncio.Task[None]] = []  # a reference keeps the task alive
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: closing.append(loop.create_task(server.aclose())))
-    if args.metrics_port is not None:
-        start_metrics(server, args.metrics_port)
-    rec = server.recovery
-    print(f"uffd-aio serve: listening on {args.socket}, backend {backend.name}"
-          + (f", {rec.how}: {rec.adopted} clients served again, {rec.dropped} gone, "
-             f"{rec.rejected} state files rejected, {rec.lost} lost" if rec else ""),
-          file=sys.stderr, flush=True)
-    if os.environ.get("NOTIFY_SOCKET"):
-        from uffd_aio.fdkeeper import sd_notify
-
-        sd_notify("READY=1")
-    try:
-        await server.serve_forever()
-    except Exception as exc:  # fatal: clients were killed (--on-fatal kill-clients) or wait
-        print(f"uffd-aio serve: fatal: {type(exc).__name__}: {exc}", file=sys.stderr)
-        await server.aclose()
-        return 1
-    return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.loop == "uvloop":
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    else:
-        factory = asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(_serve(args))

@@ -194,6 +194,29 @@ async def test_remove_forgets_the_range_and_refetches() -> None:
         await att.aclose()
 
 
+@pytest.mark.timeout(60)
+async def test_zero_removed_and_observe_are_attach_options() -> None:
+    """zero_removed: faults on those page addresses read zeros without a fetch (what
+    `uffd-aio serve --remove zero` keeps); observe: (store page, is write) of the others,
+    before they are served."""
+    be = compressed_with_pattern(16 * PS)
+    seen: list[tuple[int, bool]] = []
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(16 * PS)
+        removed = {region.address + p * PS for p in (4, 5)}
+        att = attach(region, be, store_offset=0, zero_removed=removed,
+                     observe=lambda page, write: seen.append((page, write)))
+        r = await scan(region.address, 4 * PS, op="verify")
+        assert r.mismatches == 0
+        await scan(region.address + 4 * PS, 2 * PS)  # the removed pages
+        assert await region.read(4 * PS, 2 * PS) == bytes(2 * PS)
+        st = att.stats
+        await att.aclose()
+    assert st.pages_fetched == 4 and st.present_pages == 4  # nothing fetched for 4 and 5
+    assert sorted(p for p, _ in seen) == [0, 1, 2, 3]
+    assert not any(w for _, w in seen)
+
+
 # ---- dirty tracking and eviction ------------------------------------------------------------
 
 

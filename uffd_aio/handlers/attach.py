@@ -22,8 +22,11 @@ their range: those pages fault again and are fetched again.
 
 Optional parts: ``dirty=`` (:mod:`uffd_aio.handlers.dirty`: write tracking
 and eviction under a budget), ``recorder=`` (record the order of first
-faults to a file) and ``replay=`` (prefetch a recorded order in the
-background while real faults keep priority).
+faults to a file), ``replay=`` (prefetch a recorded order in the
+background while real faults keep priority), ``zero_removed=`` (ranges the
+client discarded read as zeros from then on: ``uffd-aio serve --remove
+zero``) and ``observe=`` (told of every MISSING fault before it is served:
+working-set recording).
 
 Offsets: region page ``p`` is store offset ``store_offset + p * page_size``
 (``store_offset`` defaults to ``region.store_offset``, the handoff
@@ -36,7 +39,7 @@ import asyncio
 import contextlib
 import functools
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Coroutine, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
@@ -162,6 +165,8 @@ class Attachment:
         replay_concurrency: int,
         replay_batch: int,
         replay_max_wait: float = 0.005,
+        zero_removed: Container[int] | None = None,
+        observe: Callable[[int, bool], object] | None = None,
     ) -> None:
         ps = region.page_size
         if store_offset % ps:
@@ -207,6 +212,8 @@ class Attachment:
             self._plan = None
         self._replay_concurrency = replay_concurrency
         self._replay_max_wait = replay_max_wait
+        self._zero_removed = zero_removed
+        self._observe = observe
 
     # ---- public ------------------------------------------------------------
 
@@ -311,6 +318,26 @@ class Attachment:
         return self._zeros[:n] if len(self._zeros) != n else self._zeros
 
     # ---- the fault handler ----------------------------------------------------
+
+    @property
+    def handler(self) -> Callable[[PageFault], Coroutine[object, object, None] | None]:
+        """The region's fault handler: :meth:`on_fault`, behind :meth:`_screen` when
+        ``zero_removed`` or ``observe`` is set."""
+        if self._zero_removed is None and self._observe is None:
+            return self.on_fault
+        return self._screen
+
+    def _screen(self, ev: PageFault) -> Coroutine[object, object, None] | None:
+        """A fault on a removed page (``zero_removed``) gets the default resolution at once
+        (a zero page for MISSING, no fetch); ``observe`` is told of the other MISSING
+        faults (store page, is write) before :meth:`on_fault` serves them.  A plain
+        function: nothing is awaited for a removed page."""
+        removed = self._zero_removed
+        if removed is not None and ev.page in removed:
+            return None  # the client discarded this memory
+        if self._observe is not None and not ev.is_wp and not ev.is_minor:
+            self._observe(self._store_page0 + ev.offset // self.page_size, ev.is_write)
+        return self.on_fault(ev)
 
     async def on_fault(self, ev: PageFault) -> None:
         page = ev.offset // self.page_size
@@ -605,6 +632,8 @@ def attach(
     replay_batch: int = 16,
     replay_max_wait: float = 0.005,
     eager: bool | None = None,
+    zero_removed: Container[int] | None = None,
+    observe: Callable[[int, bool], object] | None = None,
 ) -> Attachment:
     """Serve ``region``'s faults from ``backend``; returns the :class:`Attachment`.
 
@@ -627,6 +656,11 @@ def attach(
     * ``eager``: run the handler inline until it first suspends (default: the
       backend's ``eager`` attribute, else the pager's setting).  Backends whose
       client needs a running Task (``asyncio.timeout`` inside) say ``eager = False``.
+    * ``zero_removed``: page addresses the client discarded (REMOVE events, kept by the
+      caller, e.g. ``uffd-aio serve --remove zero``): a fault there resolves as a zero
+      page (the kind's default resolution) without a fetch, before anything else.
+    * ``observe``: called as ``observe(store_page, is_write)`` for every MISSING fault
+      (not removed) before it is served, read-ahead hits included (working-set recording).
     """
     tracker: DirtyPolicy | None
     if dirty is None or hasattr(dirty, "bind"):
@@ -651,12 +685,14 @@ def attach(
         replay_concurrency=replay_concurrency,
         replay_batch=replay_batch,
         replay_max_wait=replay_max_wait,
+        zero_removed=zero_removed,
+        observe=observe,
     )
     if tracker is not None:
         tracker.bind(att)
     if eager is None:
         eager = getattr(backend, "eager", None)
-    region.on_fault(eager=eager)(att.on_fault)
+    region.on_fault(eager=eager)(att.handler)
     region.on_event(att.on_event)
     att._start_replay()
     return att
