@@ -48,7 +48,7 @@ from uffd_aio import pager as pager_mod
 from uffd_aio import resolve as resolve_mod
 from uffd_aio.bench import serve, store
 from uffd_aio.bench.common import loop_factory, pin, quiet_logging
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.ring import ring as ring_mod
 
 pc = time.perf_counter_ns

@@ -35,7 +35,7 @@ import time
 
 from uffd_aio import handoff, testing
 from uffd_aio.bench.common import pin
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 
 ROOT = pathlib.Path(__file__).resolve().parent
 MSG = struct.Struct("<B7xQQI4x")

@@ -148,7 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
         await testing.verify(region.address, PAGE)
         uffd = pager.uffd
         src = bytearray(PAGE)
-        from uffd_aio.ring import _lowlevel as ll
+        from uffd_aio.binding import lowlevel as ll
 
         addr, keep = ll.buffer_address(src)
         out["UFFDIO_COPY 1 page (EEXIST)"] = bench(

@@ -21,7 +21,7 @@ import statistics
 
 import uffd_aio
 from uffd_aio import testing
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 
 PS = 4096
 

@@ -20,15 +20,15 @@ trap '[ -n "${ASAN_KEEP:-}" ] || rm -rf "$TMP"' EXIT
 # `import uffd_aio` picks the instrumented extension, not the editable install
 cp -r "$ROOT/uffd_aio" "$ROOT/tests" "$ROOT/pyproject.toml" "$TMP/"
 find "$TMP/uffd_aio" -name '*.so' -delete
-# both extensions, the product's (ring/_native) and the test helpers' (testing/_helpers: the
+# both extensions, the product's (binding/_native) and the test helpers' (testing/_helpers: the
 # scan threads and SIGBUS catching the tests run), built apart from the copy: distutils would
 # read (and validate) the copy's pyproject.toml
-for pkg in ring testing; do
+for pkg in binding testing; do
     mkdir -p "$TMP/build/uffd_aio/$pkg"
     cp -r "$ROOT/uffd_aio/$pkg/_build.py" "$ROOT/uffd_aio/$pkg/csrc" "$TMP/build/uffd_aio/$pkg/"
 done
 cd "$TMP/build"
-for pkg in ring testing; do
+for pkg in binding testing; do
     echo "[asan] building uffd_aio/$pkg's extension with -fsanitize=address in $TMP" >&2
     UA_CFLAGS="-fsanitize=address -fno-omit-frame-pointer -g -O1" UA_LDFLAGS="-fsanitize=address" \
         "$PY" -c 'import runpy, sys; runpy.run_path(sys.argv[1])["ffibuilder"].compile(tmpdir=".")' \
@@ -36,7 +36,7 @@ for pkg in ring testing; do
     cp uffd_aio/"$pkg"/*.so "$TMP/uffd_aio/$pkg/"
 done
 cd "$TMP"
-for so in uffd_aio/ring/_native*.so uffd_aio/testing/_helpers*.so; do
+for so in uffd_aio/binding/_native*.so uffd_aio/testing/_helpers*.so; do
     [ "$(nm -D "$so" | grep -c " U __asan_")" -gt 0 ] || { echo "[asan] $so not instrumented" >&2; exit 2; }
 done
 

@@ -33,14 +33,14 @@ fi
 [ -n "$PY" ] || { log "need Python >= 3.11"; exit 1; }
 
 stamp=".venv/.uffd-aio-installed"
-# the inputs of both cffi extensions: the product's (ring) and the test helpers'
-inputs=$(cat pyproject.toml setup.py uffd_aio/ring/_build.py uffd_aio/ring/csrc/* \
+# the inputs of both cffi extensions: the product's (binding) and the test helpers'
+inputs=$(cat pyproject.toml setup.py uffd_aio/binding/_build.py uffd_aio/binding/csrc/* \
              uffd_aio/testing/_build.py uffd_aio/testing/csrc/* | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ]; then
     log "venv: creating .venv with $PY ($("$PY" --version))"
     "$PY" -m venv .venv
 fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! .venv/bin/python -c 'import uffd_aio.ring._native, uffd_aio.testing._helpers' 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! .venv/bin/python -c 'import uffd_aio.binding._native, uffd_aio.testing._helpers' 2>/dev/null; then
     # .[test] includes the extras the tests and the demo use (redis, zstd, metrics)
     log "pip: installing uffd-aio[test] (builds the cffi extensions against liburing)"
     .venv/bin/python -m pip install -q --upgrade pip

@@ -17,8 +17,8 @@ import sys
 
 import attrs
 
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.modes import DEFAULT_FEATURES, PATCHED_FEATURES, Feature, feature_names
-from uffd_aio.ring import _lowlevel as ll
 
 
 @attrs.frozen

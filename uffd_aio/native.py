@@ -31,11 +31,11 @@ from typing import Any, Final
 
 import attrs
 
+from uffd_aio.binding import engine as _engine
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.fault import PageFault
 from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 from uffd_aio.log import get_logger
-from uffd_aio.ring import _engine
-from uffd_aio.ring import _lowlevel as ll
 
 
 class _Zero:

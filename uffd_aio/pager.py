@@ -30,6 +30,8 @@ import attrs
 
 from uffd_aio import events as ev_mod
 from uffd_aio import hugepages
+from uffd_aio.binding import lowlevel as ll
+from uffd_aio.binding.engine import Engine, EngineStats
 from uffd_aio.dispatch import (
     Channel,
     Dispatcher,
@@ -57,8 +59,6 @@ from uffd_aio.resolve import (
 )
 from uffd_aio.resolver import Resolver
 from uffd_aio.ring import Ring
-from uffd_aio.ring import _lowlevel as ll
-from uffd_aio.ring._engine import Engine, EngineStats
 from uffd_aio.stats import Counters, PagerStats
 from uffd_aio.uffd import (
     PAGE_SIZE,
@@ -815,7 +815,7 @@ class Pager:
                 return out
 
     # ---- native engine (issue 12: region.serve_from) -----------------------------
-    # The hot path of native sources is C (uffd_aio/ring/csrc/engine.c); these hooks
+    # The hot path of native sources is C (uffd_aio/binding/csrc/engine.c); these hooks
     # pass each read buffer through the context's engine and drop/close it with the
     # regions.  Everything the engine passes up is dispatched as before.
 

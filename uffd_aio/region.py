@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import attrs
 
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.modes import Mode
-from uffd_aio.ring import _lowlevel as ll
 
 if TYPE_CHECKING:
     from uffd_aio.events import Fork, Remap, Remove, Unmap

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from uffd_aio.binding import lowlevel as ll
+from uffd_aio.binding.lowlevel import copy_buf, from_buffer
 from uffd_aio.ops import Kind, Moved, Op, copy_data, covering, merge, zero_source
-from uffd_aio.ring import _lowlevel as ll
-from uffd_aio.ring._lowlevel import copy_buf, from_buffer
 
 __all__ = [
     "IoctlExecutor",

@@ -42,11 +42,11 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, cast
 
 from uffd_aio import modes, wpos
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.errors import FeatureUnavailable, ResolveError
 from uffd_aio.log import get_logger
 from uffd_aio.modes import Feature
 from uffd_aio.resolve import Kind, Op, execute_move
-from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.ring.ring import _FutureOp
 from uffd_aio.uffd import PAGE_SIZE, MmChanging, RangeGone, available_features
 from uffd_aio.wpos import WriteOp

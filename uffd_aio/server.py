@@ -493,8 +493,8 @@ class HandoffServer:
     def _source_map(self) -> int | None:
         """Address of store offset 0 in a read-only mapping of the snapshot file (made
         once, shared by every client), or None when the backend is not a file."""
+        from uffd_aio.binding import lowlevel as ll
         from uffd_aio.handlers.file import FileBackend
-        from uffd_aio.ring import _lowlevel as ll
 
         backend = self.backend
         if not isinstance(backend, FileBackend) or not os.path.isfile(backend.path) \
@@ -765,7 +765,7 @@ class HandoffServer:
         if self._ring is not None:
             self._ring.close()
         if self._src_map is not None:
-            from uffd_aio.ring import _lowlevel as ll
+            from uffd_aio.binding import lowlevel as ll
 
             with contextlib.suppress(OSError):
                 ll.munmap(*self._src_map)

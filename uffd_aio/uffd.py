@@ -26,10 +26,10 @@ import attrs
 import structlog
 
 from uffd_aio import modes
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.errors import FeatureUnavailable, MoveError, ResolveError
 from uffd_aio.log import get_logger
 from uffd_aio.modes import Feature, Ioctl, Mode
-from uffd_aio.ring import _lowlevel as ll
 
 
 class MmChanging(ResolveError):

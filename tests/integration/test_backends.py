@@ -22,6 +22,7 @@ import uffd_aio
 from tests.limits import limit
 from tests.limits import size as scaled
 from uffd_aio import Mode, testing
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.handlers import attach, open_backend
 from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.handlers.compressed import CompressedBackend
@@ -29,7 +30,6 @@ from uffd_aio.handlers.dirty import DirtyTracker
 from uffd_aio.handlers.readahead import read_trace
 from uffd_aio.handlers.redis_local import LocalRedis, LocalRedisCluster, RedisNotInstalled
 from uffd_aio.handlers.remote import RedisBackend
-from uffd_aio.ring import _lowlevel as ll
 
 from .helpers import PS, scan
 

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from tests.limits import limit
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.resolve import IoctlExecutor, Kind, Op
-from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import RangeGone, Userfaultfd
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,7 +37,7 @@ PS = 4096
 # only the cyclic GC frees it (in this order, a memoryview export crashes 3.11 at once)
 _PIN_IN_A_CYCLE = r"""
 import gc
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 
 class Holder:
     pass

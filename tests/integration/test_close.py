@@ -9,7 +9,7 @@ import signal
 import uffd_aio
 from tests.limits import limit
 from uffd_aio import testing
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 
 from .helpers import PS
 

@@ -11,7 +11,7 @@ import pytest
 import uffd_aio
 from tests.limits import limit
 from uffd_aio import testing
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 
 from .helpers import PS, child, pattern_handler, scan
 

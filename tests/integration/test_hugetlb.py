@@ -11,8 +11,8 @@ import pytest
 import uffd_aio
 from tests.limits import limit
 from uffd_aio import Mode, hugepages, testing
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.hugepages import HUGE_2M, PageSizeMismatch
-from uffd_aio.ring import _lowlevel as ll
 
 from .helpers import PS, scan
 from .test_handoff_server import ROOT, _build, children, parse, serving, workload_args

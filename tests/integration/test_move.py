@@ -14,7 +14,7 @@ import pytest
 
 import uffd_aio
 from uffd_aio import Feature, Moved, MoveError, testing
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.uffd import available_features
 
 from .helpers import PS, child, pattern_handler, scan

@@ -18,10 +18,10 @@ import pytest
 
 import uffd_aio
 from uffd_aio import testing
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow
 from uffd_aio.modes import Mode
 from uffd_aio.pager import Pager
-from uffd_aio.ring import _lowlevel as ll
 
 from .helpers import PS, child, scan
 

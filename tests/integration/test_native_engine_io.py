@@ -22,8 +22,8 @@ import pytest
 
 from tests.limits import limit
 from uffd_aio import testing
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.pager import Pager
-from uffd_aio.ring import _lowlevel as ll
 
 from .helpers import PS, child, scan
 from .test_native_engine import _require_evicted, _snapshot

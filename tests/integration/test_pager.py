@@ -12,7 +12,7 @@ import uffd_aio
 from tests.limits import limit
 from tests.limits import size as scaled
 from uffd_aio import Mode, testing
-from uffd_aio.ring import _lowlevel as ll
+from uffd_aio.binding import lowlevel as ll
 
 from .helpers import PS, child, pattern_handler, scan
 

@@ -9,8 +9,8 @@ import select
 import pytest
 
 from tests.limits import limit
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.ring import Ring
-from uffd_aio.ring import _lowlevel as ll
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from array import array
 import pytest
 
 from uffd_aio import testing, workingset
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.handlers.setreplay import SetInstaller, Target
 from uffd_aio.pager import Pager
-from uffd_aio.ring import _lowlevel as ll
 
 from .helpers import PS, scan
 

@@ -23,10 +23,10 @@ import uffd_aio
 from tests.limits import limit
 from tests.limits import size as scaled
 from uffd_aio import Feature, Mode, resolve_ring, testing
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.resolve import Kind, Op
 from uffd_aio.resolve_ring import RingWriteExecutor
 from uffd_aio.ring import Ring
-from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import MmChanging, RangeGone, Userfaultfd
 
 from ..integration.helpers import PS, child, pattern_handler, scan

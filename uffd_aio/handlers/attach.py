@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import attrs
 
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.errors import PagerClosed
 from uffd_aio.events import Remove, Unmap
 from uffd_aio.handlers.base import BackendError, Buffer, PageStore
@@ -56,7 +57,6 @@ from uffd_aio.handlers.readahead import (
 )
 from uffd_aio.log import get_logger
 from uffd_aio.modes import Mode
-from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import MmChanging, RangeGone, retry_while_mm_changing
 
 if TYPE_CHECKING:

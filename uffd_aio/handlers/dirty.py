@@ -68,8 +68,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.log import get_logger
-from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.uffd import RangeGone
 
 if TYPE_CHECKING:

@@ -31,9 +31,9 @@ from typing import Any
 
 import attrs
 
+from uffd_aio.binding import lowlevel as ll
 from uffd_aio.handlers.base import PageStore
 from uffd_aio.log import get_logger
-from uffd_aio.ring import _lowlevel as ll
 from uffd_aio.workingset import InstallPlan
 
 __all__ = ["InstallMetrics", "SetInstaller", "Target"]

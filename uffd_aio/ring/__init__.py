@@ -1,5 +1,7 @@
-"""io_uring layer: the cffi binding (``_native``), its thin wrapper (``_lowlevel``) and the
-asyncio engine (:class:`Ring`)."""
+"""io_uring on the event loop: :class:`Ring` (one per loop: :meth:`Ring.shared`).
+
+The C under it (liburing calls, the uffd ioctls, the native engine) and the thin
+typed wrappers are the kernel binding, :mod:`uffd_aio.binding`."""
 
 from uffd_aio.ring.ring import Callback, Ring
 

@@ -19,9 +19,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from uffd_aio.binding import lowlevel as ll
+from uffd_aio.binding.watchdog import StallWatchdog
 from uffd_aio.log import get_logger
-from uffd_aio.ring import _lowlevel as ll
-from uffd_aio.ring.watchdog import StallWatchdog
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -414,7 +414,7 @@ class Ring:
             if not n:
                 return
 
-    # ---- native engines (uffd_aio/ring/csrc/engine.c) -------------------
+    # ---- native engines (uffd_aio/binding/csrc/engine.c) -------------------
     # An engine attached to this ring prepares its own SQEs (io_uring READs of
     # page-cache misses, WRITEs on a uffd's writer fd) with user_data values
     # that have the top bit set (ring_engine.h); the reaper serves their CQEs

@@ -11,7 +11,7 @@ the 8-byte little-endian word at store offset ``o`` is
 
 The native code is its own cffi extension, ``uffd_aio.testing._helpers``
 (``csrc/helpers.c``, wrapped by :mod:`uffd_aio.testing._lowlevel`), not part of
-the product's ``uffd_aio.ring._native``.
+the product's ``uffd_aio.binding._native``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Literal, TextIO
 
 import attrs
 
-from uffd_aio.ring import _lowlevel as ring_ll
+from uffd_aio.binding import lowlevel as ring_ll
 from uffd_aio.testing import _lowlevel as ll
 
 DEFAULT_SEED = 0x5546464441494F21  # "UFFDAIO!"

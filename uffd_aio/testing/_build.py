@@ -3,7 +3,7 @@
 The native helpers of tests, examples and benchmarks (the pattern, scan and
 stamp threads, ``fork_touch``, SIGBUS-catching reads, ``malloc_churn``), built
 as their own extension so that none of them is compiled into the product's
-``uffd_aio.ring._native``.  Built at install time by setuptools
+``uffd_aio.binding._native``.  Built at install time by setuptools
 (``cffi_modules`` in setup.py); the declarations live in ``csrc/helpers.h``
 and the code in ``csrc/helpers.c``.
 """

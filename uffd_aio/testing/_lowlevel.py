@@ -1,7 +1,7 @@
 """Thin typed layer over the test-helper extension (``uffd_aio.testing._helpers``).
 
 The only module that touches that extension's ``ffi``/``lib``, as
-:mod:`uffd_aio.ring._lowlevel` is for the product's: -errno becomes OSError,
+:mod:`uffd_aio.binding.lowlevel` is for the product's: -errno becomes OSError,
 addresses are ints.  :mod:`uffd_aio.testing` wraps these in its public API.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sized
 from typing import TYPE_CHECKING, Protocol
 
-from uffd_aio.ring._lowlevel import check
+from uffd_aio.binding.lowlevel import check
 from uffd_aio.testing._helpers import ffi, lib
 
 if TYPE_CHECKING:

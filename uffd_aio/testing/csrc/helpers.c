@@ -1,7 +1,7 @@
 /* Native helpers for tests, examples and benchmarks (uffd_aio.testing): the
  * pattern content, native threads that touch, verify or stamp memory without
  * the GIL, fork_touch, SIGBUS-catching reads.  Built as the cffi extension
- * uffd_aio.testing._helpers, apart from the product's uffd_aio.ring._native:
+ * uffd_aio.testing._helpers, apart from the product's uffd_aio.binding._native:
  * nothing here runs in the pager.  Functions return a value >= 0 or -errno;
  * uffd_aio/testing/_lowlevel.py turns -errno into OSError. */
 #ifndef _GNU_SOURCE

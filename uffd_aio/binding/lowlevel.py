@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence, Sized
 from typing import TYPE_CHECKING, TypeAlias
 
-from uffd_aio.ring._native import ffi, lib
+from uffd_aio.binding._native import ffi, lib
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer

@@ -8,7 +8,7 @@ polls the ring fd, and writes a message to stderr (docs/gil.md).
 
 from __future__ import annotations
 
-from uffd_aio.ring._native import ffi, lib
+from uffd_aio.binding._native import ffi, lib
 
 
 class StallWatchdog:

@@ -1,4 +1,4 @@
-"""cffi builder (API mode, out of line) for uffd_aio.ring._native.
+"""cffi builder (API mode, out of line) for uffd_aio.binding._native.
 
 Built at install time by setuptools (``cffi_modules`` in setup.py) against
 the system liburing (Debian ``liburing-dev`` >= 2.3).  The declarations live
@@ -21,7 +21,7 @@ ffibuilder.cdef((_CSRC / "native.h").read_text())
 ffibuilder.cdef((_CSRC / "watchdog.h").read_text())
 ffibuilder.cdef((_CSRC / "engine.h").read_text())
 ffibuilder.set_source(
-    "uffd_aio.ring._native",
+    "uffd_aio.binding._native",
     (_CSRC / "native.c").read_text() + '\n#include "watchdog.h"\n#include "engine.h"\n',
     # setuptools wants source paths relative to the project root (its cwd)
     sources=[os.path.relpath(_CSRC / "watchdog.c"), os.path.relpath(_CSRC / "engine.c")],

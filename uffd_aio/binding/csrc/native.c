@@ -3,7 +3,7 @@
  * tests, examples and benchmarks (pattern, scan threads, fork_touch...) are a
  * separate extension: uffd_aio/testing/csrc/helpers.c.
  * Every function returns a value >= 0 or -errno; Python turns -errno
- * into OSError in uffd_aio/ring/_lowlevel.py. */
+ * into OSError in uffd_aio/binding/lowlevel.py. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif

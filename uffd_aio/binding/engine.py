@@ -1,6 +1,6 @@
 """Thin typed layer over the native fault engine (``csrc/engine.c``): -errno -> OSError.
 
-Like :mod:`uffd_aio.ring._lowlevel`, this is the only place that touches
+Like :mod:`uffd_aio.binding.lowlevel`, this is the only place that touches
 ``ffi``/``lib`` for the engine; :mod:`uffd_aio.native` and the pager use
 :class:`Engine`.  Every call comes from the pager's loop thread.
 """
@@ -11,8 +11,8 @@ from typing import Any
 
 import attrs
 
-from uffd_aio.ring._lowlevel import check
-from uffd_aio.ring._native import ffi, lib
+from uffd_aio.binding._native import ffi, lib
+from uffd_aio.binding.lowlevel import check
 
 SRC_MEMORY: int = lib.UA_SRC_MEMORY
 SRC_ZERO: int = lib.UA_SRC_ZERO
