@@ -83,7 +83,6 @@ from uffd_aio.native import readahead_bounds
 from uffd_aio.pager import Pager
 from uffd_aio.ring import Ring
 from uffd_aio.ring.ring import REDRAIN_ROUNDS as _REDRAIN_DEFAULT
-from uffd_aio.serve_cli import main, start_metrics
 from uffd_aio.serve_options import (
     AttachOptions,
     FatalPolicy,
@@ -123,8 +122,7 @@ if TYPE_CHECKING:
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 __all__ = ["AttachOptions", "ClientInfo", "HandoffServer", "ReadaheadSpec", "RecoveryReport",
-           "ServeOptions", "ServerStats", "add_arguments", "main", "parse_size",
-           "start_metrics"]
+           "ServeOptions", "ServerStats", "add_arguments", "parse_size"]
 
 
 class _Ranges:

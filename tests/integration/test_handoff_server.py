@@ -30,7 +30,8 @@ from uffd_aio.handlers.base import Buffer
 from uffd_aio.handlers.file import FileBackend
 from uffd_aio.handlers.zero import ZeroBackend
 from uffd_aio.modes import Feature
-from uffd_aio.server import HandoffServer, start_metrics
+from uffd_aio.serve_cli import start_metrics
+from uffd_aio.server import HandoffServer
 from uffd_aio.uffd import Userfaultfd, available_features
 
 # The limits nest so that a hang reports the child's own output (issue 10): a C client's

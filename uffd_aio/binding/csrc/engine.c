@@ -232,7 +232,16 @@ void ua_engine_free(struct ua_engine *e)
 	engine_destroy(e);
 }
 
-void ua_engine_ring_gone(struct ua_engine *e)
+static uint32_t ua_engine_cqe(uint64_t user_data, int32_t res);
+static void ua_engine_ring_gone(struct ua_engine *e);
+
+/* what the ring shim calls back (ring_engine.h) */
+static const struct ua_ring_eng_ops e_ring_ops = {
+	.cqe = ua_engine_cqe,
+	.ring_gone = ua_engine_ring_gone,
+};
+
+static void ua_engine_ring_gone(struct ua_engine *e)
 {
 	e->ring = NULL;
 	if (e->inflight > 0)
@@ -583,7 +592,7 @@ int ua_engine_attach(struct ua_engine *e, struct ua_ring *r, int wfd, uint32_t r
 		e->nslots = (int)read_slots;
 		e->slot_bytes = slot_bytes;
 	}
-	rc = ua_ring_eng_link(r, e);
+	rc = ua_ring_eng_link(r, e, &e_ring_ops);
 	if (rc < 0)
 		return rc;
 	e->ring = r;
@@ -1121,7 +1130,7 @@ fail:	/* EAGAIN (mm changing), ENOENT/ESRCH, EFAULT...: Python decides */
 	pass_up(e, &op->msg);
 }
 
-uint32_t ua_engine_cqe(uint64_t user_data, int32_t res)
+static uint32_t ua_engine_cqe(uint64_t user_data, int32_t res)
 {
 	struct e_op *op = (struct e_op *)(uintptr_t)(user_data & ~UA_ENGINE_UD_TAG);
 	struct ua_engine *e = op->e;

@@ -41,6 +41,7 @@ struct ua_ring {
 	struct io_uring ring;
 	/* native engines using this ring (ring_engine.h) */
 	struct ua_engine **engs;
+	const struct ua_ring_eng_ops *eng_ops; /* set by the first engine linked */
 	int neng, engcap;
 	int eng_inflight;   /* engine SQEs whose CQE has not been routed yet */
 	uint32_t eng_flags; /* UA_ENG_FLAG_*, read and cleared by ua_ring_engine_flags */
@@ -70,7 +71,7 @@ static void eng_drain(struct ua_ring *r, int keep)
 		n++;
 		if (cqe->user_data & UA_ENGINE_UD_TAG) {
 			r->eng_inflight--;
-			r->eng_flags |= ua_engine_cqe(cqe->user_data, cqe->res);
+			r->eng_flags |= r->eng_ops->cqe(cqe->user_data, cqe->res);
 			continue;
 		}
 		if (!keep)
@@ -112,8 +113,10 @@ int ua_ring_eng_prep(struct ua_ring *r, int op, int fd, uint64_t addr, uint32_t 
 
 int ua_ring_eng_submit(struct ua_ring *r) { return io_uring_submit(&r->ring); }
 
-int ua_ring_eng_link(struct ua_ring *r, struct ua_engine *e)
+int ua_ring_eng_link(struct ua_ring *r, struct ua_engine *e, const struct ua_ring_eng_ops *ops)
 {
+	if (r->eng_ops && r->eng_ops != ops)
+		return -EINVAL;
 	if (r->neng == r->engcap) {
 		int cap = r->engcap ? 2 * r->engcap : 4;
 		struct ua_engine **n = realloc(r->engs, (size_t)cap * sizeof(*n));
@@ -124,6 +127,7 @@ int ua_ring_eng_link(struct ua_ring *r, struct ua_engine *e)
 		r->engcap = cap;
 	}
 	r->engs[r->neng++] = e;
+	r->eng_ops = ops;
 	return 0;
 }
 
@@ -209,7 +213,7 @@ void ua_ring_free(struct ua_ring *r)
 		if (r->eng_inflight > 0)
 			ua_ring_eng_settle(r, any_engine_op, r, 1000);
 		while (r->neng > 0)
-			ua_engine_ring_gone(r->engs[--r->neng]);
+			r->eng_ops->ring_gone(r->engs[--r->neng]);
 		free(r->engs);
 		free(r->stash);
 		io_uring_queue_exit(&r->ring);
@@ -332,7 +336,7 @@ unsigned ua_reap(struct ua_ring *r, uint64_t *user_data, int32_t *res, uint32_t 
 		seen++;
 		if (cqe->user_data & UA_ENGINE_UD_TAG) { /* the engine's: served here */
 			r->eng_inflight--;
-			r->eng_flags |= ua_engine_cqe(cqe->user_data, cqe->res);
+			r->eng_flags |= r->eng_ops->cqe(cqe->user_data, cqe->res);
 			continue;
 		}
 		user_data[n] = cqe->user_data;
