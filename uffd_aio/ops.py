@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 
 if TYPE_CHECKING:
+    import mmap
+
     from _typeshed import ReadableBuffer
 
 
@@ -84,7 +86,7 @@ def copy_data(op: Op) -> ReadableBuffer:
     return buf
 
 
-def _fast_op() -> Callable[[Kind, int, int, Any, bool], Op]:
+def _fast_op() -> Callable[[Kind, int, int, OpData, bool], Op]:
     """``Op(kind, address, length, data, wp)`` through the slots' setters, without the
     frozen ``__init__`` (``object.__setattr__`` per field): the same object at about
     half the cost, for the op made per fault on the hot path."""
@@ -93,7 +95,7 @@ def _fast_op() -> Callable[[Kind, int, int, Any, bool], Op]:
     s0, s1, s2, s3, s4 = (Op.__dict__[a.name].__set__ for a in fields)  # slot descriptors
     new = object.__new__
 
-    def make(kind: Kind, address: int, length: int, data: Any, wp: bool) -> Op:
+    def make(kind: Kind, address: int, length: int, data: OpData, wp: bool) -> Op:
         o = new(Op)
         s0(o, kind); s1(o, address); s2(o, length); s3(o, data); s4(o, wp)  # noqa: E702
         return o
@@ -130,7 +132,7 @@ def merge(ops: Iterable[Op]) -> list[Op]:
     return out
 
 
-_zeros: dict[int, Any] = {}
+_zeros: dict[int, mmap.mmap] = {}
 
 
 def zero_source(length: int) -> memoryview:

@@ -7,12 +7,10 @@ Like :mod:`uffd_aio.binding.lowlevel`, this is the only place that touches
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 from uffd_aio.binding._native import ffi, lib
-from uffd_aio.binding.lowlevel import check
+from uffd_aio.binding.lowlevel import CData, check
 
 SRC_MEMORY: int = lib.UA_SRC_MEMORY
 SRC_ZERO: int = lib.UA_SRC_ZERO
@@ -74,7 +72,7 @@ class Engine:
             lib.ua_engine_free(self._e)
             self._e = None
 
-    def attach(self, ring_handle: Any, writer_fd: int = -1, read_slots: int = 0,
+    def attach(self, ring_handle: CData, writer_fd: int = -1, read_slots: int = 0,
                slot_bytes: int = 0) -> None:
         """Put the engine on a ring (``Ring.native_handle``): ``read_slots`` buffers of
         ``slot_bytes`` for io_uring READs of page-cache misses (0: pass misses up), and
