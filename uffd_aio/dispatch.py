@@ -30,7 +30,7 @@ import enum
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import attrs
 
@@ -40,6 +40,11 @@ from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, Unmap
 from uffd_aio.modes import Feature, feature_names
 from uffd_aio.ops import Kind, Moved, Op, new_op, zero_source
 from uffd_aio.stats import Counters
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from uffd_aio.uffd import Userfaultfd
 
 ErrorPolicy = Literal["poison", "zero", "raise"]
 
@@ -61,7 +66,8 @@ class RegionView(Protocol):
     @property
     def memfd(self) -> int | None: ...
     @property
-    def event_handlers(self) -> Sequence[Callable[[Any], Any]]: ...
+    def event_handlers(self) -> Sequence[Callable[[Fork | Remap | Remove | Unmap],
+                                                  Awaitable[None] | None]]: ...
     def address_of(self, offset: int) -> int: ...
 
 
@@ -73,7 +79,7 @@ class ExplicitResolver(Protocol):
 
 
 class Cancellable(Protocol):
-    def cancel(self) -> Any: ...
+    def cancel(self) -> object: ...
 
 
 class Extent:
@@ -100,7 +106,7 @@ class Channel:
     __slots__ = ("extents", "features", "inflight", "local", "resolver", "starts",
                  "thread_ids", "uffd")
 
-    def __init__(self, uffd: Any, *, features: Feature = Feature(0),
+    def __init__(self, uffd: Userfaultfd, *, features: Feature = Feature(0),
                  local: bool = True, resolver: ExplicitResolver | None = None) -> None:
         self.uffd = uffd
         self.features = features
@@ -194,7 +200,7 @@ class Fault:
     page: int
     offset: int
     page_size: int
-    region: Any  # a uffd_aio.Region (typed loosely so the core imports no I/O module)
+    region: RegionView  # a uffd_aio.Region
     is_write: bool
     is_wp: bool
     is_minor: bool
@@ -453,7 +459,7 @@ def cancel_error(f: Fault, *, closing: bool, timeout: float | None) -> BaseExcep
     return None
 
 
-def result_op(f: Fault, result: Any) -> Op:
+def result_op(f: Fault, result: ReadableBuffer) -> Op:
     """The COPY for the bytes a handler returned, checked: only MISSING faults take
     data, a non-zero multiple of the page size, and a read-ahead window must end
     inside the extent the fault is in (raises :class:`BadHandlerResult`)."""

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Concatenate, ParamSpec
+from typing import TYPE_CHECKING, Concatenate, ParamSpec
 
 from uffd_aio.dispatch import BASE_PAGE, Fault, check_move, check_range
 from uffd_aio.log import get_logger
 from uffd_aio.ops import Kind, Moved, Op, zero_source
 
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+    from uffd_aio.region import Region
+
 _P = ParamSpec("_P")
 
 
-class Resolution(Coroutine[Any, Any, int]):
+class Resolution(Coroutine[object, object, int]):
     """What the resolution methods of :class:`PageFault` return: **await it**.
 
     ``await ev.zero()`` resolves the fault and returns the bytes resolved.  Nothing
@@ -27,23 +32,26 @@ class Resolution(Coroutine[Any, Any, int]):
 
     __slots__ = ("_coro", "_fault", "_method", "_used")
 
-    def __init__(self, coro: Coroutine[Any, Any, int], fault: PageFault, method: str) -> None:
+    def __init__(self, coro: Coroutine[object, object, int], fault: PageFault,
+                 method: str) -> None:
         self._used = False
         self._coro = coro
         self._fault = fault
         self._method = method
 
-    def __await__(self) -> Generator[Any, None, int]:
+    def __await__(self) -> Generator[object, None, int]:
         self._used = True
         return self._coro.__await__()
 
-    def send(self, value: Any) -> Any:
+    def send(self, value: object) -> object:
         self._used = True
         return self._coro.send(value)
 
-    def throw(self, *args: Any) -> Any:
+    def throw(self, *args: object) -> object:
         self._used = True
-        return self._coro.throw(*args)
+        # forwarded as given (the 3-argument form warns on 3.12+), which no single
+        # overload of Coroutine.throw types
+        return self._coro.throw(*args)  # type: ignore[call-overload]
 
     def close(self) -> None:
         self._used = True
@@ -65,7 +73,7 @@ class Resolution(Coroutine[Any, Any, int]):
             pass
 
 
-def _resolution(fn: Callable[Concatenate[PageFault, _P], Coroutine[Any, Any, int]]
+def _resolution(fn: Callable[Concatenate[PageFault, _P], Coroutine[object, object, int]]
                 ) -> Callable[Concatenate[PageFault, _P], Resolution]:
     """Wrap a resolution coroutine method so that a dropped, un-awaited call is reported."""
     name = fn.__name__
@@ -107,6 +115,7 @@ class PageFault(Fault):
     """
 
     __slots__ = ()
+    region: Region  # the pager's regions (the core sees them as RegionView)
 
     async def _run(self, op: Op) -> int:
         resolver = self.channel.resolver
@@ -117,7 +126,8 @@ class PageFault(Fault):
         return await res
 
     @_resolution
-    async def copy(self, data: Any, *, offset: int | None = None, wp: bool = False) -> int:
+    async def copy(self, data: ReadableBuffer, *, offset: int | None = None,
+                   wp: bool = False) -> int:
         """Copy ``data`` in at region ``offset`` (default: this fault's page); returns bytes.
 
         ``len(data)`` must be a multiple of the page size and stay inside the

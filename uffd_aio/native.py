@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 import attrs
 
@@ -36,6 +36,13 @@ from uffd_aio.binding import lowlevel as ll
 from uffd_aio.fault import PageFault
 from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 from uffd_aio.log import get_logger
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno, ReadableBuffer, StrPath
+    from typing_extensions import TypeIs
+
+    from uffd_aio.pager import Pager, _Context
+    from uffd_aio.region import FaultHandler, Region
 
 
 class _Zero:
@@ -55,6 +62,8 @@ class _Zero:
 ZERO: Final = _Zero()
 
 Readahead = int | tuple[int, int] | FixedWindow | AdaptiveWindow | NoReadahead | None
+#: what ``region.serve_from`` serves: a buffer, a path or open file, or :data:`ZERO`
+NativeSourceArg: TypeAlias = "ReadableBuffer | StrPath | HasFileno | _Zero"
 
 
 def readahead_bounds(readahead: Readahead) -> tuple[int, int]:
@@ -95,17 +104,17 @@ class NativeSource:
     src: int
     src_len: int
     description: str
-    fallback: Callable[[PageFault], Any]
-    keep: Any = None  # pins a buffer for as long as the engine may copy from it
+    fallback: FaultHandler
+    keep: object = None  # pins a buffer for as long as the engine may copy from it
     mapping: tuple[int, int] | None = None  # our read-only file mapping (addr, len)
     fd: int | None = None  # our file descriptor (file source)
     file_offset: int = 0  # file offset of the region's first page (file source)
     ra: tuple[int, int] = (1, 1)
     #: fork children's engines serving pieces of the region from this source: (context, id)
-    forks: list[tuple[Any, int]] = attrs.field(factory=list)
+    forks: list[tuple[_Context, int]] = attrs.field(factory=list)
     drain: Callable[[], None] | None = None  # the ring's schedule_drain (see follow_fork)
 
-    def add_to(self, engine: Any, start: int, length: int, page_size: int,
+    def add_to(self, engine: _engine.Engine, start: int, length: int, page_size: int,
                region_offset: int) -> int:
         """Serve [start, start+length), region offset ``region_offset`` on, from this
         source in ``engine``; returns the engine's region id."""
@@ -149,7 +158,7 @@ class NativeSource:
         self.keep = None
 
 
-def make_source(region: Any, source: Any, *, offset: int = 0,
+def make_source(region: Region, source: NativeSourceArg, *, offset: int = 0,
                 readahead: Readahead = None) -> NativeSource:
     """Check ``source`` against ``region`` and build its :class:`NativeSource`.
 
@@ -159,11 +168,11 @@ def make_source(region: Any, source: Any, *, offset: int = 0,
     length = region.length
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, not {offset!r}")
-    if source is ZERO:
+    if isinstance(source, _Zero):  # ZERO (the only one)
         if offset:
             raise ValueError("the zero source takes no offset")
         return NativeSource(_engine.SRC_ZERO, 0, 0, "zero", _zero_fallback, ra=ra)
-    if isinstance(source, (str, os.PathLike)) or hasattr(source, "fileno"):
+    if _is_file(source):
         return _file_source(region, source, offset, ra)
     try:
         view = memoryview(source).cast("B")
@@ -178,7 +187,7 @@ def make_source(region: Any, source: Any, *, offset: int = 0,
     src = addr + offset
     page = view[offset:offset + length]
 
-    def memory_fallback(ev: PageFault) -> Any:
+    def memory_fallback(ev: PageFault) -> memoryview:
         return page[ev.offset:ev.offset + ev.page_size]
 
     return NativeSource(_engine.SRC_MEMORY, src, length, f"memory({view.nbytes} bytes)",
@@ -189,7 +198,13 @@ def _zero_fallback(ev: PageFault) -> None:
     return None
 
 
-def _file_source(region: Any, source: Any, offset: int, ra: tuple[int, int]) -> NativeSource:
+def _is_file(source: NativeSourceArg) -> TypeIs[StrPath | HasFileno]:
+    """A path or an open file (else a buffer)."""
+    return isinstance(source, (str, os.PathLike)) or hasattr(source, "fileno")
+
+
+def _file_source(region: Region, source: StrPath | HasFileno, offset: int,
+                 ra: tuple[int, int]) -> NativeSource:
     ps = region.page_size
     if offset % ps:
         raise ValueError(f"serve_from: a file offset must be a multiple of the page size {ps}, "
@@ -239,7 +254,7 @@ def _file_source(region: Any, source: Any, offset: int, ra: tuple[int, int]) -> 
                         file_fallback, mapping=(base, maplen), fd=fd, file_offset=offset, ra=ra)
 
 
-def follow_fork(pager: Any, child: Any) -> int:
+def follow_fork(pager: Pager, child: _Context) -> int:
     """Give a fork child's uffd context (``child``, whose extents the pager copied from
     its parent's) an engine of its own serving every piece of a native region from that
     region's source, as the parent's engine does; returns the pieces served natively.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, final
 
 import attrs
 
@@ -30,6 +30,7 @@ class Kind(enum.Enum):
     MOVE = "move"
 
 
+@final
 @attrs.frozen(slots=True)
 class Moved:
     """A fault handler's result meaning "move these pages in" (UFFDIO_MOVE, 6.8+).

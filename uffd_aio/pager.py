@@ -971,7 +971,10 @@ class Pager:
     def _start(self, fault: Fault) -> None:
         """Run the handler of a fault the core started: eagerly, a Task only if it
         suspends."""
-        region = fault.region
+        # the core hands back what the pager gave it, the pager's Regions (the core types
+        # them as its RegionView protocol) and PageFaults (Dispatcher(make=PageFault)):
+        # said with ignores, not casts, on the fault path
+        region: Region = fault.region  # type: ignore[assignment]
         handler = region.fault_handler
         if handler is None:
             if not self._warned_default:
@@ -982,7 +985,7 @@ class Pager:
             return
         self._counters.handler_calls += 1
         try:
-            res = handler(fault)
+            res = handler(fault)  # type: ignore[arg-type]
         except Exception as exc:
             self._fail(fault, exc)
             return

@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
 
 import attrs
 
@@ -14,12 +14,21 @@ from uffd_aio.binding import lowlevel as ll
 from uffd_aio.modes import Mode
 
 if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
     from uffd_aio.events import Fork, Remap, Remove, Unmap
+    from uffd_aio.fault import PageFault
+    from uffd_aio.native import NativeSourceArg, Readahead
+    from uffd_aio.ops import Moved
+    from uffd_aio.ring import Ring
     from uffd_aio.uffd import Userfaultfd
 
-FaultResult = Any  # bytes-like | None
-#: takes a :class:`~uffd_aio.PageFault` (typed Any here: region.py sits below fault.py)
-FaultHandler = Callable[[Any], "FaultResult | Awaitable[FaultResult]"]
+#: what a fault handler returns (or its awaitable does): the page(s) as a bytes-like
+#: object, a :class:`~uffd_aio.Moved`, or None (the fault was resolved explicitly, or
+#: gets the default resolution)
+FaultResult: TypeAlias = "ReadableBuffer | Moved | None"
+#: takes a :class:`~uffd_aio.PageFault`
+FaultHandler: TypeAlias = Callable[["PageFault"], "FaultResult | Awaitable[FaultResult]"]
 EventHandler = Callable[["Fork | Remap | Remove | Unmap"], "Awaitable[None] | None"]
 
 
@@ -28,11 +37,14 @@ class RegionOwner(Protocol):
 
     @property
     def closing(self) -> bool: ...
+    @property
+    def ring(self) -> Ring: ...
     def uffd_for(self, region: Region) -> Userfaultfd: ...
     def fault_in_flight(self, address: int) -> bool: ...
-    def serve_native(self, region: Region, source: Any, *, offset: int,
-                     readahead: Any) -> None: ...
-F = TypeVar("F", bound=Callable[..., Any])
+    def serve_native(self, region: Region, source: NativeSourceArg, *, offset: int,
+                     readahead: Readahead) -> None: ...
+F = TypeVar("F", bound=FaultHandler)
+E = TypeVar("E", bound=EventHandler)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -92,8 +104,8 @@ class Region:
     def on_fault(self, fn: None = None, /, *,
                  eager: bool | None = None) -> Callable[[F], F]: ...
 
-    def on_fault(self, fn: Callable[..., Any] | None = None, /, *,
-                 eager: bool | None = None) -> Any:
+    def on_fault(self, fn: F | None = None, /, *,
+                 eager: bool | None = None) -> F | Callable[[F], F]:
         """Set the fault handler (decorator).  ``async def`` or plain ``def``.
 
         ``eager`` (default: the pager's): run the handler inline until its
@@ -112,12 +124,13 @@ class Region:
 
         return deco(fn) if fn is not None else deco
 
-    def on_event(self, fn: F) -> F:
+    def on_event(self, fn: E) -> E:
         """Add a handler for Remap/Remove/Unmap events touching this region."""
         self.event_handlers.append(fn)
         return fn
 
-    def serve_from(self, source: Any, *, offset: int = 0, readahead: Any = None) -> None:
+    def serve_from(self, source: NativeSourceArg, *, offset: int = 0,
+                   readahead: Readahead = None) -> None:
         """Serve this region's MISSING faults from ``source`` in the native engine (C).
 
         ``source``: a buffer (bytes, bytearray, mmap, numpy...; kept alive by the
@@ -157,7 +170,7 @@ class Region:
             raise ValueError("read past the end of the region")
         return await asyncio.to_thread(ll.read_memory, start, length)
 
-    async def write(self, offset: int, data: Any) -> None:
+    async def write(self, offset: int, data: ReadableBuffer) -> None:
         """Write bytes into the region from a worker thread."""
         self._local()
         start = self.address_of(offset)

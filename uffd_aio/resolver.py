@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno as E
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, cast
 
 from uffd_aio.dispatch import (
     Channel,
@@ -50,7 +50,15 @@ from uffd_aio.uffd import (
 )
 
 if TYPE_CHECKING:
+    from uffd_aio.region import FaultResult
     from uffd_aio.ring import Ring
+
+
+class _Holding(Protocol):
+    """The ring backend (:class:`~uffd_aio.resolve_ring.RingWriteExecutor`): ``hold``
+    keeps its writes queued until the batch is flushed."""
+
+    hold: bool
 
 
 def _op_address(item: tuple[Fault | None, Op, Channel]) -> int:
@@ -75,6 +83,7 @@ class Resolver:
         self.sync_backend: OpExecutor = self.backend
         self.ioctl_backend: IoctlExecutor | None = None  # the lone fault's direct copy
         self.ring_backend = False
+        self._holder: _Holding | None = None  # the backend when ring_backend
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ring: Ring | None = None
         self.pending: list[tuple[Fault | None, Op, Channel]] = []
@@ -87,11 +96,12 @@ class Resolver:
         self.backend = backend
         self.sync_backend = getattr(backend, "sync", backend)
         self.ring_backend = backend.name == "ring"
+        self._holder = cast("_Holding", backend) if self.ring_backend else None
         self.ioctl_backend = backend if type(backend) is IoctlExecutor else None
         self.loop = loop
         self.ring = ring
 
-    def complete(self, fault: Fault, result: Any) -> None:
+    def complete(self, fault: Fault, result: FaultResult) -> None:
         """The handler returned ``result``: resolve (lone fault) or queue its resolution."""
         if fault.resolved:
             if result is not None:
@@ -138,10 +148,10 @@ class Resolver:
             self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        if not self.ring_backend:
+        backend = self._holder
+        if backend is None:  # not ring_backend
             self._flush_now()
             return
-        backend: Any = self.backend
         # ring writes: one io_uring_enter for the whole batch (with the re-armed read),
         # still before any other code runs, so they keep their order with ioctls
         backend.hold = True
