@@ -545,7 +545,7 @@ class HandoffServer:
         plan = workingset.InstallPlan(ws, [(t.lo, t.hi) for t in targets],
                                       fill=self.options.fill, chunk=chunk, max_run=chunk)
         src = self._source_map()
-        reads = pager._native_reads
+        reads = pager.native_reads
         ring = self._ring
         assert ring is not None
 
@@ -557,7 +557,7 @@ class HandoffServer:
             # nothing but touch pages would otherwise keep the loop in fault serving,
             # each fault costing several times the copy of its page.  A fault still
             # waits at most one batch.  Restored for the fill and after.
-            pager._native_reads = 0 if on else reads
+            pager.native_reads = 0 if on else reads
             self._installing += 1 if on else -1
             ring.redrain_rounds = 1 if self._installing else _REDRAIN_DEFAULT
 
