@@ -34,8 +34,8 @@ import attrs
 from uffd_aio.binding import engine as _engine
 from uffd_aio.binding import lowlevel as ll
 from uffd_aio.fault import PageFault
-from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 from uffd_aio.log import get_logger
+from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 
 if TYPE_CHECKING:
     from _typeshed import HasFileno, ReadableBuffer, StrPath

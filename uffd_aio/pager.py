@@ -670,7 +670,7 @@ class Pager:
     def fault_in_flight(self, address: int) -> bool:
         """A fault on the page at ``address`` is being handled (read, not yet finished).
 
-        The dirty tracker's evictor leaves such pages alone (handlers/dirty.py)."""
+        The dirty tracker's evictor leaves such pages alone (serving/dirty.py)."""
         return any(address in ctx.inflight for ctx in self._contexts)
 
     def on_event(self, fn: EventHandler) -> EventHandler:

@@ -138,7 +138,7 @@ class Region:
         misses go to Python), or :data:`uffd_aio.ZERO`.  ``offset``: where the
         region starts in the source.  ``readahead``: None (one page), pages (int,
         fixed window), ``(min, max)`` (adaptive) or a policy from
-        :mod:`uffd_aio.handlers.readahead`.  Sets :meth:`on_fault` to a Python
+        :mod:`uffd_aio.serving.readahead`.  Sets :meth:`on_fault` to a Python
         fallback serving the same source, for what the engine passes up (misses,
         EAGAIN retries, errors; the pager's error policy applies).  See
         :mod:`uffd_aio.native`.

@@ -1,7 +1,7 @@
 """Op executors: how a handled fault becomes mapped memory.
 
 An :class:`OpExecutor` implements one of the resolution backends ``Pager(backend=...)``
-chooses from (not to be confused with the page stores of :mod:`uffd_aio.handlers`,
+chooses from (not to be confused with the page stores of :mod:`uffd_aio.stores`,
 which fault handlers read data from):
 
 * :class:`IoctlExecutor` (``"ioctl"``, stock kernels): UFFDIO_COPY / ZEROPAGE /

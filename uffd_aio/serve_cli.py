@@ -105,8 +105,8 @@ def start_metrics(server: HandoffServer, port: int, addr: str = "127.0.0.1") -> 
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from uffd_aio.handlers import open_backend
     from uffd_aio.server import HandoffServer
+    from uffd_aio.stores import open_backend
 
     try:
         opts = ServeOptions.from_args(args)  # a bad --readahead fails here, not per client

@@ -11,7 +11,7 @@ names it, never later per client.  Downstream code reads typed fields.
 * :class:`ReadaheadSpec` -- a read-ahead (``--readahead``): a fresh policy per
   region (:meth:`~ReadaheadSpec.policy`) and what the native engine makes of it.
 * :class:`AttachOptions` -- how every region is attached
-  (:func:`uffd_aio.handlers.attach.attach`'s server-wide keywords).
+  (:func:`uffd_aio.serving.attach.attach`'s server-wide keywords).
 * :class:`ServeOptions` -- the whole serving policy.
 """
 
@@ -24,18 +24,18 @@ from typing import TYPE_CHECKING, Literal, TypedDict, cast
 
 import attrs
 
-from uffd_aio.handlers.readahead import (
+from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
+from uffd_aio.serving.readahead import (
     AdaptiveWindow,
     FixedWindow,
     NoReadahead,
     ReadaheadPolicy,
     policy_from,
 )
-from uffd_aio.handoff_proto import DEFAULT_MAX_MAPPINGS, DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_TOTAL
 
 if TYPE_CHECKING:
-    from uffd_aio.handlers.attach import DirtyPolicy
     from uffd_aio.modes import Feature
+    from uffd_aio.serving.attach import DirtyPolicy
 
 __all__ = [
     "AttachOptions",
@@ -145,7 +145,7 @@ def _positive(name: str) -> Callable[[object, attrs.Attribute[int], int], None]:
 @attrs.frozen
 class AttachOptions:
     """How every region of every client is attached (the server-wide keywords of
-    :func:`uffd_aio.handlers.attach.attach`; per-client parts -- the recorders, the
+    :func:`uffd_aio.serving.attach.attach`; per-client parts -- the recorders, the
     replay, ``--remove zero``'s ranges -- are the server's)."""
 
     readahead: ReadaheadSpec = attrs.field(factory=ReadaheadSpec, converter=_readahead)

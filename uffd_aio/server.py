@@ -12,7 +12,7 @@ Per client:
 2. The uffd goes to a :class:`~uffd_aio.pager.Pager` of its own (all pagers
    share one io_uring :class:`~uffd_aio.ring.Ring`); each mapping becomes a
    region (:meth:`Pager.adopt`) served from the backend through
-   :func:`uffd_aio.handlers.attach.attach`: a fault at ``address`` reads
+   :func:`uffd_aio.serving.attach.attach`: a fault at ``address`` reads
    the backend at ``offset + (address - base_host_virt_addr)``.  With a
    ``file:`` or ``zero`` backend the region is served by the native engine
    instead (:meth:`Region.serve_from`: faults resolved in C), unless an
@@ -63,10 +63,6 @@ from uffd_aio.fdkeeper import (
     recv_msg,
     send_msg,
 )
-from uffd_aio.handlers.attach import Attachment, attach
-from uffd_aio.handlers.base import PageStore
-from uffd_aio.handlers.file import FileBackend
-from uffd_aio.handlers.readahead import AdaptiveWindow, FaultRecorder, FixedWindow, NoReadahead
 from uffd_aio.handoff import (
     Handoff,
     HandoffError,
@@ -108,7 +104,11 @@ from uffd_aio.serve_state import (
     process_start_time,
     write_atomic,
 )
+from uffd_aio.serving.attach import Attachment, attach
+from uffd_aio.serving.readahead import AdaptiveWindow, FaultRecorder, FixedWindow, NoReadahead
 from uffd_aio.stats import PagerStats
+from uffd_aio.stores.base import PageStore
+from uffd_aio.stores.file import FileBackend
 from uffd_aio.uffd import Userfaultfd
 from uffd_aio.workingset import WorkingSet, WorkingSetRecorder
 
@@ -116,8 +116,8 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from uffd_aio.events import Fork, Remap, Remove, Unmap
-    from uffd_aio.handlers.setreplay import SetInstaller
     from uffd_aio.region import Region
+    from uffd_aio.serving.setreplay import SetInstaller
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -299,7 +299,7 @@ class HandoffServer:
     ``async with HandoffServer(path, backend) as server: await server.serve_forever()``.
     The backend is shared by all clients and closed with the server only if
     ``close_backend``.  ``attach_options`` go to
-    :func:`uffd_aio.handlers.attach.attach` (e.g. ``readahead="adaptive"``);
+    :func:`uffd_aio.serving.attach.attach` (e.g. ``readahead="adaptive"``);
     ``pager_options`` to each client's :class:`Pager`.  ``native`` (default True):
     serve ``file:``/``zero`` backends with the native engine where no option needs
     Python (False: always the Python path, e.g. to compare).
@@ -372,7 +372,7 @@ class HandoffServer:
         self._src_map: tuple[int, int] | None = None  # (address, length) of the snapshot
         self._installing = 0  # clients whose working set is going in (set phase)
         if opts.replay is not None:
-            from uffd_aio.handlers.readahead import decode_trace
+            from uffd_aio.serving.readahead import decode_trace
 
             with open(opts.replay, "rb") as f:
                 data = f.read()
@@ -470,7 +470,7 @@ class HandoffServer:
         """(store pages, snapshot id) of the backend, as far as it can tell: a file's
         size and content fingerprint; a caller-given ``snapshot_id`` wins for the id."""
         from uffd_aio import workingset
-        from uffd_aio.handlers.file import FileBackend
+        from uffd_aio.stores.file import FileBackend
 
         backend = self.backend
         pages: int | None = None
@@ -492,7 +492,7 @@ class HandoffServer:
         """Address of store offset 0 in a read-only mapping of the snapshot file (made
         once, shared by every client), or None when the backend is not a file."""
         from uffd_aio.binding import lowlevel as ll
-        from uffd_aio.handlers.file import FileBackend
+        from uffd_aio.stores.file import FileBackend
 
         backend = self.backend
         if not isinstance(backend, FileBackend) or not os.path.isfile(backend.path) \
@@ -511,8 +511,8 @@ class HandoffServer:
         """Install the working set (then the rest with ``fill``) into the client's
         mappings in the background: real faults keep priority (setreplay)."""
         from uffd_aio import workingset
-        from uffd_aio.handlers.file import FileBackend
-        from uffd_aio.handlers.setreplay import SetInstaller, Target
+        from uffd_aio.serving.setreplay import SetInstaller, Target
+        from uffd_aio.stores.file import FileBackend
 
         ws = self._ws
         pager = client.pager
@@ -974,7 +974,7 @@ class HandoffServer:
                 max_pages=self.options.record_set_pages,
                 max_seconds=self.options.record_set_seconds)
         if self.options.record is not None:
-            from uffd_aio.handlers.readahead import FaultRecorder
+            from uffd_aio.serving.readahead import FaultRecorder
 
             # one recorder for all the client's mappings: traces hold store pages
             client.recorder = FaultRecorder(None, page_size=h.mappings[0].page_size)
@@ -1020,8 +1020,8 @@ class HandoffServer:
                              offset=store_offset, replay=self._replay is not None)
 
     def _native_capable(self) -> bool:
-        from uffd_aio.handlers.file import FileBackend
-        from uffd_aio.handlers.zero import ZeroBackend
+        from uffd_aio.stores.file import FileBackend
+        from uffd_aio.stores.zero import ZeroBackend
 
         return isinstance(self.backend, (FileBackend, ZeroBackend))
 
@@ -1029,7 +1029,7 @@ class HandoffServer:
                      ) -> tuple[FileBackend | None, int | tuple[int, int]] | str:
         """``(file, readahead)`` for :meth:`Region.serve_from` (no file: zeros,
         :data:`uffd_aio.ZERO`), or why ``region`` stays on the Python path (every fault
-        through :func:`~uffd_aio.handlers.attach.attach`).
+        through :func:`~uffd_aio.serving.attach.attach`).
 
         Native: a ``file:`` backend (the snapshot's fd, the mapping's ``offset``) or
         ``zero``, with the read-ahead policy as the engine's window.  Python: ``native``

@@ -2,7 +2,7 @@
 
 Pure: no kernel, no loop (a file is read or written only by the functions that say so).
 Everything counts in *store pages* (store offset // page size), like the order traces of
-:mod:`uffd_aio.handlers.readahead`, so a set is reusable when the memory lands at other
+:mod:`uffd_aio.serving.readahead`, so a set is reusable when the memory lands at other
 addresses.
 
 Restores of one snapshot touch a set of pages that repeats from run to run while the order

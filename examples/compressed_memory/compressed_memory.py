@@ -33,9 +33,9 @@ import structlog
 
 import uffd_aio
 from uffd_aio import Mode, testing
-from uffd_aio.handlers import attach
-from uffd_aio.handlers.compressed import CompressedBackend
-from uffd_aio.handlers.dirty import DirtyTracker
+from uffd_aio.serving import attach
+from uffd_aio.serving.dirty import DirtyTracker
+from uffd_aio.stores.compressed import CompressedBackend
 
 MiB = 1 << 20
 PS = os.sysconf("SC_PAGE_SIZE")

@@ -24,7 +24,7 @@ from uffd_aio.errors import MissingExtra
 try:
     import redis
 except ImportError as _exc:  # redis-py is the optional extra [redis]
-    raise MissingExtra("redis", "redis", "uffd_aio.handlers.redis_local") from _exc
+    raise MissingExtra("redis", "redis", "examples.remote_memory.redis_local") from _exc
 
 __all__ = ["REDIS_SERVER", "LocalRedis", "LocalRedisCluster", "RedisNotInstalled",
            "RedisUnavailable", "free_port"]

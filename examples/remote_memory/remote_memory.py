@@ -8,7 +8,7 @@ What it does:
 2. loads a dataset of --size MiB into it, one Redis string per 4 KiB page
    (key ``PREFIX + page index``), with a deterministic, verifiable content;
 3. for each read-ahead setting (default: off, then adaptive): maps an empty
-   region, attaches it to the Redis backend (uffd_aio.handlers.attach), and
+   region, attaches it to the Redis backend (uffd_aio.serving.attach), and
    runs native worker threads (uffd_aio.testing.scan) that read every page:
    each first touch is a page fault served by an asyncio handler that GETs
    the page (or MGETs a whole read-ahead window in one round trip);
@@ -33,13 +33,13 @@ import time
 from typing import Any
 
 import structlog
+from redis_local import LocalRedis, RedisUnavailable
 
 import uffd_aio
 from uffd_aio import testing
-from uffd_aio.handlers import attach
-from uffd_aio.handlers.readahead import policy_from
-from uffd_aio.handlers.redis_local import LocalRedis, RedisUnavailable
-from uffd_aio.handlers.remote import RedisBackend
+from uffd_aio.serving import attach
+from uffd_aio.serving.readahead import policy_from
+from uffd_aio.stores.remote import RedisBackend
 
 MiB = 1 << 20
 PS = os.sysconf("SC_PAGE_SIZE")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from uffd_aio.handlers.redis_local import REDIS_SERVER
+from examples.remote_memory.redis_local import REDIS_SERVER
 
 ROOT = Path(__file__).resolve().parents[2]
 

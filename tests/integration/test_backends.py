@@ -19,17 +19,18 @@ import pytest
 import structlog
 
 import uffd_aio
+from examples.remote_memory.redis_local import LocalRedis, LocalRedisCluster, RedisNotInstalled
 from tests.limits import limit
 from tests.limits import size as scaled
 from uffd_aio import Mode, testing
 from uffd_aio.binding import lowlevel as ll
-from uffd_aio.handlers import attach, open_backend
-from uffd_aio.handlers.base import BackendError, Buffer
-from uffd_aio.handlers.compressed import CompressedBackend
-from uffd_aio.handlers.dirty import DirtyTracker
-from uffd_aio.handlers.readahead import read_trace
-from uffd_aio.handlers.redis_local import LocalRedis, LocalRedisCluster, RedisNotInstalled
-from uffd_aio.handlers.remote import RedisBackend
+from uffd_aio.serving import attach
+from uffd_aio.serving.dirty import DirtyTracker
+from uffd_aio.serving.readahead import read_trace
+from uffd_aio.stores import open_backend
+from uffd_aio.stores.base import BackendError, Buffer
+from uffd_aio.stores.compressed import CompressedBackend
+from uffd_aio.stores.remote import RedisBackend
 
 from .helpers import PS, scan
 

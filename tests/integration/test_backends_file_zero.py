@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from uffd_aio import testing
-from uffd_aio.handlers import open_backend
-from uffd_aio.handlers.base import BackendError, PageStore
-from uffd_aio.handlers.file import FileBackend
-from uffd_aio.handlers.zero import ZeroBackend
 from uffd_aio.ring import Ring
+from uffd_aio.stores import open_backend
+from uffd_aio.stores.base import BackendError, PageStore
+from uffd_aio.stores.file import FileBackend
+from uffd_aio.stores.zero import ZeroBackend
 
 PS = 4096
 

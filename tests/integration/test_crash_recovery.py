@@ -34,9 +34,9 @@ from tests.integration.test_handoff_server import (
 )
 from tests.limits import limit
 from uffd_aio import testing
-from uffd_aio.handlers.file import FileBackend
 from uffd_aio.serve_state import encode, process_start_time
 from uffd_aio.server import HandoffServer
+from uffd_aio.stores.file import FileBackend
 
 pytestmark = pytest.mark.timeout(150)
 

@@ -18,10 +18,10 @@ import pytest
 import uffd_aio
 from tests.limits import IN_GUEST_SCALE, limit
 from uffd_aio import testing
-from uffd_aio.handlers import attach
-from uffd_aio.handlers.base import Buffer
-from uffd_aio.handlers.dirty import DirtyTracker
 from uffd_aio.modes import DEFAULT_FEATURES, Feature
+from uffd_aio.serving import attach
+from uffd_aio.serving.dirty import DirtyTracker
+from uffd_aio.stores.base import Buffer
 
 from .helpers import PS
 

@@ -14,9 +14,9 @@ import structlog
 import uffd_aio
 from tests.limits import limit
 from uffd_aio import testing
-from uffd_aio.handlers import attach
-from uffd_aio.handlers.base import BackendError
-from uffd_aio.handlers.file import FileBackend
+from uffd_aio.serving import attach
+from uffd_aio.stores.base import BackendError
+from uffd_aio.stores.file import FileBackend
 
 from .helpers import PS
 

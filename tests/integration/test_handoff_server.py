@@ -26,12 +26,12 @@ from structlog.testing import capture_logs
 from tests import limits
 from tests.limits import limit
 from uffd_aio import testing
-from uffd_aio.handlers.base import Buffer
-from uffd_aio.handlers.file import FileBackend
-from uffd_aio.handlers.zero import ZeroBackend
 from uffd_aio.modes import Feature
 from uffd_aio.serve_cli import start_metrics
 from uffd_aio.server import HandoffServer
+from uffd_aio.stores.base import Buffer
+from uffd_aio.stores.file import FileBackend
+from uffd_aio.stores.zero import ZeroBackend
 from uffd_aio.uffd import Userfaultfd, available_features
 
 # The limits nest so that a hang reports the child's own output (issue 10): a C client's
@@ -238,7 +238,7 @@ async def test_balloon_zero_policy(vmm: Path, snapshot: Path, sock_path: str) ->
 
 async def test_record_then_replay(vmm: Path, snapshot: Path, sock_path: str,
                                   tmp_path: Path) -> None:
-    from uffd_aio.handlers.readahead import read_trace
+    from uffd_aio.serving.readahead import read_trace
 
     trace = tmp_path / "faults.trace"
     backend = await FileBackend.open(snapshot)
@@ -630,7 +630,7 @@ class FailingBackend:
     async def fetch(self, offset: int, length: int) -> Buffer | None:
         await asyncio.sleep(0)
         if offset + length > self.bad:
-            from uffd_aio.handlers.base import BackendError
+            from uffd_aio.stores.base import BackendError
 
             raise BackendError(f"simulated I/O error at {offset:#x}")
         return testing.pattern_bytes(offset, length)

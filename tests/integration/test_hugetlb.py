@@ -178,7 +178,8 @@ def huge_snapshot(tmp_path: Path) -> Path:
 
 
 async def test_readahead_in_huge_pages(huge_snapshot: Path) -> None:
-    from uffd_aio.handlers import attach, open_backend
+    from uffd_aio.serving import attach
+    from uffd_aio.stores import open_backend
 
     backend = await open_backend(f"file:{huge_snapshot}")
     async with uffd_aio.Pager() as pager:
@@ -222,7 +223,7 @@ async def test_serve_a_client_with_2m_pages(c_workload: Path, huge_snapshot: Pat
                                             tmp_path: Path) -> None:
     # Firecracker's huge_pages "2M": the handoff says page_size 2097152; the C client maps
     # MAP_HUGETLB memory and verifies every byte it gets from the file backend
-    from uffd_aio.handlers.file import FileBackend
+    from uffd_aio.stores.file import FileBackend
 
     sock = str(tmp_path / "uffd.sock")
     backend = await FileBackend.open(huge_snapshot)

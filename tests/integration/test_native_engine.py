@@ -19,9 +19,9 @@ import pytest
 import uffd_aio
 from uffd_aio import testing
 from uffd_aio.binding import lowlevel as ll
-from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow
 from uffd_aio.modes import Mode
 from uffd_aio.pager import Pager
+from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow
 
 from .helpers import PS, child, scan
 

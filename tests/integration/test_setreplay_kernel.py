@@ -10,8 +10,8 @@ import pytest
 
 from uffd_aio import testing, workingset
 from uffd_aio.binding import lowlevel as ll
-from uffd_aio.handlers.setreplay import SetInstaller, Target
 from uffd_aio.pager import Pager
+from uffd_aio.serving.setreplay import SetInstaller, Target
 
 from .helpers import PS, scan
 

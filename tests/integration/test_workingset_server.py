@@ -28,7 +28,7 @@ from tests.integration.test_handoff_server import (
 )
 from tests.limits import limit
 from uffd_aio import testing, workingset
-from uffd_aio.handlers.file import FileBackend
+from uffd_aio.stores.file import FileBackend
 from uffd_aio.workingset import WorkingSetMismatch
 
 pytestmark = pytest.mark.timeout(TEST_TIMEOUT)

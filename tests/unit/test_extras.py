@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from uffd_aio.errors import MissingExtra
-from uffd_aio.handlers import open_backend
+from uffd_aio.stores import open_backend
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, package: str, *reimport: str) -> None:
@@ -29,7 +29,7 @@ def _without(monkeypatch: pytest.MonkeyPatch, package: str, *reimport: str) -> N
 
 async def test_redis_backend_without_redis_names_the_extra(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    _without(monkeypatch, "redis", "uffd_aio.handlers.remote")
+    _without(monkeypatch, "redis", "uffd_aio.stores.remote")
     with pytest.raises(MissingExtra, match=r"pip install 'uffd-aio\[redis\]'") as info:
         await open_backend("redis://127.0.0.1:1/0")
     assert info.value.extra == "redis" and info.value.package == "redis"
@@ -38,14 +38,14 @@ async def test_redis_backend_without_redis_names_the_extra(
 
 
 def test_local_redis_without_redis_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    _without(monkeypatch, "redis", "uffd_aio.handlers.redis_local")
+    _without(monkeypatch, "redis", "examples.remote_memory.redis_local")
     with pytest.raises(MissingExtra, match=r"pip install 'uffd-aio\[redis\]'"):
-        import uffd_aio.handlers.redis_local  # noqa: F401
+        import examples.remote_memory.redis_local  # noqa: F401
 
 
 async def test_compressed_backend_without_zstandard_names_the_extra(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    _without(monkeypatch, "zstandard", "uffd_aio.handlers.compressed")
+    _without(monkeypatch, "zstandard", "uffd_aio.stores.compressed")
     with pytest.raises(MissingExtra, match=r"pip install 'uffd-aio\[zstd\]'") as info:
         await open_backend("compressed:")
     assert info.value.package == "zstandard"

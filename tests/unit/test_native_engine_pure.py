@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from uffd_aio import events as ev_mod
 from uffd_aio.binding import engine as _engine
 from uffd_aio.binding import lowlevel as ll
-from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 from uffd_aio.native import readahead_bounds
+from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 
 PS = 4096
 BASE = 0x10_0000_0000

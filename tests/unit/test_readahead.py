@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from uffd_aio.handlers.readahead import (
+from uffd_aio.serving.readahead import (
     AdaptiveWindow,
     FaultRecorder,
     FixedWindow,

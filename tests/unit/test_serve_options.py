@@ -7,13 +7,13 @@ import functools
 import attrs
 import pytest
 
-from uffd_aio.handlers.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 from uffd_aio.serve_options import (
     AttachOptions,
     ReadaheadSpec,
     ServeOptions,
     pager_options_from,
 )
+from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 
 
 @pytest.mark.parametrize("spec, kind, pages", [
@@ -118,8 +118,8 @@ def test_from_args_parses_once() -> None:
 
 
 def test_handoff_server_converts_its_keywords_once() -> None:
-    from uffd_aio.handlers.zero import ZeroBackend
     from uffd_aio.server import HandoffServer
+    from uffd_aio.stores.zero import ZeroBackend
 
     s = HandoffServer("/nonexistent/u.sock", ZeroBackend(),
                       attach_options={"readahead": "fixed:4"}, pager_options={"poll": False})

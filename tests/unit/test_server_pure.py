@@ -43,8 +43,8 @@ def test_parse_size_rejects(text: str) -> None:
 
 @pytest.mark.parametrize("kw", [{"max_clients": 0}, {"max_pending": 0}])
 def test_client_limits_must_be_positive(kw: dict[str, int]) -> None:
-    from uffd_aio.handlers.zero import ZeroBackend
     from uffd_aio.server import HandoffServer
+    from uffd_aio.stores.zero import ZeroBackend
 
     with pytest.raises(ValueError, match="at least 1"):
         HandoffServer("/nonexistent/uffd.sock", ZeroBackend(), **kw)

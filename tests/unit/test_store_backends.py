@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from uffd_aio.handlers import BackendError, PageStore, open_backend
-from uffd_aio.handlers.compressed import CompressedBackend
-from uffd_aio.handlers.remote import RedisBackend, _split_url
+from uffd_aio.stores import BackendError, PageStore, open_backend
+from uffd_aio.stores.compressed import CompressedBackend
+from uffd_aio.stores.remote import RedisBackend, _split_url
 
 PS = 4096
 
@@ -38,14 +38,14 @@ async def test_compressed_roundtrip_and_zero_pages() -> None:
 
 def test_backend_is_a_deprecated_alias_of_page_store() -> None:
     """The store protocol was called Backend, like resolve's resolver protocol."""
-    import uffd_aio.handlers
-    import uffd_aio.handlers.base
+    import uffd_aio.stores
+    import uffd_aio.stores.base
 
-    for mod in (uffd_aio.handlers, uffd_aio.handlers.base):
+    for mod in (uffd_aio.stores, uffd_aio.stores.base):
         with pytest.warns(DeprecationWarning, match="use PageStore"):
             assert mod.Backend is PageStore
     with pytest.raises(AttributeError):
-        uffd_aio.handlers.base.NoSuchName  # noqa: B018
+        uffd_aio.stores.base.NoSuchName  # noqa: B018
 
 
 async def test_compressed_rejects_unaligned() -> None:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uffd_aio import workingset as wsm
-from uffd_aio.handlers.readahead import encode_trace
+from uffd_aio.serving.readahead import encode_trace
 from uffd_aio.workingset import (
     NO_ID,
     InstallPlan,

@@ -20,7 +20,7 @@ import pytest
 import uffd_aio
 from uffd_aio import testing
 from uffd_aio.binding import lowlevel as ll
-from uffd_aio.handlers.readahead import AdaptiveWindow
+from uffd_aio.serving.readahead import AdaptiveWindow
 
 from ..integration.helpers import PS, scan
 from ..integration.test_native_engine_io import _engine, _fault_msgs, _feed, _settle

@@ -47,8 +47,8 @@ import structlog
 from structlog.testing import capture_logs
 
 from uffd_aio import testing, workingset
-from uffd_aio.handlers.file import FileBackend
 from uffd_aio.server import HandoffServer
+from uffd_aio.stores.file import FileBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 PS = 4096

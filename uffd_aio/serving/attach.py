@@ -1,4 +1,4 @@
-"""Serve a region's faults from a :class:`~uffd_aio.handlers.base.PageStore`.
+"""Serve a region's faults from a :class:`~uffd_aio.stores.base.PageStore`.
 
 ``attach(region, backend)`` installs the region's fault handler and returns an
 :class:`Attachment` (stats, ``aclose()``).  What one fault does:
@@ -20,7 +20,7 @@
 ``Remove`` (MADV_DONTNEED / balloon) and ``Unmap`` events drop the state of
 their range: those pages fault again and are fetched again.
 
-Optional parts: ``dirty=`` (:mod:`uffd_aio.handlers.dirty`: write tracking
+Optional parts: ``dirty=`` (:mod:`uffd_aio.serving.dirty`: write tracking
 and eviction under a budget), ``recorder=`` (record the order of first
 faults to a file), ``replay=`` (prefetch a recorded order in the
 background while real faults keep priority), ``zero_removed=`` (ranges the
@@ -47,16 +47,16 @@ import attrs
 from uffd_aio.binding import lowlevel as ll
 from uffd_aio.errors import PagerClosed
 from uffd_aio.events import Remove, Unmap
-from uffd_aio.handlers.base import BackendError, Buffer, PageStore
-from uffd_aio.handlers.readahead import (
+from uffd_aio.log import get_logger
+from uffd_aio.modes import Mode
+from uffd_aio.serving.readahead import (
     FaultRecorder,
     ReadaheadPolicy,
     ReplayPlan,
     policy_from,
     read_trace,
 )
-from uffd_aio.log import get_logger
-from uffd_aio.modes import Mode
+from uffd_aio.stores.base import BackendError, Buffer, PageStore
 from uffd_aio.uffd import MmChanging, RangeGone, retry_while_mm_changing
 
 if TYPE_CHECKING:
@@ -308,7 +308,7 @@ class Attachment:
         self._present_count -= p.count(1, first, end)
         p[first:end] = bytes(end - first)
 
-    #: the dirty tracker's surface (handlers/dirty.py): it re-maps and evicts pages
+    #: the dirty tracker's surface (serving/dirty.py): it re-maps and evicts pages
     mark_present = _mark_present
     mark_absent = _mark_absent
 
@@ -639,10 +639,10 @@ def attach(
 
     * ``store_offset``: store offset of the region's first byte (default
       ``region.store_offset``, the handoff mapping's ``offset``).
-    * ``readahead``: a :class:`~uffd_aio.handlers.readahead.ReadaheadPolicy`, an
+    * ``readahead``: a :class:`~uffd_aio.serving.readahead.ReadaheadPolicy`, an
       int window in pages (0/1 = off), or ``"adaptive"`` / ``"adaptive:MAX"`` /
       ``"fixed:N"`` / ``"off"``.
-    * ``dirty``: a :class:`~uffd_aio.handlers.dirty.DirtyTracker` (needs a
+    * ``dirty``: a :class:`~uffd_aio.serving.dirty.DirtyTracker` (needs a
       WP-registered region): pages go in write-protected, writes mark them
       dirty, and a ``max_resident`` budget evicts with write-back.  A tracker
       serves one region: to share options between several ``attach`` calls

@@ -1,6 +1,6 @@
 """Dirty-page tracking and eviction under a resident-memory budget.
 
-Use with :func:`uffd_aio.handlers.attach` on a region registered
+Use with :func:`uffd_aio.serving.attach` on a region registered
 ``Mode.MISSING | Mode.WP``::
 
     tracker = DirtyTracker(max_resident=64 << 20)
@@ -74,7 +74,7 @@ from uffd_aio.uffd import RangeGone
 
 if TYPE_CHECKING:
     from uffd_aio.fault import PageFault
-    from uffd_aio.handlers.attach import Attachment
+    from uffd_aio.serving.attach import Attachment
 
 __all__ = ["DirtyTracker"]
 

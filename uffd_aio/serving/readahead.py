@@ -2,7 +2,7 @@
 
 Everything here counts in *pages*.  A policy is asked, for each fault that
 needs a fetch, how many pages to fetch starting at the faulting page;
-:func:`uffd_aio.handlers.attach` then clips that window to the region and to
+:func:`uffd_aio.serving.attach` then clips that window to the region and to
 the run of pages that are neither present nor already being fetched.
 
 * :class:`NoReadahead` -- one page per fault.

@@ -32,8 +32,8 @@ from typing import Any
 import attrs
 
 from uffd_aio.binding import lowlevel as ll
-from uffd_aio.handlers.base import PageStore
 from uffd_aio.log import get_logger
+from uffd_aio.stores.base import PageStore
 from uffd_aio.workingset import InstallPlan
 
 __all__ = ["InstallMetrics", "SetInstaller", "Target"]

@@ -1,8 +1,8 @@
 """The page-store contract: a byte-addressed store of pages that fault handlers read from.
 
-A *backend* (``uffd-aio serve --backend SPEC``, :func:`uffd_aio.handlers.open_backend`)
+A *backend* (``uffd-aio serve --backend SPEC``, :func:`uffd_aio.stores.open_backend`)
 is a :class:`PageStore`.  Stores know nothing about userfaultfd;
-:mod:`uffd_aio.handlers.attach` turns one into a region's fault handler
+:mod:`uffd_aio.serving.attach` turns one into a region's fault handler
 (read-ahead, dirty tracking).  Not to be confused with the *resolvers* of
 :mod:`uffd_aio.resolve`, which turn a handler's result into mapped memory.
 """

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import attrs
 
 from uffd_aio.errors import MissingExtra
-from uffd_aio.handlers.base import BackendError, Buffer
+from uffd_aio.stores.base import BackendError, Buffer
 
 try:
     import zstandard

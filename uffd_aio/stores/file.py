@@ -17,7 +17,7 @@ the buffer goes back to the pool at once).
   applies (SIGBUS by default), never silent zeros.
 * Read-only by default: snapshot files are shared by every VM restored from
   them and must never change, so :meth:`store` raises
-  :class:`~uffd_aio.handlers.base.BackendError`.  ``FileBackend.open(path,
+  :class:`~uffd_aio.stores.base.BackendError`.  ``FileBackend.open(path,
   writable=True)`` opens the file read-write and :meth:`store` writes pages
   back with io_uring (for a private copy of the memory, e.g. as an eviction
   target).
@@ -45,9 +45,9 @@ import os
 import stat
 import struct
 
-from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.log import get_logger
 from uffd_aio.ring import Ring
+from uffd_aio.stores.base import BackendError, Buffer
 
 PAGE = mmap.PAGESIZE
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)

@@ -35,8 +35,8 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from uffd_aio.errors import MissingExtra
-from uffd_aio.handlers.base import BackendError, Buffer
 from uffd_aio.log import get_logger
+from uffd_aio.stores.base import BackendError, Buffer
 
 try:
     import redis.asyncio as aioredis

@@ -6,7 +6,7 @@ that only needs to exist: faults resolve with UFFDIO_ZEROPAGE.
 
 from __future__ import annotations
 
-from uffd_aio.handlers.base import BackendError, Buffer
+from uffd_aio.stores.base import BackendError, Buffer
 
 
 class ZeroBackend:

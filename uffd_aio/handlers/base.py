@@ -1,0 +1,12 @@
+"""Moved to :mod:`uffd_aio.stores.base`; this name stays for compatibility.
+
+The old module name is the new module itself (same object in ``sys.modules``), so private
+names, monkeypatching and ``isinstance`` behave as before.
+"""
+
+import importlib
+import sys
+
+from uffd_aio.stores.base import *  # noqa: F403
+
+sys.modules[__name__] = importlib.import_module("uffd_aio.stores.base")
