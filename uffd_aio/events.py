@@ -15,7 +15,8 @@ synthetic bytes.  Layout (include/uapi/linux/userfaultfd.h), 32 bytes::
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeAlias
 
 import attrs
 
@@ -190,3 +191,7 @@ def encode(msg: Msg) -> bytes:
     if isinstance(msg, Unmap):
         return struct.pack("<B7xQQ8x", EVENT_UNMAP, msg.start, msg.end)
     return msg.raw
+
+
+#: an ``on_event`` handler (pager or region): sync, or async
+EventHandler: TypeAlias = Callable[["Fork | Remap | Remove | Unmap"], "Awaitable[None] | None"]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Concatenate, ParamSpec
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeAlias
 
 from uffd_aio.dispatch import BASE_PAGE, Fault, check_move, check_range
 from uffd_aio.log import get_logger
-from uffd_aio.ops import Kind, Moved, Op, zero_source
+from uffd_aio.ops import FaultResult, Kind, Moved, Op, zero_source
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -202,3 +202,8 @@ class PageFault(Fault):
     async def poison(self) -> int:
         """Make this page raise SIGBUS in the faulting thread (and on later accesses)."""
         return await self._run(Op(Kind.POISON, self.page, self.page_size))
+
+
+#: a fault handler (``@region.on_fault``): takes the :class:`PageFault`, returns a
+#: :data:`~uffd_aio.ops.FaultResult` or an awaitable of one
+FaultHandler: TypeAlias = Callable[[PageFault], "FaultResult | Awaitable[FaultResult]"]

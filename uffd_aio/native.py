@@ -27,7 +27,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
 
 import attrs
 
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from _typeshed import HasFileno, ReadableBuffer, StrPath
     from typing_extensions import TypeIs
 
-    from uffd_aio.pager import Pager, _Context
-    from uffd_aio.region import FaultHandler, Region
+    from uffd_aio.fault import FaultHandler
+    from uffd_aio.ring import Ring
 
 
 class _Zero:
@@ -60,6 +60,29 @@ class _Zero:
 
 
 ZERO: Final = _Zero()
+
+
+class SourceRegion(Protocol):
+    """What a source reads of the :class:`~uffd_aio.Region` it serves (a protocol: this
+    module sits below region.py and pager.py, which import it)."""
+
+    @property
+    def length(self) -> int: ...
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def pager(self) -> _RingOwner: ...
+
+
+class _RingOwner(Protocol):
+    @property
+    def ring(self) -> Ring: ...
+
+
+class EngineOwner(Protocol):
+    """A uffd context with a native engine: a fork child's (the pager's ``_Context``)."""
+
+    engine: _engine.Engine | None
 
 Readahead = int | tuple[int, int] | FixedWindow | AdaptiveWindow | NoReadahead | None
 #: what ``region.serve_from`` serves: a buffer, a path or open file, or :data:`ZERO`
@@ -111,8 +134,8 @@ class NativeSource:
     file_offset: int = 0  # file offset of the region's first page (file source)
     ra: tuple[int, int] = (1, 1)
     #: fork children's engines serving pieces of the region from this source: (context, id)
-    forks: list[tuple[_Context, int]] = attrs.field(factory=list)
-    drain: Callable[[], None] | None = None  # the ring's schedule_drain (see follow_fork)
+    forks: list[tuple[EngineOwner, int]] = attrs.field(factory=list)
+    drain: Callable[[], None] | None = None  # the ring's schedule_drain (Pager._follow_fork)
 
     def add_to(self, engine: _engine.Engine, start: int, length: int, page_size: int,
                region_offset: int) -> int:
@@ -158,7 +181,7 @@ class NativeSource:
         self.keep = None
 
 
-def make_source(region: Region, source: NativeSourceArg, *, offset: int = 0,
+def make_source(region: SourceRegion, source: NativeSourceArg, *, offset: int = 0,
                 readahead: Readahead = None) -> NativeSource:
     """Check ``source`` against ``region`` and build its :class:`NativeSource`.
 
@@ -203,7 +226,7 @@ def _is_file(source: NativeSourceArg) -> TypeIs[StrPath | HasFileno]:
     return isinstance(source, (str, os.PathLike)) or hasattr(source, "fileno")
 
 
-def _file_source(region: Region, source: StrPath | HasFileno, offset: int,
+def _file_source(region: SourceRegion, source: StrPath | HasFileno, offset: int,
                  ra: tuple[int, int]) -> NativeSource:
     ps = region.page_size
     if offset % ps:
@@ -252,42 +275,3 @@ def _file_source(region: Region, source: StrPath | HasFileno, offset: int,
 
     return NativeSource(_engine.SRC_FILE, base + offset, region.length, f"file({name})",
                         file_fallback, mapping=(base, maplen), fd=fd, file_offset=offset, ra=ra)
-
-
-def follow_fork(pager: Pager, child: _Context) -> int:
-    """Give a fork child's uffd context (``child``, whose extents the pager copied from
-    its parent's) an engine of its own serving every piece of a native region from that
-    region's source, as the parent's engine does; returns the pieces served natively.
-
-    The child's address space is a copy of the parent's at the fork: the same addresses
-    hold the same regions, so the same sources apply (with fresh resident bits: pages
-    the child inherited present just meet EEXIST).  What the engine cannot serve reaches
-    the region's handler, as for the parent.  The source stays the parent region's: when
-    that region stops being native, :meth:`NativeSource.close` drops the child's pieces
-    first.  A piece the engine refuses stays with Python.
-    """
-    native = pager._native
-    pieces = [(x, native[x.region][2]) for x in child.extents if x.region in native]
-    if not pieces or child.engine is not None:
-        return 0
-    log = get_logger(component="native")
-    try:
-        child.engine = pager._native_engine(child)
-    except OSError as exc:
-        log.warning("uffd_aio.native_fork_failed", uffd=child.uffd.fd, error=str(exc))
-        return 0
-    ring = pager.ring
-    served = 0
-    for x, src in pieces:
-        try:
-            rid = src.add_to(child.engine, x.start, x.end - x.start, x.region.page_size,
-                             x.offset)
-        except OSError as exc:
-            log.debug("uffd_aio.native_fork_piece_python", uffd=child.uffd.fd,
-                      start=hex(x.start), end=hex(x.end), error=str(exc))
-            continue
-        src.forks.append((child, rid))
-        src.drain = ring.schedule_drain
-        served += 1
-    log.debug("uffd_aio.native_fork", uffd=child.uffd.fd, pieces=served, of=len(pieces))
-    return served

@@ -51,6 +51,10 @@ class Moved:
 
 #: what an :class:`Op` carries: the bytes to copy, the :class:`Moved` of a MOVE, or None
 OpData: TypeAlias = "ReadableBuffer | Moved | None"
+#: what a fault handler returns (or its awaitable does): the page(s) as a bytes-like
+#: object, a :class:`~uffd_aio.Moved`, or None (the fault was resolved explicitly, or
+#: gets the default resolution); the data of the op it becomes
+FaultResult: TypeAlias = OpData
 
 
 @attrs.frozen(slots=True)

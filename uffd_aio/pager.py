@@ -47,11 +47,20 @@ from uffd_aio.errors import (
     PagerFailed,
     UffdError,
 )
-from uffd_aio.events import Fork, PageFaultMsg, Remap, Remove, UnknownMsg, Unmap
+from uffd_aio.events import (
+    EventHandler,
+    Fork,
+    PageFaultMsg,
+    Remap,
+    Remove,
+    UnknownMsg,
+    Unmap,
+)
 from uffd_aio.fault import PageFault
 from uffd_aio.log import get_logger
 from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode
-from uffd_aio.region import EventHandler, Region
+from uffd_aio.ops import FaultResult
+from uffd_aio.region import Region
 from uffd_aio.resolve import (
     IoctlExecutor,
     Op,
@@ -68,7 +77,6 @@ from uffd_aio.uffd import (
 
 if TYPE_CHECKING:
     from uffd_aio.native import NativeSource, NativeSourceArg, Readahead
-    from uffd_aio.region import FaultResult
 
 __all__ = ["BackendName", "ErrorPolicy", "HandlerTimeout", "Pager", "PagerFailed", "ReadMode"]
 
@@ -868,6 +876,44 @@ class Pager:
         self._log.debug("uffd_aio.native_region", region=region.name, source=src.description,
                         readahead=src.ra)
 
+    def _follow_fork(self, child: _Context) -> int:
+        """Give a fork child's uffd context (``child``, whose extents the pager copied from
+        its parent's) an engine of its own serving every piece of a native region from that
+        region's source, as the parent's engine does; returns the pieces served natively.
+
+        The child's address space is a copy of the parent's at the fork: the same addresses
+        hold the same regions, so the same sources apply (with fresh resident bits: pages
+        the child inherited present just meet EEXIST).  What the engine cannot serve reaches
+        the region's handler, as for the parent.  The source stays the parent region's: when
+        that region stops being native, :meth:`NativeSource.close` drops the child's pieces
+        first.  A piece the engine refuses stays with Python.
+        """
+        native = self._native
+        pieces = [(x, native[x.region][2]) for x in child.extents if x.region in native]
+        if not pieces or child.engine is not None:
+            return 0
+        try:
+            child.engine = self._native_engine(child)
+        except OSError as exc:
+            self._log.warning("uffd_aio.native_fork_failed", uffd=child.uffd.fd, error=str(exc))
+            return 0
+        ring = self.ring
+        served = 0
+        for x, src in pieces:
+            try:
+                rid = src.add_to(child.engine, x.start, x.end - x.start, x.region.page_size,
+                                 x.offset)
+            except OSError as exc:
+                self._log.debug("uffd_aio.native_fork_piece_python", uffd=child.uffd.fd,
+                                start=hex(x.start), end=hex(x.end), error=str(exc))
+                continue
+            src.forks.append((child, rid))
+            src.drain = ring.schedule_drain
+            served += 1
+        self._log.debug("uffd_aio.native_fork", uffd=child.uffd.fd, pieces=served,
+                        of=len(pieces))
+        return served
+
     def _native_engine(self, ctx: _Context) -> Engine:
         """A context's engine, on the pager's ring: READs of page-cache misses, and
         io_uring WRITEs on the uffd when the backend is the ring-write one."""
@@ -1125,8 +1171,7 @@ class Pager:
                 cctx = self._add_context(child, f"{ctx.label}/fork{self._counters.forks}")
                 cctx.inherit(ctx)
                 if self._native:  # the child's pieces of native regions: an engine too
-                    from uffd_aio import native
-                    native.follow_fork(self, cctx)
+                    self._follow_fork(cctx)
                 self._log.info("uffd_aio.fork_followed", parent_uffd=ctx.uffd.fd,
                                child_uffd=msg.ufd)
             else:

@@ -5,31 +5,25 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar, overload
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar, overload
 
 import attrs
 
 from uffd_aio.binding import lowlevel as ll
+from uffd_aio.events import EventHandler
 from uffd_aio.modes import Mode
+from uffd_aio.ops import FaultResult
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
-    from uffd_aio.events import Fork, Remap, Remove, Unmap
-    from uffd_aio.fault import PageFault
+    from uffd_aio.fault import FaultHandler
     from uffd_aio.native import NativeSourceArg, Readahead
-    from uffd_aio.ops import Moved
     from uffd_aio.ring import Ring
     from uffd_aio.uffd import Userfaultfd
 
-#: what a fault handler returns (or its awaitable does): the page(s) as a bytes-like
-#: object, a :class:`~uffd_aio.Moved`, or None (the fault was resolved explicitly, or
-#: gets the default resolution)
-FaultResult: TypeAlias = "ReadableBuffer | Moved | None"
-#: takes a :class:`~uffd_aio.PageFault`
-FaultHandler: TypeAlias = Callable[["PageFault"], "FaultResult | Awaitable[FaultResult]"]
-EventHandler = Callable[["Fork | Remap | Remove | Unmap"], "Awaitable[None] | None"]
+__all__ = ["EventHandler", "FaultHandler", "FaultResult", "Region", "RegionOwner"]
 
 
 class RegionOwner(Protocol):
@@ -43,7 +37,7 @@ class RegionOwner(Protocol):
     def fault_in_flight(self, address: int) -> bool: ...
     def serve_native(self, region: Region, source: NativeSourceArg, *, offset: int,
                      readahead: Readahead) -> None: ...
-F = TypeVar("F", bound=FaultHandler)
+F = TypeVar("F", bound="FaultHandler")
 E = TypeVar("E", bound=EventHandler)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 

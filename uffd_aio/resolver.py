@@ -28,6 +28,7 @@ from uffd_aio.dispatch import (
 )
 from uffd_aio.errors import BadHandlerResult, FeatureUnavailable, MoveError, ResolveError
 from uffd_aio.log import get_logger
+from uffd_aio.ops import FaultResult
 from uffd_aio.resolve import (
     IoctlExecutor,
     Kind,
@@ -50,7 +51,6 @@ from uffd_aio.uffd import (
 )
 
 if TYPE_CHECKING:
-    from uffd_aio.region import FaultResult
     from uffd_aio.ring import Ring
 
 
