@@ -177,3 +177,12 @@ class Region:
         """Write-protect (or unprotect) present pages of a WP-registered region."""
         n = self.length - offset if length is None else length
         self.pager.uffd_for(self).writeprotect(self.address_of(offset), n, protect=protect)
+
+
+def __getattr__(name: str) -> object:
+    # ``FaultHandler`` lived here; it is fault.py's now (it names PageFault)
+    if name == "FaultHandler":
+        from uffd_aio.fault import FaultHandler
+
+        return FaultHandler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
