@@ -16,10 +16,11 @@ from uffd_aio.errors import (
     ResolveError,
     UffdError,
 )
-from uffd_aio.events import Fork, Remap, Remove, Unmap
-from uffd_aio.fault import PageFault
+from uffd_aio.events import EventHandler, Fork, Remap, Remove, Unmap
+from uffd_aio.fault import FaultHandler, PageFault
 from uffd_aio.modes import Feature, Mode
 from uffd_aio.native import ZERO
+from uffd_aio.ops import FaultResult
 from uffd_aio.pager import HandlerTimeout, Pager, PagerFailed
 from uffd_aio.region import Region
 from uffd_aio.resolve import Moved
@@ -32,6 +33,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ZERO",
     "BadHandlerResult",
+    "EventHandler",
+    "FaultHandler",
+    "FaultResult",
     "Feature",
     "FeatureUnavailable",
     "Fork",
