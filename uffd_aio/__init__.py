@@ -17,14 +17,13 @@ from uffd_aio.errors import (
     UffdError,
 )
 from uffd_aio.events import EventHandler, Fork, Remap, Remove, Unmap
-from uffd_aio.fault import FaultHandler, PageFault
 from uffd_aio.modes import Feature, Mode
-from uffd_aio.native import ZERO
 from uffd_aio.ops import FaultResult
 from uffd_aio.pager import HandlerTimeout, Pager, PagerFailed
-from uffd_aio.region import Region
+from uffd_aio.region import FaultHandler, PageFault, Region
 from uffd_aio.resolve import Moved
 from uffd_aio.ring import Ring
+from uffd_aio.sources import ZERO
 from uffd_aio.stats import PagerStats
 from uffd_aio.uffd import Userfaultfd, available_features
 

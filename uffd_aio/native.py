@@ -27,39 +27,27 @@ import errno
 import os
 import stat
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from uffd_aio.binding import engine as _engine
 from uffd_aio.binding import lowlevel as ll
-from uffd_aio.fault import PageFault
 from uffd_aio.log import get_logger
 from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow, NoReadahead
+from uffd_aio.sources import ZERO as ZERO
+from uffd_aio.sources import NativeSourceArg as NativeSourceArg
+from uffd_aio.sources import Readahead as Readahead
+from uffd_aio.sources import ZeroSource
 
 if TYPE_CHECKING:
-    from _typeshed import HasFileno, ReadableBuffer, StrPath
+    from _typeshed import HasFileno, StrPath
     from typing_extensions import TypeIs
 
-    from uffd_aio.fault import FaultHandler
+    from uffd_aio.region import FaultHandler, PageFault
     from uffd_aio.ring import Ring
 
 
-class _Zero:
-    """The zero source: ``region.serve_from(uffd_aio.ZERO)``."""
-
-    _instance: _Zero | None = None
-
-    def __new__(cls) -> _Zero:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "uffd_aio.ZERO"
-
-
-ZERO: Final = _Zero()
 
 
 class SourceRegion(Protocol):
@@ -84,9 +72,6 @@ class EngineOwner(Protocol):
 
     engine: _engine.Engine | None
 
-Readahead = int | tuple[int, int] | FixedWindow | AdaptiveWindow | NoReadahead | None
-#: what ``region.serve_from`` serves: a buffer, a path or open file, or :data:`ZERO`
-NativeSourceArg: TypeAlias = "ReadableBuffer | StrPath | HasFileno | _Zero"
 
 
 def readahead_bounds(readahead: Readahead) -> tuple[int, int]:
@@ -191,7 +176,7 @@ def make_source(region: SourceRegion, source: NativeSourceArg, *, offset: int = 
     length = region.length
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative int, not {offset!r}")
-    if isinstance(source, _Zero):  # ZERO (the only one)
+    if isinstance(source, ZeroSource):  # ZERO (the only one)
         if offset:
             raise ValueError("the zero source takes no offset")
         return NativeSource(_engine.SRC_ZERO, 0, 0, "zero", _zero_fallback, ra=ra)

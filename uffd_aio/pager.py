@@ -56,11 +56,10 @@ from uffd_aio.events import (
     UnknownMsg,
     Unmap,
 )
-from uffd_aio.fault import PageFault
 from uffd_aio.log import get_logger
 from uffd_aio.modes import DEFAULT_FEATURES, Feature, Mode
 from uffd_aio.ops import FaultResult
-from uffd_aio.region import Region
+from uffd_aio.region import PageFault, Region
 from uffd_aio.resolve import (
     IoctlExecutor,
     Op,

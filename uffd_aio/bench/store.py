@@ -20,8 +20,7 @@ from typing import Any
 
 from uffd_aio import testing
 from uffd_aio.events import Remove
-from uffd_aio.fault import PageFault
-from uffd_aio.region import Region
+from uffd_aio.region import PageFault, Region
 
 
 def _filled(size: int) -> mmap.mmap:

@@ -60,8 +60,7 @@ from uffd_aio.stores.base import BackendError, Buffer, PageStore
 from uffd_aio.uffd import MmChanging, RangeGone, retry_while_mm_changing
 
 if TYPE_CHECKING:
-    from uffd_aio.fault import PageFault
-    from uffd_aio.region import Region
+    from uffd_aio.region import PageFault, Region
     from uffd_aio.uffd import Userfaultfd
 
 __all__ = ["AttachStats", "Attachment", "DirtyPolicy", "attach"]

@@ -73,7 +73,7 @@ from uffd_aio.log import get_logger
 from uffd_aio.uffd import RangeGone
 
 if TYPE_CHECKING:
-    from uffd_aio.fault import PageFault
+    from uffd_aio.region import PageFault
     from uffd_aio.serving.attach import Attachment
 
 __all__ = ["DirtyTracker"]
