@@ -1221,8 +1221,8 @@ class HandoffServer:
         ws_metrics: dict[str, object] = {}
         if client.installer is not None:
             ws_metrics = {"ws_" + k: v for k, v in client.installer.metrics.as_dict().items()
-                          if k in ("pages_by_replay", "pages_by_fill", "set_installed_s",
-                                   "fully_resident_s")}
+                          if k in ("pages_by_replay", "pages_by_fill", "pages_read",
+                                   "set_installed_s", "fully_resident_s")}
         await self._stop_install(client)
         if client.ws_recorder is not None and len(client.ws_recorder):
             self._save_set(client)
