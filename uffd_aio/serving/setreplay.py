@@ -17,7 +17,9 @@ as the native engine does for demand faults, each batch is first checked with ``
 (no blocking, no fault): resident runs are copied from the mapping as before (one native
 call, no buffer, no await), and the runs that are not are read with io_uring READs on the
 loop's one ring (the server's) into a page-aligned buffer, then copied from it on
-completion (``pages_read``, ``reads``).  Reading (rather than readahead, ``fadvise`` or an
+completion (``pages_read``, ``reads``).  Runs close together share a READ (the pages
+between land in the page cache, like the kernel's read-around of a mapping fault:
+:func:`read_extents`).  Reading (rather than readahead, ``fadvise`` or an
 io_uring ``FADVISE``, then copying from the mapping on a later pass) is the simplest
 correct choice: the completion *is* the data, there is no second residency check, no pass
 that finds the pages evicted again, and no polling.  Meanwhile the loop serves faults; when
@@ -58,7 +60,8 @@ from uffd_aio.ring import Ring
 from uffd_aio.stores.base import PageStore
 from uffd_aio.workingset import InstallPlan
 
-__all__ = ["InstallMetrics", "SetInstaller", "Target", "resident_pages", "split_runs"]
+__all__ = ["InstallMetrics", "SetInstaller", "Target", "read_extents", "resident_pages",
+           "split_runs"]
 
 #: mincore byte -> 1 (bit 0: in the page cache) or 0
 _BIT0 = bytes(i & 1 for i in range(256))
@@ -72,6 +75,29 @@ def resident_pages(vec: bytes, ratio: int = 1) -> bytes:
         return bits
     full = b"\x01" * ratio
     return bytes(bits[i:i + ratio] == full for i in range(0, len(bits), ratio))
+
+
+def read_extents(runs: Sequence[tuple[int, int]], gap: int, max_pages: int
+                 ) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Group sorted runs ``(first, n)`` into READs ``(first, n, runs)``: runs at most
+    ``gap`` pages apart share one (the pages between are read too: into the page cache,
+    as the kernel's read-around of a mapping fault would), at most ``max_pages`` long (a
+    longer run is cut)."""
+    out: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for first, n in runs:
+        while n > 0:
+            k = min(n, max_pages)
+            if out:
+                efirst, en, inner = out[-1]
+                end = efirst + en
+                if first - end <= gap and first + k - efirst <= max_pages:
+                    inner.append((first, k))
+                    out[-1] = (efirst, first + k - efirst, inner)
+                    first, n = first + k, n - k
+                    continue
+            out.append((first, k, [(first, k)]))
+            first, n = first + k, n - k
+    return out
 
 
 def split_runs(runs: Sequence[tuple[int, int]], lo: int, resident: bytes
@@ -159,7 +185,12 @@ class SetInstaller:
         self.ring = ring
         self.src_fd = src_fd
         self._ratio = max(1, page_size // ll.PAGE_SIZE)
-        self._rbuf: mmap.mmap | None = None  # the read buffer (one batch at a time)
+        self._rbuf: mmap.mmap | None = None  # the read buffer (one group at a time)
+        #: cold runs at most ``read_gap`` pages apart share a READ of at most ``read_max``
+        #: pages; ``read_budget`` pages of READs are in flight at a time (the buffer)
+        self.read_gap = 16
+        self.read_max = 256
+        self.read_budget = 1024
         self.faults = faults
         self.fill_backoff = fill_backoff
         #: called with True when the set phase starts and False when it ends (the server
@@ -295,25 +326,39 @@ class SetInstaller:
         return placed + await self._read_install(cold)
 
     async def _read_install(self, runs: list[tuple[int, int]]) -> int:
-        """Read runs that are not in the page cache with io_uring READs (all in flight at
-        once; the loop serves faults meanwhile) into a page-aligned buffer, then copy them
-        from it; returns the pages placed."""
+        """Read runs that are not in the page cache with io_uring READs into a page-aligned
+        buffer, then copy them from it; returns the pages placed.  Runs close together
+        share a READ (:func:`read_extents`), and the READs go out a buffer's worth
+        (``read_budget`` pages) at a time, all in flight at once: the loop serves faults
+        meanwhile."""
+        placed = 0
+        group: list[tuple[int, int, list[tuple[int, int]]]] = []
+        size = 0
+        for ext in read_extents(runs, self.read_gap, self.read_max):
+            if group and size + ext[1] > self.read_budget:
+                placed += await self._read_group(group, size)
+                group, size = [], 0
+                if self._closed:
+                    return placed
+            group.append(ext)
+            size += ext[1]
+        if group:
+            placed += await self._read_group(group, size)
+        return placed
+
+    async def _read_group(self, group: list[tuple[int, int, list[tuple[int, int]]]],
+                          size: int) -> int:
         assert self.ring is not None and self.src_fd is not None
         ps = self.page_size
         m = self.metrics
-        todo = [(t, first, n) for first, n in runs
-                if (t := self._target(first)) is not None and not t.gone]
-        if not todo:
-            return 0
-        need = sum(n for _, _, n in todo) * ps
-        if self._rbuf is None or len(self._rbuf) < need:
-            self._rbuf = mmap.mmap(-1, need)  # page-aligned, as UFFDIO_COPY's source must be
+        if self._rbuf is None or len(self._rbuf) < size * ps:
+            self._rbuf = mmap.mmap(-1, size * ps)  # page-aligned, as UFFDIO_COPY's source
         buf = self._rbuf
         view = memoryview(buf)
-        at = 0
         reads = []
         offs = []
-        for _, first, n in todo:
+        at = 0
+        for first, n, _ in group:
             reads.append(self.ring.read(self.src_fd, view[at:at + n * ps], first * ps))
             offs.append(at)
             at += n * ps
@@ -324,27 +369,30 @@ class SetInstaller:
             return 0
         base, keep = ll.buffer_address(buf)
         items: list[tuple[Target, int, int, int]] = []
-        for (t, first, n), off, r in zip(todo, offs, got, strict=True):
+        for (efirst, en, inner), off, r in zip(group, offs, got, strict=True):
             if isinstance(r, BaseException):
                 if isinstance(r, asyncio.CancelledError):
                     raise r
-                self._log.warning("uffd_aio.workingset_read_failed", page=first, pages=n,
+                self._log.warning("uffd_aio.workingset_read_failed", page=efirst, pages=en,
                                   error=str(r))
-                full = 0
-            else:
-                full = min(n, r // ps)
-            m.deferred += n - full  # a short read (truncated file): the fault path decides
-            m.pages_read += full
-            if t.gone or full == 0:
-                continue
-            # pages the client discarded while the read was in flight stay discarded
-            rm = t.removed
-            start = 0
-            for i in range(full + 1):
-                if i == full or (rm is not None and rm(first + i)):
-                    if i > start:
-                        items.append((t, first + start, i - start, base + off + start * ps))
-                    start = i + 1
+                r = 0
+            avail = r // ps  # pages of the extent read in full
+            for first, n in inner:
+                full = max(0, min(n, avail - (first - efirst)))
+                m.deferred += n - full  # short read (truncated file): the fault path decides
+                m.pages_read += full
+                t = self._target(first)
+                if t is None or t.gone or full == 0:
+                    continue
+                # pages the client discarded while the read was in flight stay discarded
+                rm = t.removed
+                src = base + off + (first - efirst) * ps
+                start = 0
+                for i in range(full + 1):
+                    if i == full or (rm is not None and rm(first + i)):
+                        if i > start:
+                            items.append((t, first + start, i - start, src + start * ps))
+                        start = i + 1
         placed = self._copy_triples(items)
         del keep
         return placed
