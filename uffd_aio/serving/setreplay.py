@@ -185,9 +185,9 @@ class SetInstaller:
         self.ring = ring
         self.src_fd = src_fd
         self._ratio = max(1, page_size // ll.PAGE_SIZE)
-        self._rbuf: mmap.mmap | None = None  # the read buffer (one group at a time)
+        self._rbufs: list[mmap.mmap | None] = [None, None]  # the read buffers
         #: cold runs at most ``read_gap`` pages apart share a READ of at most ``read_max``
-        #: pages; ``read_budget`` pages of READs are in flight at a time (the buffer)
+        #: pages; ``read_budget`` pages of READs a buffer, two buffers
         self.read_gap = 16
         self.read_max = 256
         self.read_budget = 1024
@@ -326,34 +326,53 @@ class SetInstaller:
         return placed + await self._read_install(cold)
 
     async def _read_install(self, runs: list[tuple[int, int]]) -> int:
-        """Read runs that are not in the page cache with io_uring READs into a page-aligned
-        buffer, then copy them from it; returns the pages placed.  Runs close together
-        share a READ (:func:`read_extents`), and the READs go out a buffer's worth
-        (``read_budget`` pages) at a time, all in flight at once: the loop serves faults
-        meanwhile."""
-        placed = 0
+        """Read runs that are not in the page cache with io_uring READs into page-aligned
+        buffers, then copy them from there; returns the pages placed.  Runs close together
+        share a READ (:func:`read_extents`); the READs go out a buffer's worth
+        (``read_budget`` pages) at a time, all in flight at once, and the next buffer's
+        READs are in flight while one is copied and its own complete (two buffers): the
+        loop serves faults meanwhile."""
+        groups: list[tuple[list[tuple[int, int, list[tuple[int, int]]]], int]] = []
         group: list[tuple[int, int, list[tuple[int, int]]]] = []
         size = 0
         for ext in read_extents(runs, self.read_gap, self.read_max):
             if group and size + ext[1] > self.read_budget:
-                placed += await self._read_group(group, size)
+                groups.append((group, size))
                 group, size = [], 0
-                if self._closed:
-                    return placed
             group.append(ext)
             size += ext[1]
         if group:
-            placed += await self._read_group(group, size)
+            groups.append((group, size))
+        placed = 0
+        pending: asyncio.Task[int] | None = None
+        task: asyncio.Task[int] | None = None
+        try:
+            for i, (group, size) in enumerate(groups):
+                # buffer i % 2: the group that used it last (i - 2) has been awaited
+                task = asyncio.ensure_future(self._read_group(group, size, i % 2))
+                if pending is not None:
+                    placed += await pending
+                pending, task = task, None
+                if self._closed:
+                    break
+            if pending is not None:
+                placed += await pending
+                pending = None
+        finally:  # cancelled (or a bug): the other group's READs go with us
+            for t in (pending, task):
+                if t is not None and not t.done():
+                    t.cancel()
         return placed
 
     async def _read_group(self, group: list[tuple[int, int, list[tuple[int, int]]]],
-                          size: int) -> int:
+                          size: int, slot: int) -> int:
         assert self.ring is not None and self.src_fd is not None
         ps = self.page_size
         m = self.metrics
-        if self._rbuf is None or len(self._rbuf) < size * ps:
-            self._rbuf = mmap.mmap(-1, size * ps)  # page-aligned, as UFFDIO_COPY's source
-        buf = self._rbuf
+        buf = self._rbufs[slot]
+        if buf is None or len(buf) < size * ps:
+            # page-aligned, as UFFDIO_COPY's source must be
+            buf = self._rbufs[slot] = mmap.mmap(-1, size * ps)
         view = memoryview(buf)
         reads = []
         offs = []
