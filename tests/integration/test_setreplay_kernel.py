@@ -3,6 +3,8 @@ against the real kernel (memory is touched only by the native ``testing`` helper
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import mmap
 import os
 from array import array
@@ -174,3 +176,35 @@ def test_installer_ring_needs_src_fd() -> None:
     with pytest.raises(ValueError, match="together"):
         SetInstaller(plan, [], page_size=PS, src_base=4096, ring=object(),  # type: ignore[arg-type]
                      src_fd=None)
+
+
+async def test_installer_cancelled_during_cold_reads(tmp_path: Path) -> None:
+    """Cancelled while its READs are in flight (the client went away): the installer stops,
+    the READs are cancelled with it, and faults serve every byte."""
+    path = _cold_snapshot(tmp_path / "cold.snap")
+    ws = workingset.WorkingSet(PS, NPAGES, tuple(range(0, NPAGES, 2)))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    src = ll.mmap(NPAGES * PS, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
+    try:
+        async with Pager() as pager:
+            region = pager.map(NPAGES * PS)
+            region.serve_from(path)
+            target = Target(0, NPAGES, region.address, pager.uffd_for(region).fd)
+            plan = workingset.InstallPlan(ws, [(0, NPAGES)], fill=True, chunk=16, max_run=16)
+            inst = SetInstaller(plan, [target], page_size=PS, src_base=src, ring=pager.ring,
+                                src_fd=fd, faults=lambda: pager.stats.faults)
+            inst.read_gap = 0  # many small READs: the cancel lands among them
+            task = asyncio.ensure_future(inst.run())
+            while inst.metrics.reads == 0 and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            m = inst.metrics
+            assert m.fully_resident_s is None or m.pages_by_replay + m.pages_by_fill == NPAGES
+            res = await scan(region.address, NPAGES * PS, threads=2, op="verify")
+            assert res.mismatches == 0
+            assert m.pages_by_replay + m.pages_by_fill + pager.stats.faults >= NPAGES
+    finally:
+        ll.munmap(src, NPAGES * PS)
+        os.close(fd)
