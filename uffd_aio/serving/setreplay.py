@@ -188,9 +188,12 @@ class SetInstaller:
         self._rbufs: list[mmap.mmap | None] = [None, None]  # the read buffers
         #: cold runs at most ``read_gap`` pages apart share a READ of at most ``read_max``
         #: pages; ``read_budget`` pages of READs a buffer, two buffers
-        self.read_gap = 16
-        self.read_max = 256
-        self.read_budget = 1024
+        #: (the gap is the mapping fault's read-around: 128 KiB by default, up to the
+        #: device's read_ahead_kb; fewer, larger READs were measured faster: see
+        #: docs/backends.md)
+        self.read_gap = 64
+        self.read_max = 512
+        self.read_budget = 2048
         self.faults = faults
         self.fill_backoff = fill_backoff
         #: called with True when the set phase starts and False when it ends (the server
@@ -228,6 +231,7 @@ class SetInstaller:
         try:
             return await self._run()
         finally:
+            self._rbufs = [None, None]  # the read buffers go (a READ in flight pins its own)
             if self.set_phase is not None:
                 self.set_phase(False)
 
