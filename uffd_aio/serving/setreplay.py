@@ -391,8 +391,12 @@ class SetInstaller:
         if self._closed:
             return 0
         base, keep = ll.buffer_address(buf)
-        items: list[tuple[Target, int, int, int]] = []
-        for (efirst, en, inner), off, r in zip(group, offs, got, strict=True):
+        placed = 0
+        for k, ((efirst, en, inner), off, r) in enumerate(zip(group, offs, got, strict=True)):
+            if k:  # real faults first: a fault waits at most one READ's copies
+                await asyncio.sleep(0)
+                if self._closed:
+                    break
             if isinstance(r, BaseException):
                 if isinstance(r, asyncio.CancelledError):
                     raise r
@@ -400,6 +404,7 @@ class SetInstaller:
                                   error=str(r))
                 r = 0
             avail = r // ps  # pages of the extent read in full
+            items: list[tuple[Target, int, int, int]] = []
             for first, n in inner:
                 full = max(0, min(n, avail - (first - efirst)))
                 m.deferred += n - full  # short read (truncated file): the fault path decides
@@ -416,7 +421,7 @@ class SetInstaller:
                         if i > start:
                             items.append((t, first + start, i - start, src + start * ps))
                         start = i + 1
-        placed = self._copy_triples(items)
+            placed += self._copy_triples(items)
         del keep
         return placed
 
