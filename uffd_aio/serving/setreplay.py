@@ -392,11 +392,14 @@ class SetInstaller:
             return 0
         base, keep = ll.buffer_address(buf)
         placed = 0
-        for k, ((efirst, en, inner), off, r) in enumerate(zip(group, offs, got, strict=True)):
-            if k:  # real faults first: a fault waits at most one READ's copies
+        since = 0  # pages copied since the last yield
+        for (efirst, en, inner), off, r in zip(group, offs, got, strict=True):
+            if since >= self.plan.chunk:  # real faults first: at most a chunk's copies
                 await asyncio.sleep(0)
+                since = 0
                 if self._closed:
                     break
+            since += en
             if isinstance(r, BaseException):
                 if isinstance(r, asyncio.CancelledError):
                     raise r
