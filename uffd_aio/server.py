@@ -210,6 +210,8 @@ class ServerStats:
     #: working-set replay: pages installed from the set / by the fill, replays finished
     ws_pages_by_replay: int = 0
     ws_pages_by_fill: int = 0
+    #: ... of which read with io_uring (not in the page cache: a cold snapshot)
+    ws_pages_read: int = 0
     ws_installed: int = 0
 
 
@@ -370,6 +372,9 @@ class HandoffServer:
         self._replay: tuple[int, list[int]] | None = None
         self._ws: WorkingSet | None = None  # to install (--replay of a working-set file)
         self._src_map: tuple[int, int] | None = None  # (address, length) of the snapshot
+        #: the snapshot file, open: what the installer reads with io_uring when the mapping's
+        #: pages are not in the page cache
+        self._src_fd: int | None = None
         self._installing = 0  # clients whose working set is going in (set phase)
         if opts.replay is not None:
             from uffd_aio.serving.readahead import decode_trace
@@ -502,9 +507,11 @@ class HandoffServer:
             fd = os.open(backend.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 addr = ll.mmap(backend.size, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
             self._src_map = (addr, backend.size)
+            self._src_fd = fd
         return self._src_map[0]
 
     def _start_install(self, client: _Client, h: Handoff) -> None:
@@ -563,6 +570,9 @@ class HandoffServer:
 
         inst = SetInstaller(plan, targets, page_size=ps, src_base=src,
                             backend=None if src is not None else self.backend,
+                            # pages not in the page cache: io_uring READs on the loop's ring
+                            ring=ring if src is not None else None,
+                            src_fd=self._src_fd if src is not None else None,
                             faults=lambda: pager.stats.faults, log=client.log,
                             set_phase=set_phase)
         client.installer = inst
@@ -586,6 +596,7 @@ class HandoffServer:
         pager = client.pager
         self.stats.ws_pages_by_replay += m.pages_by_replay
         self.stats.ws_pages_by_fill += m.pages_by_fill
+        self.stats.ws_pages_read += m.pages_read
         self.stats.ws_installed += 1
         client.log.info("uffd_aio.workingset_installed", **m.as_dict(),
                         demand_faults=pager.stats.faults if pager is not None else 0)
@@ -768,6 +779,9 @@ class HandoffServer:
             with contextlib.suppress(OSError):
                 ll.munmap(*self._src_map)
             self._src_map = None
+        if self._src_fd is not None:
+            os.close(self._src_fd)
+            self._src_fd = None
         if self.close_backend:
             await self.backend.aclose()
         self._closed.set()
@@ -1207,8 +1221,8 @@ class HandoffServer:
         ws_metrics: dict[str, object] = {}
         if client.installer is not None:
             ws_metrics = {"ws_" + k: v for k, v in client.installer.metrics.as_dict().items()
-                          if k in ("pages_by_replay", "pages_by_fill", "set_installed_s",
-                                   "fully_resident_s")}
+                          if k in ("pages_by_replay", "pages_by_fill", "pages_read",
+                                   "set_installed_s", "fully_resident_s")}
         await self._stop_install(client)
         if client.ws_recorder is not None and len(client.ws_recorder):
             self._save_set(client)

@@ -103,7 +103,8 @@ async def one_run(wl: Path, snap: Path, sock: str, pages: int, args: argparse.Na
             "set_installed_s": inst[0]["set_installed_s"] if inst else None,
             "fully_resident_s": inst[0]["fully_resident_s"] if inst else None,
             "pages_by_replay": rel.get("ws_pages_by_replay"),
-            "pages_by_fill": rel.get("ws_pages_by_fill")}
+            "pages_by_fill": rel.get("ws_pages_by_fill"),
+            "pages_read": rel.get("ws_pages_read")}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -170,7 +171,8 @@ async def run(args: argparse.Namespace) -> int:
                 res = await one_run(wl, snap, sock, pages, args, 3000 + r, **kw[c])
                 runs[c].append(res)
                 print(f"round {r + 1} {c:10s} wall {res['wall_s']:.4f} s, demand faults "
-                      f"{res['demand_faults']}, set installed {res['set_installed_s']}",
+                      f"{res['demand_faults']}, set installed {res['set_installed_s']}, "
+                      f"pages read by io_uring {res['pages_read']}",
                       file=sys.stderr)
     set_pages = len(merged)
     load = os.getloadavg()

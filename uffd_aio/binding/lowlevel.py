@@ -53,6 +53,8 @@ CQE_BUFFER_SHIFT = 16
 IOSQE_FIXED_FILE = 1 << 0
 
 EBUSY = 16
+#: the system page size (mincore's unit)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def oserror(rc: int, what: str) -> OSError:
@@ -432,6 +434,16 @@ def mremap(old: int, old_len: int, new_len: int, flags: int = MREMAP_MAYMOVE,
 
 def madvise(addr: int, length: int, advice: int) -> None:
     check(lib.ua_madvise(addr, length, advice), f"madvise({addr:#x}, {length:#x}, {advice})")
+
+
+def mincore(addr: int, length: int) -> bytes:
+    """mincore(2) of ``[addr, addr+length)`` (a page-aligned file mapping): one byte per
+    (system) page, bit 0 set when the page is in the page cache.  Never blocks, never faults
+    the mapping in.  (Files one neither owns nor may write read as all resident, Linux 5.0+.)"""
+    n = (length + PAGE_SIZE - 1) // PAGE_SIZE
+    vec = ffi.new("unsigned char[]", max(n, 1))
+    check(lib.ua_mincore(addr, length, vec), f"mincore({addr:#x}, {length:#x})")
+    return bytes(ffi.buffer(vec, n))
 
 
 def mprotect(addr: int, length: int, prot: int) -> None:

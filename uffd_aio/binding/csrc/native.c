@@ -743,6 +743,12 @@ int ua_madvise(uint64_t addr, uint64_t len, int advice)
 	return madvise((void *)(uintptr_t)addr, len, advice) < 0 ? -errno : 0;
 }
 
+int ua_mincore(uint64_t addr, uint64_t len, unsigned char *vec)
+{
+	/* never blocks and never faults the mapping in (the engine's page-cache check) */
+	return mincore((void *)(uintptr_t)addr, len, vec) < 0 ? -errno : 0;
+}
+
 int ua_mprotect(uint64_t addr, uint64_t len, int prot)
 {
 	return mprotect((void *)(uintptr_t)addr, len, prot) < 0 ? -errno : 0;

@@ -79,5 +79,7 @@ int64_t ua_mmap(uint64_t addr, uint64_t len, int prot, int flags, int fd, int64_
 int ua_munmap(uint64_t addr, uint64_t len);
 int64_t ua_mremap(uint64_t old, uint64_t old_len, uint64_t new_len, int flags, uint64_t new_addr);
 int ua_madvise(uint64_t addr, uint64_t len, int advice);
+/* mincore(2): one byte per page of [addr, addr+len) in vec, bit 0 = in the page cache */
+int ua_mincore(uint64_t addr, uint64_t len, unsigned char *vec);
 int ua_mprotect(uint64_t addr, uint64_t len, int prot);
 void ua_memcpy(uint64_t dst, uint64_t src, uint64_t len);
