@@ -271,8 +271,9 @@ class Pager:
             raise ValueError("native_read_slots must be in 0..1024")
         self._native_read_slots = native_read_slots
         self._native_hooked = False
-        #: regions served by the native engine -> (context, engine region id, source)
-        self._native: dict[Region, tuple[_Context, int, NativeSource]] = {}
+        #: regions served by the native engine -> (context, engine region ids: one per
+        #: piece of the region, source)
+        self._native: dict[Region, tuple[_Context, list[int], NativeSource]] = {}
         self._native_retired = EngineStats()  # counters of engines already freed
         self._log = get_logger(component="pager", pager=name)
         self._counters = Counters()
@@ -881,15 +882,20 @@ class Pager:
         self._native_drop(region)  # serving a new source replaces the old one
         if ctx.engine is None:
             ctx.engine = self._native_engine(ctx)
+        # one engine range per piece of the region where it is now (UNMAP cut pieces out
+        # of it, REMAP moved them; what is at its original range since is not its own)
+        engine = ctx.engine
+        rids: list[int] = []
         try:
-            rid = ctx.engine.add(region.address, region.length, region.page_size, src.kind,
-                                 src.src, src.src_len, *src.ra)
-            if src.fd is not None:
-                ctx.engine.set_file(rid, src.fd, src.file_offset)
+            for x in [x for x in ctx.extents if x.region is region]:
+                rids.append(src.add_to(engine, x.start, x.end - x.start, region.page_size,
+                                       x.offset))
         except BaseException:
+            for rid in rids:
+                engine.drop(rid)
             src.close()
             raise
-        self._native[region] = (ctx, rid, src)
+        self._native[region] = (ctx, rids, src)
         region.fault_handler = src.fallback
         region.eager = None
         self._log.debug("uffd_aio.native_region", region=region.name, source=src.description,
@@ -969,10 +975,11 @@ class Pager:
         entry = self._native.pop(region, None)
         if entry is None:
             return
-        ctx, rid, src = entry
+        ctx, rids, src = entry
         if ctx.engine is not None:
             waited = ctx.engine.inflight()
-            ctx.engine.drop(rid)  # waits for the region's WRITEs (they read src)
+            for rid in rids:
+                ctx.engine.drop(rid)  # waits for the region's WRITEs (they read src)
             if waited and self._ring is not None:
                 self._ring.schedule_drain()  # what that wait reaped, to its owners
         src.close()

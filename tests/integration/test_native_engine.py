@@ -162,7 +162,7 @@ async def test_remove_while_serving_then_refault() -> None:
         region.serve_from(src, readahead=(1, 16))
         assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
         engine = _engine(pager)
-        rid = pager._native[region][1]
+        (rid,) = pager._native[region][1]
         assert engine.resident(rid, 0)
 
         async def dropper() -> None:
@@ -435,3 +435,43 @@ async def test_fork_child_of_a_file_region_with_an_offset(tmp_path: Path) -> Non
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         st = pager.stats
         assert st.forks == 1 and st.python_faults == 0 and st.errors == 0
+
+
+async def test_serve_from_after_unmap_and_remap_serves_where_the_region_is() -> None:
+    """serve_from on a region the application cut (UNMAP) and moved (REMAP) before: the
+    engine serves its pieces where they are now, from the right source offsets, and not
+    the hole, which another (Python-served) region of the same pager took since."""
+    n = 32 * PS
+    dst = ll.mmap(8 * PS)  # where mremap moves the region's last 8 pages
+    other = 0
+    try:
+        async with Pager() as pager:
+            region = pager.map(n)
+            a = region.address
+            await asyncio.to_thread(ll.munmap, a, 8 * PS)  # UNMAP: pages 0-7 gone
+            moved = await asyncio.to_thread(ll.mremap, a + 24 * PS, 8 * PS, 8 * PS,
+                                            ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, dst)
+            assert moved == dst  # REMAP: pages 24-31 at dst
+            # someone maps and registers the hole: another region, served by Python
+            other = ll.mmap(8 * PS, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS | 0x100000,
+                            addr=a)
+            assert other == a
+            neighbour = pager.register(other, 8 * PS)
+            far = 1 << 30  # its content: the pattern at another offset
+
+            @neighbour.on_fault
+            def from_far(ev: uffd_aio.PageFault) -> bytes:
+                return bytes(testing.pattern_bytes(far + ev.offset, ev.page_size))
+
+            region.serve_from(_pattern_mmap(n), readahead=4)
+            assert _engine(pager).ranges() == 2  # pages 8-23 here, 24-31 at dst
+            assert (await scan(a + 8 * PS, 16 * PS, op="verify", offset=8 * PS)).mismatches == 0
+            assert (await scan(dst, 8 * PS, op="verify", offset=24 * PS)).mismatches == 0
+            st = pager.stats
+            assert st.python_faults == 0 and st.native_pages == 24
+            assert (await scan(other, 8 * PS, op="verify", offset=far)).mismatches == 0
+            assert pager.stats.python_faults == 8
+            await pager.unregister(neighbour)
+    finally:
+        if other:
+            ll.munmap(other, 8 * PS)
