@@ -448,15 +448,16 @@ async def test_serve_from_after_unmap_and_remap_serves_where_the_region_is() -> 
         async with Pager() as pager:
             region = pager.map(n)
             a = region.address
-            await asyncio.to_thread(ll.munmap, a, 8 * PS)  # UNMAP: pages 0-7 gone
+            # someone maps over pages 0-7 (UNMAP; mmap MAP_FIXED: no window in which
+            # another mmap could take the hole) and registers that: another region
+            other = await asyncio.to_thread(
+                ll.mmap, 8 * PS, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS | ll.MAP_FIXED,
+                addr=a)
+            assert other == a
             moved = await asyncio.to_thread(ll.mremap, a + 24 * PS, 8 * PS, 8 * PS,
                                             ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, dst)
             assert moved == dst  # REMAP: pages 24-31 at dst
-            # someone maps and registers the hole: another region, served by Python
-            other = ll.mmap(8 * PS, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS | 0x100000,
-                            addr=a)
-            assert other == a
-            neighbour = pager.register(other, 8 * PS)
+            neighbour = pager.register(other, 8 * PS)  # served by Python
             far = 1 << 30  # its content: the pattern at another offset
 
             @neighbour.on_fault
