@@ -141,6 +141,14 @@ class Channel:
         self.starts = [x.start for x in kept]
         return removed
 
+    def remove_region(self, region: RegionView) -> list[Extent]:
+        """Drop every extent of ``region`` (wherever REMAP moved it); returns them."""
+        removed = [x for x in self.extents if x.region is region]
+        if removed:
+            self.extents = [x for x in self.extents if x.region is not region]
+            self.starts = [x.start for x in self.extents]
+        return removed
+
     def lookup(self, address: int) -> Extent | None:
         i = bisect.bisect_right(self.starts, address) - 1
         if i >= 0:

@@ -271,8 +271,9 @@ class Pager:
             raise ValueError("native_read_slots must be in 0..1024")
         self._native_read_slots = native_read_slots
         self._native_hooked = False
-        #: regions served by the native engine -> (context, engine region id, source)
-        self._native: dict[Region, tuple[_Context, int, NativeSource]] = {}
+        #: regions served by the native engine -> (context, engine region ids: one per
+        #: piece of the region, source)
+        self._native: dict[Region, tuple[_Context, list[int], NativeSource]] = {}
         self._native_retired = EngineStats()  # counters of engines already freed
         self._log = get_logger(component="pager", pager=name)
         self._counters = Counters()
@@ -461,9 +462,10 @@ class Pager:
         # Unregister, then unmap our own mappings from a worker thread while the reads
         # are still armed: munmap of a range the kernel still counts as registered
         # (EVENT_UNMAP) waits until an UNMAP event is read, and only this loop reads.
-        owned = [r for r in self._regions if self._release_region(r)]
+        owned = [(r, pieces) for r in self._regions
+                 if (pieces := self._release_region(r)) is not None]
         if owned:
-            await asyncio.to_thread(lambda: [self._unmap(r) for r in owned])
+            await asyncio.to_thread(lambda: [self._unmap(r, p) for r, p in owned])
         for ctx in self._contexts:
             self._stop_reading(ctx)
         # faults read while the regions went away (their handlers were started in the
@@ -575,7 +577,7 @@ class Pager:
         try:
             ctx.uffd.register(addr, length, mode)
         except BaseException:
-            self._unmap(region)
+            self._unmap(region, [(addr, addr + length)])
             raise
         self._add_region(ctx, region)
         return region
@@ -642,34 +644,53 @@ class Pager:
         while any(f.region is region for c in self._contexts  # noqa: ASYNC110
                   for f in c.inflight.values()):
             await asyncio.sleep(0.001)
-        owned = self._release_region(region)
+        pieces = self._release_region(region)
         self._regions.remove(region)
-        if owned:  # off the loop thread: see aclose
-            await asyncio.to_thread(self._unmap, region)
+        if pieces is not None:  # off the loop thread: see aclose
+            await asyncio.to_thread(self._unmap, region, pieces)
 
-    def _release_region(self, region: Region) -> bool:
-        """Unregister; True if the mapping is ours to unmap (off the loop thread)."""
+    def _release_region(self, region: Region) -> list[tuple[int, int]] | None:
+        """Unregister; the pieces of the mapping that are ours to unmap (off the loop
+        thread), or None when the region's memory is not ours.
+
+        The pieces are where the region is now, from our uffd's extents: an UNMAP event
+        cut the part the application unmapped out of them, a REMAP moved them.  The rest
+        of the region's original range is no longer the region's: the kernel may have
+        handed it to any later mmap (a new thread's stack or CPython frame stack, a
+        malloc arena), and unregistering or unmapping it there would pull memory from
+        under its owner."""
         if region.closed:
-            return False
+            return None
         region.closed = True
         self._native_drop(region)
+        pieces: list[tuple[int, int]] = []
         for ctx in self._contexts:
-            ctx.remove_range(region.address, region.end)
+            removed = ctx.remove_region(region)
+            if ctx is self._main:
+                pieces = [(x.start, x.end) for x in removed]
         if not region.remote and self._main is not None and not self._main.uffd.closed:
-            try:
-                self._main.uffd.unregister(region.address, region.length)
-            except OSError as exc:
-                self._log.debug("uffd_aio.unregister_failed", region=region.name, error=str(exc))
-        return region.owned
+            for start, end in pieces:
+                try:
+                    self._main.uffd.unregister(start, end - start)
+                except OSError as exc:
+                    self._log.debug("uffd_aio.unregister_failed", region=region.name,
+                                    start=hex(start), end=hex(end), error=str(exc))
+        return pieces if region.owned else None
 
     @staticmethod
-    def _unmap(region: Region) -> None:
-        for addr in (region.address, region.alias):
-            if addr is not None:
-                try:
-                    ll.munmap(addr, region.length)
-                except OSError:
-                    pass
+    def _unmap(region: Region, pieces: list[tuple[int, int]]) -> None:
+        """Unmap the ``pieces`` left of an owned region (see :meth:`_release_region`) and
+        its alias (our own unregistered mapping of its memfd)."""
+        for start, end in pieces:
+            try:
+                ll.munmap(start, end - start)
+            except OSError:
+                pass
+        if region.alias is not None:
+            try:
+                ll.munmap(region.alias, region.length)
+            except OSError:
+                pass
         if region.memfd is not None:
             os.close(region.memfd)
             region.memfd = None
@@ -861,15 +882,20 @@ class Pager:
         self._native_drop(region)  # serving a new source replaces the old one
         if ctx.engine is None:
             ctx.engine = self._native_engine(ctx)
+        # one engine range per piece of the region where it is now (UNMAP cut pieces out
+        # of it, REMAP moved them; what is at its original range since is not its own)
+        engine = ctx.engine
+        rids: list[int] = []
         try:
-            rid = ctx.engine.add(region.address, region.length, region.page_size, src.kind,
-                                 src.src, src.src_len, *src.ra)
-            if src.fd is not None:
-                ctx.engine.set_file(rid, src.fd, src.file_offset)
+            for x in [x for x in ctx.extents if x.region is region]:
+                rids.append(src.add_to(engine, x.start, x.end - x.start, region.page_size,
+                                       x.offset))
         except BaseException:
+            for rid in rids:
+                engine.drop(rid)
             src.close()
             raise
-        self._native[region] = (ctx, rid, src)
+        self._native[region] = (ctx, rids, src)
         region.fault_handler = src.fallback
         region.eager = None
         self._log.debug("uffd_aio.native_region", region=region.name, source=src.description,
@@ -949,10 +975,11 @@ class Pager:
         entry = self._native.pop(region, None)
         if entry is None:
             return
-        ctx, rid, src = entry
+        ctx, rids, src = entry
         if ctx.engine is not None:
             waited = ctx.engine.inflight()
-            ctx.engine.drop(rid)  # waits for the region's WRITEs (they read src)
+            for rid in rids:
+                ctx.engine.drop(rid)  # waits for the region's WRITEs (they read src)
             if waited and self._ring is not None:
                 self._ring.schedule_drain()  # what that wait reaped, to its owners
         src.close()

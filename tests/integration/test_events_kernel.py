@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
+
 import uffd_aio
 from tests.limits import limit
 from uffd_aio import testing
@@ -96,3 +98,113 @@ async def test_async_event_handler() -> None:
             ll.madvise, region.address, PS, ll.MADV_DONTNEED), limit(10))
         await asyncio.wait_for(got.wait(), limit(5))
         assert testing.verify_sync(region.address + PS, PS, PS) == -1
+
+
+_MAP_FIXED_NOREPLACE = 0x100000
+
+
+def _vmas(start: int, end: int) -> list[tuple[int, int, str]]:
+    """The mappings of this process overlapping [start, end): (start, end, VmFlags)."""
+    out: list[tuple[int, int, str]] = []
+    cur: list[int] | None = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                cur = [lo, hi] if lo < end and start < hi else None
+            elif head == "VmFlags:" and cur is not None:
+                out.append((cur[0], cur[1], line.split(":", 1)[1].strip()))
+    return out
+
+
+def _mapped_unregistered(start: int, end: int) -> bool:
+    """[start, end) is mapped (in one or more VMAs: the kernel merges neighbours) and
+    none of it is registered with a userfaultfd (VmFlags um/uw/ui)."""
+    at = start
+    for lo, hi, flags in _vmas(start, end):
+        if lo > at or {"um", "uw", "ui"} & set(flags.split()):
+            return False
+        at = hi
+    return at >= end
+
+
+def _pager_memory(start: int, end: int) -> list[tuple[int, int, str]]:
+    """Mappings in [start, end) that look like a pager.map() region's: MAP_NORESERVE
+    (VmFlags nr) or registered.  The address space of an unmapped region is handed to
+    the next mmap at once (often a new thread's CPython frame stack, VmFlags ac), so
+    "nothing mapped there" cannot be asserted."""
+    return [v for v in _vmas(start, end) if {"nr", "um", "uw", "ui"} & set(v[2].split())]
+
+
+async def _map_over(addr: int, length: int) -> int:
+    """Someone else's mapping over part of a registered region: mmap(MAP_FIXED) unmaps
+    that part (an UNMAP event, read by the pager while this waits in a worker thread)
+    and maps new memory there in one step, so no other mmap of this process (a new
+    thread's CPython frame stack...) can take the hole in between."""
+    got = await asyncio.wait_for(asyncio.to_thread(
+        ll.mmap, length, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS | ll.MAP_FIXED, addr=addr),
+        limit(10))  # no MAP_NORESERVE: told apart from the region's memory
+    assert got == addr
+    testing.fill_sync(got, length)  # its content: checked at the end (never registered)
+    return got
+
+
+def _map_at(addr: int, length: int) -> int:
+    """Someone else's mapping in a hole (MAP_FIXED_NOREPLACE); skips if another mmap of
+    this process took the hole first."""
+    try:
+        got = ll.mmap(length, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE,
+                      addr=addr)
+    except FileExistsError:
+        pytest.skip("another mapping of this process took the hole first")
+    assert got == addr
+    testing.fill_sync(got, length)
+    return got
+
+
+async def test_close_unmaps_only_what_is_left_of_an_owned_region() -> None:
+    """The application mapped something else over part of a pager.map() region (UNMAP;
+    the same as munmap and an mmap taking the hole): closing the pager unmaps the region's remaining
+    pieces, never the other mapping (which was a live thread's frame stack in the
+    fork-test crash: tests/integration/test_native_engine.py)."""
+    n = 16 * PS
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(n)
+        region.on_fault(pattern_handler)
+        a = region.address
+        other = await _map_over(a + 4 * PS, 4 * PS)
+        assert pager.stats.unmaps == 1
+        assert (await scan(a, 4 * PS, op="verify")).mismatches == 0
+    try:
+        # the other mapping is intact and unregistered, the region's pieces are gone
+        assert _mapped_unregistered(other, other + 4 * PS)
+        assert testing.verify_sync(other, 4 * PS) == -1
+        assert _pager_memory(a, a + 4 * PS) == [] and _pager_memory(a + 8 * PS, a + n) == []
+    finally:
+        ll.munmap(other, 4 * PS)
+
+
+async def test_unregister_follows_an_owned_region_moved_by_mremap() -> None:
+    """An owned region moved by mremap (REMAP): unregister() unregisters and unmaps it
+    where it is now, and leaves alone what was mapped at its old address since."""
+    n = 8 * PS
+    dst = ll.mmap(n)  # placeholder that mremap replaces
+    other = 0
+    try:
+        async with uffd_aio.Pager() as pager:
+            region = pager.map(n)
+            region.on_fault(pattern_handler)
+            old = region.address
+            moved = await asyncio.wait_for(asyncio.to_thread(
+                ll.mremap, old, n, n, ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, dst), limit(10))
+            assert moved == dst
+            other = _map_at(old, n)
+            assert (await scan(dst, n, op="verify")).mismatches == 0
+            await pager.unregister(region)
+            assert _pager_memory(dst, dst + n) == []  # the moved region: unmapped
+            assert _mapped_unregistered(other, other + n)
+            assert testing.verify_sync(other, n) == -1
+    finally:
+        if other:
+            ll.munmap(other, n)

@@ -162,7 +162,7 @@ async def test_remove_while_serving_then_refault() -> None:
         region.serve_from(src, readahead=(1, 16))
         assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
         engine = _engine(pager)
-        rid = pager._native[region][1]
+        (rid,) = pager._native[region][1]
         assert engine.resident(rid, 0)
 
         async def dropper() -> None:
@@ -209,6 +209,7 @@ async def test_remap_and_unmap_follow() -> None:
     page offsets preserved); munmap of a part cuts it."""
     addr = ll.mmap(LENGTH)
     target = ll.mmap(LENGTH)  # a place to move to
+    ours = [(target, LENGTH)]  # what to unmap at the end: never the hole (reused since)
     try:
         async with Pager() as pager:
             region = pager.register(addr, LENGTH)
@@ -222,13 +223,15 @@ async def test_remap_and_unmap_follow() -> None:
             assert (await scan(new, LENGTH, op="verify")).mismatches == 0
             assert pager.stats.remaps == 1 and pager.stats.python_faults == 0
             await asyncio.to_thread(ll.munmap, new + PS, PS)  # cut a hole: UNMAP
+            ours = [(new, PS), (new + 2 * PS, LENGTH - 2 * PS)]
             assert _engine(pager).ranges() == 2
             await pager.unregister(region)
             assert _engine(pager).ranges() == 0
     finally:
         if addr != -1:
             ll.munmap(addr, LENGTH)
-        ll.munmap(target, LENGTH)
+        for start, length in ours:
+            ll.munmap(start, length)
 
 
 async def test_file_source_cached(tmp_path: Path) -> None:
@@ -432,3 +435,44 @@ async def test_fork_child_of_a_file_region_with_an_offset(tmp_path: Path) -> Non
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         st = pager.stats
         assert st.forks == 1 and st.python_faults == 0 and st.errors == 0
+
+
+async def test_serve_from_after_unmap_and_remap_serves_where_the_region_is() -> None:
+    """serve_from on a region the application cut (UNMAP) and moved (REMAP) before: the
+    engine serves its pieces where they are now, from the right source offsets, and not
+    the hole, which another (Python-served) region of the same pager took since."""
+    n = 32 * PS
+    dst = ll.mmap(8 * PS)  # where mremap moves the region's last 8 pages
+    other = 0
+    try:
+        async with Pager() as pager:
+            region = pager.map(n)
+            a = region.address
+            # someone maps over pages 0-7 (UNMAP; mmap MAP_FIXED: no window in which
+            # another mmap could take the hole) and registers that: another region
+            other = await asyncio.to_thread(
+                ll.mmap, 8 * PS, flags=ll.MAP_PRIVATE | ll.MAP_ANONYMOUS | ll.MAP_FIXED,
+                addr=a)
+            assert other == a
+            moved = await asyncio.to_thread(ll.mremap, a + 24 * PS, 8 * PS, 8 * PS,
+                                            ll.MREMAP_MAYMOVE | ll.MREMAP_FIXED, dst)
+            assert moved == dst  # REMAP: pages 24-31 at dst
+            neighbour = pager.register(other, 8 * PS)  # served by Python
+            far = 1 << 30  # its content: the pattern at another offset
+
+            @neighbour.on_fault
+            def from_far(ev: uffd_aio.PageFault) -> bytes:
+                return bytes(testing.pattern_bytes(far + ev.offset, ev.page_size))
+
+            region.serve_from(_pattern_mmap(n), readahead=4)
+            assert _engine(pager).ranges() == 2  # pages 8-23 here, 24-31 at dst
+            assert (await scan(a + 8 * PS, 16 * PS, op="verify", offset=8 * PS)).mismatches == 0
+            assert (await scan(dst, 8 * PS, op="verify", offset=24 * PS)).mismatches == 0
+            st = pager.stats
+            assert st.python_faults == 0 and st.native_pages == 24
+            assert (await scan(other, 8 * PS, op="verify", offset=far)).mismatches == 0
+            assert pager.stats.python_faults == 8
+            await pager.unregister(neighbour)
+    finally:
+        if other:
+            ll.munmap(other, 8 * PS)

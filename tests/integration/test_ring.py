@@ -163,6 +163,21 @@ async def test_closed_ring_fails_pending(ring: Ring) -> None:
         os.close(w)
 
 
+async def test_drain_scheduled_before_close_does_nothing_after(ring: Ring) -> None:
+    """An engine drop schedules a drain (Ring.schedule_drain); Pager.aclose may close the
+    ring before the loop runs it: it must not reap a freed ring."""
+    errors: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        ring.schedule_drain()
+        ring.close()
+        await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+
+
 async def test_shared_ring_is_one_per_loop_and_counted(tmp_path) -> None:
     a = Ring.shared()
     b = Ring.shared()

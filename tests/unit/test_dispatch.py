@@ -233,6 +233,22 @@ def test_unmap_forgets_and_remove_keeps() -> None:
     assert core.event(ch, Unmap(0x70_0000, 0x71_0000)) == []
 
 
+def test_remove_region_returns_where_the_region_is_now() -> None:
+    """What the pager unregisters and unmaps when a region goes: its extents after
+    UNMAP and REMAP, not its original range (which may hold other mappings since)."""
+    core = Dispatcher(Counters(), 8)
+    ch = table(A, B)
+    core.event(ch, Unmap(A.address + 2 * PS, A.address + 4 * PS))
+    core.event(ch, Remap(A.address + 8 * PS, 0x50_0000, 8 * PS))
+    removed = ch.remove_region(A)
+    assert [(x.start, x.end, x.offset) for x in removed] == [
+        (A.address, A.address + 2 * PS, 0),
+        (A.address + 4 * PS, A.address + 8 * PS, 4 * PS),
+        (0x50_0000, 0x50_0000 + 8 * PS, 8 * PS)]
+    assert [x.region for x in ch.extents] == [B] and ch.starts == [B.address]
+    assert ch.remove_region(A) == []
+
+
 def test_fork_counts_and_the_child_inherits_the_table() -> None:
     c = Counters()
     parent = table(A, B)

@@ -395,6 +395,8 @@ class Ring:
     # ---- completion --------------------------------------------------
 
     def _on_readable(self) -> None:
+        if self._closed:  # a drain scheduled (schedule_drain) before close()
+            return
         if self._watchdog is not None:
             self._watchdog.beat()
         # Reap, submit what the callbacks queued, and reap again while that keeps
