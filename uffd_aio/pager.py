@@ -85,6 +85,8 @@ ReadMode = Literal["auto", "multishot", "read", "poll"]
 _READ_BATCH = 64  # uffd_msg per read
 _READ_ON = 16  # direct reads after a dispatched batch before re-arming the ring read
 _NATIVE_SLOT_BYTES = 256 * 1024  # native engine: one io_uring READ of page-cache misses
+#: seconds between probes of fork children for exit (Pager._reap_forks)
+FORK_REAP_INTERVAL = 5.0
 _CoroType = types.CoroutineType
 _T = TypeVar("_T")
 
@@ -162,6 +164,7 @@ class _Context(Channel):
         self.errors_in_row = 0
         self.engine: Engine | None = None  # native fault engine (region.serve_from)
         self.engine_up: bytearray | None = None  # what its completions pass up (take)
+        self.forked = False  # a fork child's: released once its address space is gone
 
 
 def _op_address(item: tuple[Fault | None, Op, _Context]) -> int:
@@ -275,6 +278,8 @@ class Pager:
         #: piece of the region, source)
         self._native: dict[Region, tuple[_Context, list[int], NativeSource]] = {}
         self._native_retired = EngineStats()  # counters of engines already freed
+        #: probing fork children for exit (the kernel sends no event): a timer while any
+        self._fork_reaper: asyncio.TimerHandle | None = None
         self._log = get_logger(component="pager", pager=name)
         self._counters = Counters()
         self._contexts: list[_Context] = []
@@ -447,6 +452,9 @@ class Pager:
             await self._closed.wait()
             return
         self._closing = True
+        if self._fork_reaper is not None:
+            self._fork_reaper.cancel()
+            self._fork_reaper = None
         self._abandon = self._resolver.abandon = abandon_inflight
         try:
             await asyncio.wait_for(self._wait_idle(), self._close_timeout)
@@ -939,6 +947,40 @@ class Pager:
                         of=len(pieces))
         return served
 
+    def _reap_forks(self) -> None:
+        """Release the contexts of fork children whose address space is gone.
+
+        The kernel sends nothing when a child exits (or execs): its uffd just never
+        has a message again, and its context would keep an fd, an armed read and an
+        engine for the pager's lifetime.  Each child is probed with one refused ioctl
+        (:meth:`Userfaultfd.mm_alive`) after every followed fork and every
+        :data:`FORK_REAP_INTERVAL` seconds while children are served."""
+        self._fork_reaper = None
+        if self._closing:
+            return
+        for ctx in [c for c in self._contexts if c.forked]:
+            if ctx.inflight or ctx.uffd.closed:
+                continue  # a handler still runs for it: next time
+            probe = _probe_page(ctx)
+            if probe is None or ctx.uffd.mm_alive(probe):
+                continue
+            self._release_fork(ctx)
+        if self._fork_reaper is None and any(c.forked for c in self._contexts):
+            assert self._loop is not None
+            self._fork_reaper = self._loop.call_later(FORK_REAP_INTERVAL, self._reap_forks)
+
+    def _release_fork(self, ctx: _Context) -> None:
+        self._stop_reading(ctx)  # the engine is closed and the read cancelled
+        for _, _, src in self._native.values():
+            src.forks = [(c, rid) for c, rid in src.forks if c is not ctx]
+        ctx.uffd.close()
+        if ctx.bufring is not None and self._ring is not None and not self._ring.closed:
+            self._ring.free_buffers(ctx.bufring.group)
+            ctx.bufring = None
+        self._contexts.remove(ctx)
+        self._counters.forks_released += 1
+        self._log.info("uffd_aio.fork_released", label=ctx.label)
+
     def _native_engine(self, ctx: _Context) -> Engine:
         """A context's engine, on the pager's ring: READs of page-cache misses, and
         io_uring WRITEs on the uffd when the backend is the ring-write one."""
@@ -1196,8 +1238,10 @@ class Pager:
                 child = Userfaultfd.from_fd(msg.ufd, ctx.uffd.features)
                 cctx = self._add_context(child, f"{ctx.label}/fork{self._counters.forks}")
                 cctx.inherit(ctx)
+                cctx.forked = True
                 if self._native:  # the child's pieces of native regions: an engine too
                     self._follow_fork(cctx)
+                self._reap_forks()  # children gone since the last fork, and the timer
                 self._log.info("uffd_aio.fork_followed", parent_uffd=ctx.uffd.fd,
                                child_uffd=msg.ufd)
             else:
@@ -1224,6 +1268,23 @@ class Pager:
 
 async def _as_coro(aw: Awaitable[_T]) -> _T:
     return await aw
+
+
+def _probe_page(ctx: _Context) -> int | None:
+    """A page no extent of ``ctx`` covers, for :meth:`Userfaultfd.mm_alive`: the lowest
+    one a process may map (nothing of ours is ever that low)."""
+    try:
+        with open("/proc/sys/vm/mmap_min_addr") as f:
+            low = int(f.read())
+    except (OSError, ValueError):
+        low = 65536
+    page = max(_round_up(low, PAGE_SIZE), PAGE_SIZE)
+    for _ in range(16):
+        hit = next((x for x in ctx.extents if x.start <= page < x.end), None)
+        if hit is None:
+            return page
+        page = _round_up(hit.end, PAGE_SIZE)
+    return None
 
 
 def _round_up(n: int, to: int) -> int:

@@ -84,6 +84,7 @@ class Counters:
     timeouts: int = 0
     events: int = 0
     forks: int = 0
+    forks_released: int = 0
     remaps: int = 0
     removes: int = 0
     unmaps: int = 0
@@ -120,6 +121,8 @@ class PagerStats:
     timeouts: int
     events: int
     forks: int
+    #: fork children released after their address space went away (exit, exec)
+    forks_released: int
     remaps: int
     removes: int
     unmaps: int

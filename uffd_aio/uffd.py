@@ -238,6 +238,20 @@ class Userfaultfd:
         return self._fill("UFFDIO_ZEROPAGE", ll.uffd_zeropage, start, length, mode,
                           modes.ZEROPAGE_MODE_DONTWAKE)
 
+    def mm_alive(self, probe: int) -> bool:
+        """Whether the address space this uffd serves still exists.
+
+        The kernel sends no event when a fork child's address space goes away (the
+        child exited or exec'd), so a pager asks: a ``UFFDIO_ZEROPAGE`` of one page at
+        ``probe`` is refused with ``ESRCH`` once the mm is gone.  ``probe`` must be a page
+        outside every range registered on this uffd: a live mm then refuses it too
+        (``ENOENT``/``EINVAL``, or ``EAGAIN`` while it changes) and nothing is installed.
+        """
+        rc, _ = ll.uffd_zeropage(self.fd, probe, PAGE_SIZE, modes.ZEROPAGE_MODE_DONTWAKE)
+        if rc >= 0:  # cannot happen outside the registered ranges; say so, keep the uffd
+            self._log.warning("uffd_aio.mm_probe_installed", address=hex(probe))
+        return rc != -E.ESRCH
+
     def continue_(self, start: int, length: int, *, wp: bool = False,
                   dontwake: bool = False) -> int:
         """UFFDIO_CONTINUE: map the page-cache pages already there (MINOR faults)."""

@@ -208,3 +208,30 @@ async def test_unregister_follows_an_owned_region_moved_by_mremap() -> None:
     finally:
         if other:
             ll.munmap(other, n)
+
+
+async def _released(pager: uffd_aio.Pager, n: int) -> None:
+    async with asyncio.timeout(limit(20)):
+        while pager.stats.forks_released < n:  # noqa: ASYNC110 (a counter, polled)
+            await asyncio.sleep(0.02)
+
+
+async def test_exited_fork_children_are_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel says nothing when a fork child exits: the pager probes its children
+    (after each fork, and on a timer) and drops the dead ones' contexts (fd, read), so a
+    long-running pager of a forking application does not collect them."""
+    monkeypatch.setattr("uffd_aio.pager.FORK_REAP_INTERVAL", 0.05)
+    async with uffd_aio.Pager() as pager:
+        region = pager.map(32 * PS)
+        region.on_fault(pattern_handler)
+        probe = 64 * 1024
+        assert pager.uffd.mm_alive(probe)  # our own address space: alive, nothing installed
+        for i in range(3):
+            status = await child(region.address, region.length, op="verify")
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            await _released(pager, i + 1)
+        st = pager.stats
+        assert st.forks == 3 and st.forks_released == 3 and st.errors == 0
+        # nothing left of the children; the parent is still served
+        assert len(pager._contexts) == 1
+        await scan(region.address, region.length, op="verify")

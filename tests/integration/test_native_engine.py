@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import uffd_aio
+from tests.limits import limit
 from uffd_aio import testing
 from uffd_aio.binding import lowlevel as ll
 from uffd_aio.modes import Mode
@@ -416,7 +417,9 @@ async def test_fork_child_pieces_go_with_the_parent_source() -> None:
         status = await child(region.address, LENGTH, op="verify", timeout=60)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert pager.stats.forks == 2 and pager.stats.errors == 0
-        assert pager._contexts[2].engine.ranges() == 1  # the second child: the new source
+        # the first child had exited: released when the second fork was followed
+        assert pager.stats.forks_released == 1 and child_ctx not in pager._contexts
+        assert pager._contexts[-1].engine.ranges() == 1  # the second child: the new source
 
 
 async def test_fork_child_of_a_file_region_with_an_offset(tmp_path: Path) -> None:
@@ -476,3 +479,24 @@ async def test_serve_from_after_unmap_and_remap_serves_where_the_region_is() -> 
     finally:
         if other:
             ll.munmap(other, 8 * PS)
+
+
+async def test_exited_fork_child_engine_is_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork child's engine goes with its context once the child has exited: the
+    source forgets the child's pieces, and dropping the parent's region afterwards
+    touches no freed engine."""
+    monkeypatch.setattr("uffd_aio.pager.FORK_REAP_INTERVAL", 0.05)
+    async with Pager(handler_timeout=20) as pager:
+        region = pager.map(LENGTH)
+        region.serve_from(testing.pattern_bytes(0, LENGTH))
+        status = await child(region.address, LENGTH, op="verify", timeout=60)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        async with asyncio.timeout(limit(20)):
+            while pager.stats.forks_released < 1:  # noqa: ASYNC110 (a counter, polled)
+                await asyncio.sleep(0.02)
+        (_, _, src), = pager._native.values()
+        assert src.forks == [] and len(pager._contexts) == 1
+        st = pager.stats
+        assert st.forks == 1 and st.native_faults > 0 and st.errors == 0
+        await pager.unregister(region)
+
