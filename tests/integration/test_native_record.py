@@ -160,3 +160,41 @@ async def test_replacing_the_source_stops_recording() -> None:
         assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
         assert log.calls == [(i, 1, False) for i in range(NPAGES // 2)]
         assert pager.stats.python_faults == 0
+
+
+async def test_full_log_passes_faults_up() -> None:
+    """Faults fed to the engine directly (no drain between batches, no thread waits on
+    them): once the log holds LOG_CAP entries the recording region's faults are passed
+    up to Python, none lost; after a drain the engine takes them again."""
+    import struct
+
+    from uffd_aio.binding.engine import LOG_CAP
+
+    n = LOG_CAP + 8
+    src = mmap.mmap(-1, n * PS)
+    log = Log()
+    async with Pager() as pager:
+        region = pager.map(n * PS)
+        region.serve_from(src, record=log)
+        engine = pager._main.engine  # type: ignore[union-attr]
+        left_total = 0
+        for first in range(0, n, 64):
+            msgs = bytearray(b"".join(
+                struct.pack("<BBHIQQQ", 0x12, 0, 0, 0, 1 if p % 2 else 0,
+                            region.address + p * PS, 0)
+                for p in range(first, min(first + 64, n))))
+            addr, keep = ll.buffer_address(msgs, writable=True)
+            left_total += engine.run(addr, len(msgs), len(msgs))
+            del keep
+        assert left_total == 8
+        st = engine.stats()
+        assert st.touches == LOG_CAP and st.touch_full == 8
+        touches = engine.touches()
+        assert [(t.page, t.pages, t.write) for t in touches] == \
+            [(p, 1, bool(p % 2)) for p in range(LOG_CAP)]
+        msgs = bytearray(struct.pack("<BBHIQQQ", 0x12, 0, 0, 0, 0,
+                                     region.address + LOG_CAP * PS, 0))
+        addr, keep = ll.buffer_address(msgs, writable=True)
+        assert engine.run(addr, len(msgs), len(msgs)) == 0  # room again: served in C
+        del keep
+        assert [(t.page, t.pages) for t in engine.touches()] == [(LOG_CAP, 1)]
