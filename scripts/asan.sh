@@ -41,7 +41,8 @@ for so in uffd_aio/binding/_native*.so uffd_aio/testing/_helpers*.so; do
 done
 
 if [ $# -eq 0 ]; then
-    set -- tests/unit/test_native_engine_pure.py tests/integration/test_native_engine.py
+    set -- tests/unit/test_native_engine_pure.py tests/integration/test_native_engine.py \
+        tests/integration/test_native_record.py
 fi
 echo "[asan] running: pytest $*" >&2
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allow_user_segv_handler=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"

@@ -121,6 +121,9 @@ class NativeSource:
     #: fork children's engines serving pieces of the region from this source: (context, id)
     forks: list[tuple[EngineOwner, int]] = attrs.field(factory=list)
     drain: Callable[[], None] | None = None  # the ring's schedule_drain (Pager._follow_fork)
+    #: serve_from(record=...): told (page index in the region, pages placed, is write) of
+    #: each demand fault the engine serves on the region (fork children's included)
+    record: Callable[[int, int, bool], object] | None = None
 
     def add_to(self, engine: _engine.Engine, start: int, length: int, page_size: int,
                region_offset: int) -> int:

@@ -165,6 +165,9 @@ class _Context(Channel):
         self.engine: Engine | None = None  # native fault engine (region.serve_from)
         self.engine_up: bytearray | None = None  # what its completions pass up (take)
         self.forked = False  # a fork child's: released once its address space is gone
+        #: engine region id -> (source, page of the region at its page 0): the recording
+        #: ones (serve_from(record=...)), whose first touches the engine logs
+        self.native_rec: dict[int, tuple[NativeSource, int]] = {}
 
 
 def _op_address(item: tuple[Fault | None, Op, _Context]) -> int:
@@ -876,7 +879,8 @@ class Pager:
     # regions.  Everything the engine passes up is dispatched as before.
 
     def serve_native(self, region: Region, source: NativeSourceArg, *, offset: int,
-                     readahead: Readahead) -> None:
+                     readahead: Readahead,
+                     record: Callable[[int, int, bool], object] | None = None) -> None:
         """``region.serve_from``: hand ``region`` to its uffd's native engine."""
         from uffd_aio import native
 
@@ -896,13 +900,18 @@ class Pager:
         rids: list[int] = []
         try:
             for x in [x for x in ctx.extents if x.region is region]:
-                rids.append(src.add_to(engine, x.start, x.end - x.start, region.page_size,
-                                       x.offset))
+                rid = src.add_to(engine, x.start, x.end - x.start, region.page_size, x.offset)
+                rids.append(rid)
+                if record is not None:
+                    engine.record(rid)
+                    ctx.native_rec[rid] = (src, x.offset // region.page_size)
         except BaseException:
             for rid in rids:
+                ctx.native_rec.pop(rid, None)
                 engine.drop(rid)
             src.close()
             raise
+        src.record = record
         self._native[region] = (ctx, rids, src)
         region.fault_handler = src.fallback
         region.eager = None
@@ -942,6 +951,14 @@ class Pager:
                 continue
             src.forks.append((child, rid))
             src.drain = ring.schedule_drain
+            if src.record is not None:
+                try:
+                    child.engine.record(rid)
+                except OSError:  # (ENOMEM) the child's faults on it go to Python
+                    child.engine.drop(rid)
+                    src.forks.pop()
+                    continue
+                child.native_rec[rid] = (src, x.offset // x.region.page_size)
             served += 1
         self._log.debug("uffd_aio.native_fork", uffd=child.uffd.fd, pieces=served,
                         of=len(pieces))
@@ -1008,6 +1025,8 @@ class Pager:
             engine, buf = ctx.engine, ctx.engine_up
             if engine is None or buf is None:
                 continue
+            if ctx.native_rec:  # (a READ of a dropped region re-served its waiters)
+                self._native_touches(ctx)
             addr, keep = ll.buffer_address(buf, writable=True)
             while n := engine.take(addr, len(buf)):
                 self._dispatch(ctx, ev_mod.decode(buf, n * ev_mod.MSG_SIZE))
@@ -1019,8 +1038,10 @@ class Pager:
             return
         ctx, rids, src = entry
         if ctx.engine is not None:
+            self._native_touches(ctx)  # (empty between reads: drained after each run)
             waited = ctx.engine.inflight()
             for rid in rids:
+                ctx.native_rec.pop(rid, None)
                 ctx.engine.drop(rid)  # waits for the region's WRITEs (they read src)
             if waited and self._ring is not None:
                 self._ring.schedule_drain()  # what that wait reaped, to its owners
@@ -1031,10 +1052,12 @@ class Pager:
             return
         for region in [r for r, (c, _, _) in self._native.items() if c is ctx]:
             self._native_drop(region)
+        self._native_touches(ctx)
         self._native_retired += ctx.engine.stats()
         ctx.engine.close()  # READs in flight: C frees their buffers when they complete
         ctx.engine = None
         ctx.engine_up = None
+        ctx.native_rec.clear()
         if self._native_hooked and not any(c.engine for c in self._contexts) \
                 and self._ring is not None:
             self._ring.remove_engine_hook(self._native_completions)
@@ -1045,6 +1068,8 @@ class Pager:
         assert ctx.engine is not None
         left = ctx.engine.run(ctx.buf_addr, nbytes, len(ctx.buf), self._native_reads,
                               self._native_budget_ns)
+        if ctx.native_rec:
+            self._native_touches(ctx)  # before the faults it passed up are dispatched
         return left * ev_mod.MSG_SIZE
 
     def _native_filter(self, ctx: _Context, data: bytes) -> bytes:
@@ -1053,7 +1078,33 @@ class Pager:
         ctx.buf[:n] = data
         assert ctx.engine is not None
         left = ctx.engine.run(ctx.buf_addr, n, len(ctx.buf)) * ev_mod.MSG_SIZE
+        if ctx.native_rec:
+            self._native_touches(ctx)
         return bytes(ctx.buf[:left])
+
+    def _native_touches(self, ctx: _Context) -> None:
+        """Hand the first touches ctx's engine logged to their sources' ``record``
+        callbacks (``serve_from(record=...)``), in the order the engine served them.
+
+        Called right after each engine run, before the faults it passed up are
+        dispatched (those reach the region's Python handler, which records its own): the
+        order across both is the order the faults were taken."""
+        engine = ctx.engine
+        if engine is None or not ctx.native_rec:
+            return
+        rec = ctx.native_rec
+        for t in engine.touches():
+            entry = rec.get(t.region)
+            if entry is None:
+                continue
+            src, page0 = entry
+            cb = src.record
+            if cb is None:
+                continue
+            try:
+                cb(page0 + t.page, t.pages, t.write)
+            except Exception as exc:  # a recorder must not stop the reads
+                self._log.error("uffd_aio.native_record_failed", error=repr(exc))
 
     def _native_stats(self, snap: PagerStats) -> PagerStats:
         es = self._native_retired

@@ -40,7 +40,8 @@ class RegionOwner(Protocol):
     def uffd_for(self, region: Region) -> Userfaultfd: ...
     def fault_in_flight(self, address: int) -> bool: ...
     def serve_native(self, region: Region, source: NativeSourceArg, *, offset: int,
-                     readahead: Readahead) -> None: ...
+                     readahead: Readahead,
+                     record: Callable[[int, int, bool], object] | None = None) -> None: ...
 F = TypeVar("F", bound="FaultHandler")
 E = TypeVar("E", bound=EventHandler)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -128,7 +129,8 @@ class Region:
         return fn
 
     def serve_from(self, source: NativeSourceArg, *, offset: int = 0,
-                   readahead: Readahead = None) -> None:
+                   readahead: Readahead = None,
+                   record: Callable[[int, int, bool], object] | None = None) -> None:
         """Serve this region's MISSING faults from ``source`` in the native engine (C).
 
         ``source``: a buffer (bytes, bytearray, mmap, numpy...; kept alive by the
@@ -138,15 +140,21 @@ class Region:
         fixed window), ``(min, max)`` (adaptive) or a policy from
         :mod:`uffd_aio.serving.readahead`.  Sets :meth:`on_fault` to a Python
         fallback serving the same source, for what the engine passes up (misses,
-        EAGAIN retries, errors; the pager's error policy applies).  See
-        :mod:`uffd_aio.native`.
+        EAGAIN retries, errors; the pager's error policy applies).  ``record``: called
+        as ``record(page, pages, is_write)`` for each demand fault the engine serves on
+        the region (fork children's too), in order, shortly after (after each read of
+        the uffd): ``page`` is the faulting page's index in the region, ``pages`` how
+        many it placed from there (read-ahead included; 0 when it placed none: the page
+        was already there, or a READ in flight brings it).  Faults the engine passes up
+        are not reported (they reach the region's handler).  See :mod:`uffd_aio.native`.
         """
         if self.page_size != _PAGE_SIZE:
             raise ValueError(f"serve_from: the native engine serves base pages "
                              f"({_PAGE_SIZE} bytes) only; {self!r} has "
                              f"{self.page_size >> 10} KiB pages (hugetlbfs): serve it "
                              f"with a Python handler (region.on_fault)")
-        self.pager.serve_native(self, source, offset=offset, readahead=readahead)
+        self.pager.serve_native(self, source, offset=offset, readahead=readahead,
+                                record=record)
 
     @property
     def handler_is_async(self) -> bool:

@@ -321,10 +321,8 @@ class ServeOptions:
         it depends on the backend and the mapping)."""
         if not self.native:
             return "native serving is off (--no-native)"
-        if self.record is not None:
-            return "--record: the order of first faults is recorded per fault in Python"
-        if self.record_set is not None:
-            return "--record-set: first touches are recorded per fault in Python"
+        # --record / --record-set stay native: the engine logs first touches (serve_from's
+        # record=), drained into the same recorders (HandoffServer._serve_region)
         return self.attach.python_only
 
     @classmethod

@@ -15,10 +15,11 @@ Per client:
    :func:`uffd_aio.serving.attach.attach`: a fault at ``address`` reads
    the backend at ``offset + (address - base_host_virt_addr)``.  With a
    ``file:`` or ``zero`` backend the region is served by the native engine
-   instead (:meth:`Region.serve_from`: faults resolved in C), unless an
-   option needs Python on every fault (``record``, ``dirty``, ``remove="zero"``
-   on a file, a mapping past the end of the file, huge pages, ``native=False``):
-   see :meth:`HandoffServer._native_plan`.
+   instead (:meth:`Region.serve_from`: faults resolved in C; ``record`` and
+   ``record_set`` are fed from the engine's first-touch log), unless an option
+   needs Python on every fault (``dirty``, ``remove="zero"`` on a file, a
+   mapping past the end of the file, huge pages, ``native=False``): see
+   :meth:`HandoffServer._native_plan`.
 3. REMOVE events (balloon, MADV_DONTNEED) forget the range: the pages are
    fetched again when touched (``remove="zero"``: they read as zeros from
    then on, as Firecracker's example handler does).
@@ -1008,7 +1009,8 @@ class HandoffServer:
             source = _ZERO if file is None else file
             try:
                 region.serve_from(source, offset=store_offset if source is not _ZERO else 0,
-                                  readahead=readahead)
+                                  readahead=readahead,
+                                  record=self._native_recorder(client, region, store_offset))
             except (OSError, ValueError, TypeError) as exc:
                 plan = f"serve_from refused the region: {exc}"
         # The Python path, also behind a native region: what the engine passes up (EAGAIN
@@ -1033,6 +1035,27 @@ class HandoffServer:
                              source=repr(_ZERO) if plan[0] is None else self.backend.name,
                              offset=store_offset, replay=self._replay is not None)
 
+    @staticmethod
+    def _native_recorder(client: _Client, region: Region, store_offset: int
+                         ) -> Callable[[int, int, bool], None] | None:
+        """The engine's first touches of ``region`` into the client's recorders (None
+        when nothing records), as the Python path records them (``attach``): ``--record``
+        the faulting page and the pages its window placed (store pages; repeats
+        ignored), ``--record-set`` the faulting page and whether it was a write (the
+        window is one page then, see :meth:`_native_plan`)."""
+        trace, ws = client.recorder, client.ws_recorder
+        if trace is None and ws is None:
+            return None
+        page0 = store_offset // region.page_size
+
+        def record(page: int, pages: int, write: bool) -> None:
+            if ws is not None:
+                ws.record(page0 + page, write)
+            if trace is not None and pages:
+                trace.record_range(page0 + page, pages)
+
+        return record
+
     def _native_capable(self) -> bool:
         from uffd_aio.stores.file import FileBackend
         from uffd_aio.stores.zero import ZeroBackend
@@ -1046,9 +1069,10 @@ class HandoffServer:
         through :func:`~uffd_aio.serving.attach.attach`).
 
         Native: a ``file:`` backend (the snapshot's fd, the mapping's ``offset``) or
-        ``zero``, with the read-ahead policy as the engine's window.  Python: ``native``
-        off, another backend, ``record`` (first-touch order is recorded per fault in
-        Python), ``dirty`` tracking (write-protect faults), ``remove="zero"`` on a file
+        ``zero``, with the read-ahead policy as the engine's window (one page with
+        ``record_set``, as in Python); ``record``/``record_set`` are fed from the
+        engine's log (:meth:`_native_recorder`).  Python: ``native`` off, another
+        backend, ``dirty`` tracking (write-protect faults), ``remove="zero"`` on a file
         (removed ranges read as zeros), a mapping past the end of the file (zeros there),
         huge pages, a read-ahead policy the engine has no equivalent for."""
         backend = self.backend
@@ -1064,6 +1088,10 @@ class HandoffServer:
         readahead = self._native_window
         if isinstance(readahead, str):
             return readahead
+        if self.options.record_set is not None:
+            # as on the Python path (_attach_python): a window would place pages that then
+            # never fault, so the set could not tell whether the client touched them
+            readahead = 1
         if not isinstance(backend, FileBackend):
             return None, readahead
         if self.options.remove == "zero":

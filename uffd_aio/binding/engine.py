@@ -7,6 +7,9 @@ Like :mod:`uffd_aio.binding.lowlevel`, this is the only place that touches
 
 from __future__ import annotations
 
+import struct
+from typing import NamedTuple
+
 import attrs
 
 from uffd_aio.binding._native import ffi, lib
@@ -16,6 +19,7 @@ SRC_MEMORY: int = lib.UA_SRC_MEMORY
 SRC_ZERO: int = lib.UA_SRC_ZERO
 SRC_FILE: int = lib.UA_SRC_FILE
 MAX_WINDOW: int = lib.UA_ENGINE_MAX_WINDOW
+LOG_CAP: int = lib.UA_ENGINE_LOG_CAP
 
 
 @attrs.frozen
@@ -38,6 +42,8 @@ class EngineStats:
     ring_writes: int = 0
     pwrites: int = 0
     submits: int = 0
+    touches: int = 0
+    touch_full: int = 0
 
     def __add__(self, other: EngineStats) -> EngineStats:
         return EngineStats(*(getattr(self, a.name) + getattr(other, a.name)
@@ -47,13 +53,29 @@ class EngineStats:
 _STAT_FIELDS = tuple(a.name for a in attrs.fields(EngineStats))
 
 
+_TOUCH = struct.Struct("=QiHH")  # struct ua_touch
+assert _TOUCH.size == ffi.sizeof("struct ua_touch")
+
+
+class Touch(NamedTuple):
+    """One demand fault a recording region's engine took (``struct ua_touch``): the
+    region id, the fault's page index in the region, the pages placed from there
+    (read-ahead included; 0: placed nothing, the page was there or a READ in flight
+    brings it) and whether it was a write."""
+
+    region: int
+    page: int
+    pages: int
+    write: bool
+
+
 class Engine:
     """One ``struct ua_engine`` for the uffd ``fd`` (which must be O_NONBLOCK).
 
     :meth:`close` frees it; if READs are still in flight the C side keeps their
     buffers until the completions come back (or the ring is freed)."""
 
-    __slots__ = ("_e", "_st", "fd")
+    __slots__ = ("_e", "_log", "_st", "fd")
 
     def __init__(self, fd: int) -> None:
         e = lib.ua_engine_new(fd)
@@ -61,6 +83,7 @@ class Engine:
             raise MemoryError("ua_engine_new")
         self._e = e
         self._st = ffi.new("struct ua_engine_stats *")
+        self._log: CData | None = None  # the touches buffer (record)
         self.fd = fd
 
     @property
@@ -121,6 +144,25 @@ class Engine:
     def resident(self, region_id: int, rel_page: int) -> bool:
         return bool(check(lib.ua_engine_resident(self._e, region_id, rel_page),
                           f"native engine: page {rel_page} of region {region_id}"))
+
+    def record(self, region_id: int, on: bool = True) -> None:
+        """Log region ``region_id``'s demand faults (first touches) for :meth:`touches`."""
+        check(lib.ua_engine_record(self._e, region_id, int(on)),
+              f"native engine: record region {region_id}")
+
+    def touches(self) -> list[Touch]:
+        """Take what the log holds, oldest first (empty when nothing records)."""
+        if self._e is None:
+            return []
+        buf = self._log
+        if buf is None:
+            buf = self._log = ffi.new("struct ua_touch[]", LOG_CAP)
+        out: list[Touch] = []
+        while n := int(lib.ua_engine_touches(self._e, buf, LOG_CAP)):
+            raw = bytes(ffi.buffer(buf, n * _TOUCH.size))
+            out.extend(Touch(region, rel, pages, bool(write))
+                       for rel, region, pages, write in _TOUCH.iter_unpack(raw))
+        return out
 
     def stats(self) -> EngineStats:
         if self._e is None:

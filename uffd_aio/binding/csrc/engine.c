@@ -67,6 +67,7 @@
 #define E_EVENT_REMAP 0x14
 #define E_EVENT_REMOVE 0x15
 #define E_EVENT_UNMAP 0x16
+#define E_PF_WRITE (1ULL << 0)
 #define E_PF_WP (1ULL << 1)
 #define E_PF_MINOR (1ULL << 2)
 #define E_MSG_SIZE 32
@@ -116,6 +117,7 @@ struct e_region {
 	uint8_t *resident; /* one bit per page */
 	int fd;            /* file regions: where READs of misses go (-1: none) */
 	uint64_t file_off; /* file offset of page 0 */
+	int record;        /* log its demand faults (ua_engine_record) */
 };
 
 struct e_op {
@@ -163,6 +165,8 @@ struct ua_engine {
 	int leak_pool;        /* the ring went with ops out: never free the pool */
 	struct e_msg *up;     /* messages for Python (ua_engine_take) */
 	int nup, upcap;
+	struct ua_touch *log; /* first touches (ua_engine_record), UA_ENGINE_LOG_CAP */
+	uint32_t nlog;
 };
 
 /* ---- table ------------------------------------------------------------ */
@@ -203,6 +207,7 @@ static void engine_destroy(struct ua_engine *e)
 	free(e->regs);
 	free(e->ent);
 	free(e->up);
+	free(e->log);
 	free(e);
 }
 
@@ -390,6 +395,10 @@ int ua_engine_drop(struct ua_engine *e, int id)
 		if (e->ent[i].reg != r)
 			e->ent[j++] = e->ent[i];
 	e->nent = j;
+	for (i = 0, j = 0; i < (int)e->nlog; i++) /* not drained: gone with it */
+		if (e->log[i].region != id)
+			e->log[j++] = e->log[i];
+	e->nlog = (uint32_t)j;
 	e->regs[index] = e->regs[--e->nregs];
 	region_free(r);
 	return 0;
@@ -730,6 +739,57 @@ static uint64_t where(struct ua_engine *e, struct e_region *r, uint64_t rel, uin
 	return 0;
 }
 
+/* ---- first-touch log ---------------------------------------------------- */
+
+int ua_engine_record(struct ua_engine *e, int id, int on)
+{
+	struct e_region *r = region_by_id(e, id, NULL);
+
+	if (!r)
+		return -ENOENT;
+	if (on && !e->log) {
+		e->log = malloc(UA_ENGINE_LOG_CAP * sizeof(*e->log));
+		if (!e->log)
+			return -ENOMEM;
+	}
+	r->record = !!on;
+	return 0;
+}
+
+int ua_engine_touches(struct ua_engine *e, struct ua_touch *out, uint32_t max)
+{
+	uint32_t n = e->nlog < max ? e->nlog : max;
+
+	if (!n)
+		return 0;
+	memcpy(out, e->log, n * sizeof(*out));
+	memmove(e->log, e->log + n, (e->nlog - n) * sizeof(*out));
+	e->nlog -= n;
+	return (int)n;
+}
+
+/* a recording region's log is full: its faults go up (Python records them) */
+static int log_full(const struct ua_engine *e, const struct e_region *r)
+{
+	return r->record && e->nlog >= UA_ENGINE_LOG_CAP;
+}
+
+/* log the demand fault m at page rel of r, which placed (or a READ brings) pages */
+static void touch(struct ua_engine *e, const struct e_region *r, uint64_t rel, uint64_t pages,
+		  const struct e_msg *m)
+{
+	struct ua_touch *t;
+
+	if (!r->record || e->nlog >= UA_ENGINE_LOG_CAP) /* (full: checked before serving) */
+		return;
+	t = &e->log[e->nlog++];
+	t->rel = rel;
+	t->region = r->id;
+	t->pages = (uint16_t)(pages < 0xffff ? pages : 0xffff);
+	t->write = (m->a & E_PF_WRITE) ? 1 : 0;
+	e->st.touches++;
+}
+
 /* ---- serving ------------------------------------------------------------ */
 
 static int e_wake(struct ua_engine *e, uint64_t start, uint64_t len)
@@ -799,8 +859,10 @@ static int place(struct ua_engine *e, struct e_region *r, uint64_t page, uint64_
 	int64_t done;
 	int rc;
 
-	if (e->wfd >= 0 && e->ring && len <= (1u << 30) && place_write(e, r, page, rel, n, m) == 0)
+	if (e->wfd >= 0 && e->ring && len <= (1u << 30) && place_write(e, r, page, rel, n, m) == 0) {
+		touch(e, r, rel, n, m);
 		return 2; /* counted when its completion comes back */
+	}
 	if (r->kind == UA_SRC_ZERO) {
 		struct e_zeropage z = { { page, len }, 0, 0 };
 
@@ -816,12 +878,18 @@ static int place(struct ua_engine *e, struct e_region *r, uint64_t page, uint64_
 		uint64_t pages = (uint64_t)done >> r->shift;
 
 		placed(e, r, rel, pages);
-		return pages ? 0 : 1;
+		if (!pages)
+			return 1;
+		touch(e, r, rel, pages, m);
+		return 0;
 	}
 	if (rc == -EEXIST) { /* someone placed it first: the thread may still sleep */
 		set_bits(r, rel, 1);
 		e->st.wakes++;
-		return e_wake(e, page, ps) == 0 ? 0 : 1;
+		if (e_wake(e, page, ps) < 0)
+			return 1;
+		touch(e, r, rel, 0, m);
+		return 0;
 	}
 	return 1; /* EAGAIN (mm changing), ENOENT/ESRCH (gone), EFAULT (source): Python */
 }
@@ -898,6 +966,7 @@ static int start_read(struct ua_engine *e, struct e_region *r, uint64_t page, ui
 	e->reads[slot] = op;
 	e->st.cache_reads++;
 	e->st.cache_read_pages += n;
+	touch(e, r, rel, n, m);
 	return 0;
 }
 
@@ -913,6 +982,10 @@ static int serve(struct ua_engine *e, struct e_entry *x, const struct e_msg *m)
 		return 1;
 	if (r->kind != UA_SRC_ZERO && (rel + 1) << r->shift > r->src_len)
 		return 1; /* no source bytes for this page */
+	if (log_full(e, r)) {
+		e->st.touch_full++;
+		return 1;
+	}
 	if (r->kind == UA_SRC_FILE && e->nslots) {
 		struct e_op *op = read_of(e, r, rel);
 
@@ -920,6 +993,7 @@ static int serve(struct ua_engine *e, struct e_entry *x, const struct e_msg *m)
 			if (add_waiter(op, m) < 0)
 				return 1;
 			e->st.read_waits++;
+			touch(e, r, rel, 0, m);
 			return 2;
 		}
 	}

@@ -23,6 +23,21 @@ struct ua_engine_stats {
     uint64_t ring_writes;      /* io_uring WRITEs on the uffd's writer fd (patched kernel) */
     uint64_t pwrites;          /* pwrite(2)s finishing a short or EEXIST ring write */
     uint64_t submits;          /* io_uring_enter calls made by the engine (before lingering) */
+    /* first-touch log (ua_engine_record) */
+    uint64_t touches;          /* entries logged */
+    uint64_t touch_full;       /* faults passed up because the log was full */
+};
+
+/* One demand fault the engine took on a recording region (ua_engine_record):
+ * region id, the fault's page index in the region, the pages it placed from
+ * there (the faulting one and its read-ahead window, or the window an
+ * io_uring READ fetches; 0 when it placed nothing: the page was already
+ * there, or a READ in flight brings it) and whether it was a write. */
+struct ua_touch {
+    uint64_t rel;
+    int32_t region;
+    uint16_t pages;
+    uint16_t write;
 };
 
 /* source kinds */
@@ -32,6 +47,8 @@ struct ua_engine_stats {
 
 /* max read-ahead window in pages */
 #define UA_ENGINE_MAX_WINDOW 1024
+/* entries of the first-touch log (a full log passes faults up to Python) */
+#define UA_ENGINE_LOG_CAP 4096
 
 struct ua_engine *ua_engine_new(int uffd);
 void ua_engine_free(struct ua_engine *e);
@@ -81,6 +98,15 @@ int ua_engine_file(struct ua_engine *e, int id, int fd, uint64_t off);
 int ua_engine_take(struct ua_engine *e, uint64_t buf, uint32_t cap);
 /* engine operations (READs, WRITEs) whose completion has not come back */
 int ua_engine_inflight(struct ua_engine *e);
+
+/* Log the demand faults of region id (on != 0) or stop (0): each fault the
+ * engine resolves there, or hands to a READ, appends a struct ua_touch, in
+ * the order they are served; faults it passes up are not logged (Python
+ * sees them).  A fault on a recording region when the log holds
+ * UA_ENGINE_LOG_CAP entries is passed up (nothing is lost).  0 or -errno. */
+int ua_engine_record(struct ua_engine *e, int id, int on);
+/* Move up to max logged entries (oldest first) to out; returns how many. */
+int ua_engine_touches(struct ua_engine *e, struct ua_touch *out, uint32_t max);
 
 /* Pure pieces, exposed for tests: the window the region's read-ahead policy
  * gives a fault at page index rel (updates the adaptive state), and whether
