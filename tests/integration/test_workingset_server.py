@@ -120,38 +120,50 @@ async def test_record_merge_replay_set(workload: Path, snapshot: Path, sock_path
         await backend.aclose()
 
 
-async def test_replay_set_with_fill_leaves_no_faults(workload: Path, snapshot: Path,
-                                                     sock_path: str, tmp_path: Path) -> None:
-    await _record(workload, snapshot, sock_path, tmp_path / "a.ws", seed=5)
-    go = tmp_path / "go"
+async def _replay_with_fill(workload: Path, snapshot: Path, sock_path: str, ws: Path,
+                           go: Path, *, wait: float) -> tuple[dict[str, Any], int, int,
+                                                             list[dict[str, Any]]]:
+    """Serve ``snapshot`` with ``--replay ws --fill`` to a client that waits for ``go``
+    after touching its set, then reads every page (all verified); returns the installer's
+    metrics, the client's faults before the second touch, the server's ws_pages_read and
+    the events logged."""
     backend = await FileBackend.open(snapshot)
     try:
         with capture_logs() as logs:
-            async with serving(sock_path, backend, replay=tmp_path / "a.ws",
-                               fill=True) as server, children() as kids:
+            async with serving(sock_path, backend, replay=ws, fill=True) as server, \
+                    children() as kids:
                 p = await kids.start(*workload_args(
                     workload, sock_path, PAGES, 2, 1, *_subset_args(6, "--then-wait", go)))
                 await server.wait_clients(1, timeout=limit(10))
                 cid = server.clients[0].id
-                async with asyncio.timeout(limit(30)):
+                async with asyncio.timeout(limit(wait)):
                     while not (m := server.workingset_metrics(cid)) or \
                             not m["done"]:  # noqa: ASYNC110 (the server has no event for it)
                         await asyncio.sleep(0.01)
                 assert m["fully_resident_s"] is not None
                 before = server.clients[0].faults
-                go.touch()  # now the client reads every page of its memory
+                go.touch()  # noqa: ASYNC240 (an empty file: the client reads every page now)
                 rc, out, err = await kids.finish(p)
                 assert rc == 0, (out, err)
                 doc = parse(out)
                 assert doc["verified"] is True and doc["verified_all"] is True
                 await server.wait_clients(0, timeout=limit(10))
-        released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
-        assert released[0]["faults"] == before  # the second touch of all pages: no fault
-        assert m["pages_by_replay"] + m["pages_by_fill"] + before >= PAGES * 0.99
-        assert m["pages_by_fill"] > 0
-        assert any(e["event"] == "uffd_aio.workingset_installed" for e in logs)
+                pages_read = server.stats.ws_pages_read
     finally:
         await backend.aclose()
+    return m, before, pages_read, logs
+
+
+async def test_replay_set_with_fill_leaves_no_faults(workload: Path, snapshot: Path,
+                                                     sock_path: str, tmp_path: Path) -> None:
+    await _record(workload, snapshot, sock_path, tmp_path / "a.ws", seed=5)
+    m, before, _, logs = await _replay_with_fill(
+        workload, snapshot, sock_path, tmp_path / "a.ws", tmp_path / "go", wait=30)
+    released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
+    assert released[0]["faults"] == before  # the second touch of all pages: no fault
+    assert m["pages_by_replay"] + m["pages_by_fill"] + before >= PAGES * 0.99
+    assert m["pages_by_fill"] > 0
+    assert any(e["event"] == "uffd_aio.workingset_installed" for e in logs)
 
 
 def _evict(path: Path) -> bool:
@@ -180,37 +192,15 @@ async def test_replay_cold_snapshot_reads_with_io_uring(workload: Path, sock_pat
     await _record(workload, snap, sock_path, tmp_path / "a.ws", seed=5)
     if not _evict(snap):
         pytest.skip("posix_fadvise(DONTNEED) left the snapshot in the page cache here")
-    go = tmp_path / "go"
-    backend = await FileBackend.open(snap)
-    try:
-        with capture_logs() as logs:
-            async with serving(sock_path, backend, replay=tmp_path / "a.ws",
-                               fill=True) as server, children() as kids:
-                p = await kids.start(*workload_args(
-                    workload, sock_path, PAGES, 2, 1, *_subset_args(6, "--then-wait", go)))
-                await server.wait_clients(1, timeout=limit(10))
-                cid = server.clients[0].id
-                async with asyncio.timeout(limit(60)):
-                    while not (m := server.workingset_metrics(cid)) or \
-                            not m["done"]:  # noqa: ASYNC110 (the server has no event for it)
-                        await asyncio.sleep(0.01)
-                assert m["fully_resident_s"] is not None
-                before = server.clients[0].faults
-                go.touch()
-                rc, out, err = await kids.finish(p)
-                assert rc == 0, (out, err)
-                doc = parse(out)
-                assert doc["verified"] is True and doc["verified_all"] is True
-                await server.wait_clients(0, timeout=limit(10))
-                assert server.stats.ws_pages_read == m["pages_read"]
-        released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
-        assert released[0]["errors"] == 0 and released[0]["faults"] == before
-        # cold: the installer read with io_uring (the pages its READs brought into the page
-        # cache beside the ones it wanted are copied from the mapping later, not counted)
-        assert m["reads"] > 0 and m["pages_read"] > 0, m
-        assert m["pages_by_replay"] + m["pages_by_fill"] + before >= PAGES * 0.99
-    finally:
-        await backend.aclose()
+    m, before, pages_read, logs = await _replay_with_fill(
+        workload, snap, sock_path, tmp_path / "a.ws", tmp_path / "go", wait=60)
+    released = [e for e in logs if e["event"] == "uffd_aio.client_released"]
+    assert pages_read == m["pages_read"]
+    assert released[0]["errors"] == 0 and released[0]["faults"] == before
+    # cold: the installer read with io_uring (the pages its READs brought into the page
+    # cache beside the ones it wanted are copied from the mapping later, not counted)
+    assert m["reads"] > 0 and m["pages_read"] > 0, m
+    assert m["pages_by_replay"] + m["pages_by_fill"] + before >= PAGES * 0.99
 
 
 async def test_mismatched_working_set_is_rejected(snapshot: Path, sock_path: str,
