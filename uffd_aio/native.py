@@ -38,7 +38,7 @@ from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 from uffd_aio.sources import ZERO as ZERO
 from uffd_aio.sources import NativeSourceArg as NativeSourceArg
 from uffd_aio.sources import Readahead as Readahead
-from uffd_aio.sources import ZeroSource
+from uffd_aio.sources import TouchRecorder, ZeroSource
 
 if TYPE_CHECKING:
     from _typeshed import HasFileno, StrPath
@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
     from uffd_aio.region import FaultHandler, PageFault
     from uffd_aio.ring import Ring
-
-
 
 
 class SourceRegion(Protocol):
@@ -71,7 +69,6 @@ class EngineOwner(Protocol):
     """A uffd context with a native engine: a fork child's (the pager's ``_Context``)."""
 
     engine: _engine.Engine | None
-
 
 
 def readahead_bounds(readahead: Readahead) -> tuple[int, int]:
@@ -123,7 +120,7 @@ class NativeSource:
     drain: Callable[[], None] | None = None  # the ring's schedule_drain (Pager._follow_fork)
     #: serve_from(record=...): told (page index in the region, pages placed, is write) of
     #: each demand fault the engine serves on the region (fork children's included)
-    record: Callable[[int, int, bool], object] | None = None
+    record: TouchRecorder | None = None
 
     def add_to(self, engine: _engine.Engine, start: int, length: int, page_size: int,
                region_offset: int) -> int:

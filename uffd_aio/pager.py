@@ -75,7 +75,8 @@ from uffd_aio.uffd import (
 )
 
 if TYPE_CHECKING:
-    from uffd_aio.native import NativeSource, NativeSourceArg, Readahead
+    from uffd_aio.native import NativeSource
+    from uffd_aio.sources import NativeSourceArg, Readahead, TouchRecorder
 
 __all__ = ["BackendName", "ErrorPolicy", "HandlerTimeout", "Pager", "PagerFailed", "ReadMode"]
 
@@ -880,7 +881,7 @@ class Pager:
 
     def serve_native(self, region: Region, source: NativeSourceArg, *, offset: int,
                      readahead: Readahead,
-                     record: Callable[[int, int, bool], object] | None = None) -> None:
+                     record: TouchRecorder | None = None) -> None:
         """``region.serve_from``: hand ``region`` to its uffd's native engine."""
         from uffd_aio import native
 
@@ -1321,15 +1322,21 @@ async def _as_coro(aw: Awaitable[_T]) -> _T:
     return await aw
 
 
-def _probe_page(ctx: _Context) -> int | None:
-    """A page no extent of ``ctx`` covers, for :meth:`Userfaultfd.mm_alive`: the lowest
-    one a process may map (nothing of ours is ever that low)."""
+@functools.cache
+def _lowest_page() -> int:
+    """The lowest page a process may map (vm.mmap_min_addr), read once."""
     try:
         with open("/proc/sys/vm/mmap_min_addr") as f:
             low = int(f.read())
     except (OSError, ValueError):
         low = 65536
-    page = max(_round_up(low, PAGE_SIZE), PAGE_SIZE)
+    return max(_round_up(low, PAGE_SIZE), PAGE_SIZE)
+
+
+def _probe_page(ctx: _Context) -> int | None:
+    """A page no extent of ``ctx`` covers, for :meth:`Userfaultfd.mm_alive`: the lowest
+    one a process may map (nothing of ours is ever that low)."""
+    page = _lowest_page()
     for _ in range(16):
         hit = next((x for x in ctx.extents if x.start <= page < x.end), None)
         if hit is None:

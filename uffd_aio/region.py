@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
 
     from uffd_aio.ring import Ring
-    from uffd_aio.sources import NativeSourceArg, Readahead
+    from uffd_aio.sources import NativeSourceArg, Readahead, TouchRecorder
     from uffd_aio.uffd import Userfaultfd
 
 __all__ = ["EventHandler", "FaultHandler", "FaultResult", "PageFault", "Region", "RegionOwner",
@@ -41,7 +41,7 @@ class RegionOwner(Protocol):
     def fault_in_flight(self, address: int) -> bool: ...
     def serve_native(self, region: Region, source: NativeSourceArg, *, offset: int,
                      readahead: Readahead,
-                     record: Callable[[int, int, bool], object] | None = None) -> None: ...
+                     record: TouchRecorder | None = None) -> None: ...
 F = TypeVar("F", bound="FaultHandler")
 E = TypeVar("E", bound=EventHandler)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -130,7 +130,7 @@ class Region:
 
     def serve_from(self, source: NativeSourceArg, *, offset: int = 0,
                    readahead: Readahead = None,
-                   record: Callable[[int, int, bool], object] | None = None) -> None:
+                   record: TouchRecorder | None = None) -> None:
         """Serve this region's MISSING faults from ``source`` in the native engine (C).
 
         ``source``: a buffer (bytes, bytearray, mmap, numpy...; kept alive by the

@@ -4,6 +4,7 @@ into the engine's sources."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow, NoReadahead
@@ -11,7 +12,7 @@ from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow, NoReadahead
 if TYPE_CHECKING:
     from _typeshed import HasFileno, ReadableBuffer, StrPath
 
-__all__ = ["ZERO", "NativeSourceArg", "Readahead", "ZeroSource"]
+__all__ = ["ZERO", "NativeSourceArg", "Readahead", "TouchRecorder", "ZeroSource"]
 
 
 class ZeroSource:
@@ -34,3 +35,6 @@ ZERO: Final = ZeroSource()
 Readahead = int | tuple[int, int] | FixedWindow | AdaptiveWindow | NoReadahead | None
 #: what ``region.serve_from`` serves: a buffer, a path or open file, or :data:`ZERO`
 NativeSourceArg: TypeAlias = "ReadableBuffer | StrPath | HasFileno | ZeroSource"
+#: ``serve_from(record=...)``: called as ``record(page, pages, is_write)`` for each demand
+#: fault the engine serves on the region (page index in the region, pages placed from it)
+TouchRecorder: TypeAlias = Callable[[int, int, bool], object]

@@ -71,7 +71,7 @@ async def retry_while_mm_changing(attempt: Callable[[], Awaitable[_T]], *, op: s
                        length=length)
 
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PAGE_SIZE = ll.PAGE_SIZE
 
 
 @functools.cache

@@ -7,8 +7,6 @@ processes; every byte is verified with the shared pattern.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import mmap
 import os
 import signal
 from pathlib import Path
@@ -24,61 +22,10 @@ from uffd_aio.modes import Mode
 from uffd_aio.pager import Pager
 from uffd_aio.serving.readahead import AdaptiveWindow, FixedWindow
 
-from .helpers import PS, child, scan
+from .helpers import PS, child, pattern_mmap, require_evicted, scan, write_snapshot
 
 NPAGES = 192
 LENGTH = NPAGES * PS
-
-
-def _pattern_mmap(length: int, offset: int = 0) -> mmap.mmap:
-    buf = mmap.mmap(-1, length)
-    testing.pattern_into(memoryview(buf), offset)
-    return buf
-
-
-def _snapshot(path: Path, length: int, *, evict: bool) -> Path:
-    """Write the pattern to path; with evict, drop it from the page cache.
-
-    tmpfs keeps its pages (they are the storage), so where the test directory is tmpfs
-    (the kernel lane's guest) UFFD_AIO_EVICTABLE_DIR names a folder whose file system
-    really reads from its backing store (the guest's 9p result folder): the file goes
-    there, under a name unique to the test."""
-    if evict and (where := os.environ.get("UFFD_AIO_EVICTABLE_DIR")):
-        folder = Path(where) / f"{path.parent.name}-{os.getpid()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / path.name
-    path.write_bytes(testing.pattern_bytes(0, length))
-    if evict:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return path
-
-
-def _require_evicted(path: Path) -> None:
-    """Skip unless the file's first page really left the page cache (tmpfs, 9p... keep it).
-
-    Asked with mincore(2) (through ctypes): a read, even RWF_NOWAIT, would start
-    read-ahead and bring the file back."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    vec = ctypes.create_string_buffer(1)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = ll.mmap(PS, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
-        try:
-            rc = libc.mincore(addr, PS, vec)
-        finally:
-            ll.munmap(addr, PS)
-    finally:
-        os.close(fd)
-    if rc != 0:
-        pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
-    if vec.raw[0] & 1:
-        pytest.skip(f"posix_fadvise(DONTNEED) left {path} in the page cache on this filesystem")
 
 
 def _engine(pager: Pager) -> Any:
@@ -90,7 +37,7 @@ def _engine(pager: Pager) -> Any:
 async def test_memory_source_every_byte(kind: str, readahead: Any) -> None:
     data = testing.pattern_bytes(0, LENGTH)
     source: Any = {"bytes": bytes(data), "bytearray": data,
-                   "mmap": _pattern_mmap(LENGTH)}[kind]
+                   "mmap": pattern_mmap(LENGTH)}[kind]
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(source, readahead=readahead)
@@ -108,7 +55,7 @@ async def test_memory_source_every_byte(kind: str, readahead: Any) -> None:
 @pytest.mark.parametrize("order", ["seq", "random"])
 @pytest.mark.parametrize("readahead", [None, 4, AdaptiveWindow(1, 16)])
 async def test_memory_source_threads(order: str, readahead: Any) -> None:
-    src = _pattern_mmap(LENGTH)
+    src = pattern_mmap(LENGTH)
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(src, readahead=readahead)
@@ -143,7 +90,7 @@ async def test_zero_source() -> None:
 
 async def test_dedup_many_threads_one_page() -> None:
     """Several threads fault on the same pages: one copy each, the rest woken."""
-    src = _pattern_mmap(4 * PS)
+    src = pattern_mmap(4 * PS)
     async with Pager() as pager:
         region = pager.map(4 * PS)
         region.serve_from(src)
@@ -157,7 +104,7 @@ async def test_dedup_many_threads_one_page() -> None:
 async def test_remove_while_serving_then_refault() -> None:
     """madvise(DONTNEED) from a worker thread while threads fault: the REMOVE event
     clears the resident bits, and the pages are served again with the right content."""
-    src = _pattern_mmap(LENGTH)
+    src = pattern_mmap(LENGTH)
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(src, readahead=(1, 16))
@@ -188,7 +135,7 @@ async def test_unregister_while_serving() -> None:
     try:
         async with Pager() as pager:
             region = pager.register(addr, LENGTH)
-            region.serve_from(_pattern_mmap(LENGTH))
+            region.serve_from(pattern_mmap(LENGTH))
             done: list[int] = []
             fut = asyncio.ensure_future(scan(addr, LENGTH, op="read", order="random",
                                              progress=lambda d, t: done.append(d),
@@ -214,7 +161,7 @@ async def test_remap_and_unmap_follow() -> None:
     try:
         async with Pager() as pager:
             region = pager.register(addr, LENGTH)
-            region.serve_from(_pattern_mmap(LENGTH))
+            region.serve_from(pattern_mmap(LENGTH))
             half = LENGTH // 2
             assert (await scan(addr, half, op="verify")).mismatches == 0
             new = await asyncio.to_thread(ll.mremap, addr, LENGTH, LENGTH,
@@ -236,7 +183,7 @@ async def test_remap_and_unmap_follow() -> None:
 
 
 async def test_file_source_cached(tmp_path: Path) -> None:
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=False)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=False)
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap, readahead=(1, 32))
@@ -249,7 +196,7 @@ async def test_file_source_cached(tmp_path: Path) -> None:
 
 
 async def test_file_source_open_file_and_offset(tmp_path: Path) -> None:
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH + 4 * PS, evict=False)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH + 4 * PS, evict=False)
     snap.read_bytes()
     with open(snap, "rb") as f:  # noqa: ASYNC230 - a test fixture file
         async with Pager() as pager:
@@ -262,8 +209,8 @@ async def test_file_source_open_file_and_offset(tmp_path: Path) -> None:
 async def test_file_source_not_cached_falls_back(tmp_path: Path) -> None:
     """Without read slots, pages not in the page cache go up to Python (io_uring READ)
     and verify (with them the engine reads them: test_native_engine_io.py)."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     async with Pager(handler_timeout=20, native_read_slots=0) as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap)
@@ -278,7 +225,7 @@ async def test_file_source_not_cached_falls_back(tmp_path: Path) -> None:
 async def test_file_truncated_under_client_sigbus(tmp_path: Path) -> None:
     """A file truncated while a client runs: the missing pages get SIGBUS (poison
     policy) and nothing hangs."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=False)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=False)
     async with Pager(on_error="poison") as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap)
@@ -294,7 +241,7 @@ async def test_file_truncated_under_client_sigbus(tmp_path: Path) -> None:
 
 async def test_native_linger_budget() -> None:
     """With a time budget the engine keeps polling in C; content still verifies."""
-    src = _pattern_mmap(LENGTH)
+    src = pattern_mmap(LENGTH)
     async with Pager(native_reads=64, native_budget_us=200) as pager:
         region = pager.map(LENGTH)
         region.serve_from(src)
@@ -303,8 +250,8 @@ async def test_native_linger_budget() -> None:
 
 
 async def test_on_fault_after_serve_from_gets_what_is_passed_up(tmp_path: Path) -> None:
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     seen: list[int] = []
     async with Pager(native_read_slots=0) as pager:  # misses go up (not read in C)
         region = pager.map(LENGTH)
@@ -343,7 +290,7 @@ async def test_bad_input() -> None:
 
 
 async def test_file_source_bad_input(tmp_path: Path) -> None:
-    snap = _snapshot(tmp_path / "mem.snap", 2 * PS, evict=False)
+    snap = write_snapshot(tmp_path / "mem.snap", 2 * PS, evict=False)
     async with Pager() as pager:
         region = pager.map(4 * PS)
         with pytest.raises(ValueError, match="has 8192 bytes"):
@@ -356,7 +303,7 @@ async def test_file_source_bad_input(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("read_mode", ["multishot", "poll"])
 async def test_other_read_modes(read_mode: str) -> None:
-    src = _pattern_mmap(LENGTH)
+    src = pattern_mmap(LENGTH)
     async with Pager(read_mode=read_mode) as pager:  # type: ignore[arg-type]
         region = pager.map(LENGTH)
         region.serve_from(src, readahead=(1, 8))
@@ -372,7 +319,7 @@ async def test_fork_child_served_by_an_engine_of_its_own(readahead: Any) -> None
     byte of the range (its exit status)."""
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_pattern_mmap(LENGTH), readahead=readahead)
+        region.serve_from(pattern_mmap(LENGTH), readahead=readahead)
         assert (await scan(region.address, LENGTH // 2, op="verify")).mismatches == 0
         before = pager.stats.native_faults
         status = await child(region.address, LENGTH, op="verify", timeout=60)
@@ -388,8 +335,8 @@ async def test_fork_child_served_by_an_engine_of_its_own(readahead: Any) -> None
 async def test_fork_child_engine_reads_page_cache_misses(tmp_path: Path) -> None:
     """File source, not in the page cache: the child's engine reads the misses with
     io_uring READs on the shared ring, every byte verified by the child."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     async with Pager(handler_timeout=20) as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap, readahead=(1, 8))
@@ -407,12 +354,12 @@ async def test_fork_child_pieces_go_with_the_parent_source() -> None:
     region is now."""
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_pattern_mmap(LENGTH))
+        region.serve_from(pattern_mmap(LENGTH))
         status = await child(region.address, LENGTH // 2, op="verify", timeout=60)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         child_ctx = pager._contexts[1]
         assert child_ctx.engine is not None and child_ctx.engine.ranges() == 1
-        region.serve_from(_pattern_mmap(LENGTH))  # a new source: old pieces dropped
+        region.serve_from(pattern_mmap(LENGTH))  # a new source: old pieces dropped
         assert child_ctx.engine.ranges() == 0
         status = await child(region.address, LENGTH, op="verify", timeout=60)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -467,7 +414,7 @@ async def test_serve_from_after_unmap_and_remap_serves_where_the_region_is() -> 
             def from_far(ev: uffd_aio.PageFault) -> bytes:
                 return bytes(testing.pattern_bytes(far + ev.offset, ev.page_size))
 
-            region.serve_from(_pattern_mmap(n), readahead=4)
+            region.serve_from(pattern_mmap(n), readahead=4)
             assert _engine(pager).ranges() == 2  # pages 8-23 here, 24-31 at dst
             assert (await scan(a + 8 * PS, 16 * PS, op="verify", offset=8 * PS)).mismatches == 0
             assert (await scan(dst, 8 * PS, op="verify", offset=24 * PS)).mismatches == 0

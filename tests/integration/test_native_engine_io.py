@@ -25,8 +25,7 @@ from uffd_aio import testing
 from uffd_aio.binding import lowlevel as ll
 from uffd_aio.pager import Pager
 
-from .helpers import PS, child, scan
-from .test_native_engine import _require_evicted, _snapshot
+from .helpers import PS, child, require_evicted, scan, write_snapshot
 
 NPAGES = 192
 LENGTH = NPAGES * PS
@@ -67,8 +66,8 @@ async def _settle(pager: Pager) -> None:
 @pytest.mark.parametrize("readahead", [None, 8, (1, 32)])
 async def test_cache_miss_read_in_c(tmp_path: Path, readahead: Any) -> None:
     """Dropped page cache: every miss is an io_uring READ + COPY in C, no Python."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap, readahead=readahead)
@@ -86,8 +85,8 @@ async def test_cache_miss_read_in_c(tmp_path: Path, readahead: Any) -> None:
 async def test_faults_on_an_inflight_read_wait_for_it(tmp_path: Path) -> None:
     """Two faults on one page and one on the next, in one batch: one READ, the others
     join it, and all three are served by its COPY."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap, readahead=4)
@@ -103,8 +102,8 @@ async def test_faults_on_an_inflight_read_wait_for_it(tmp_path: Path) -> None:
 
 async def test_many_threads_on_uncached_pages(tmp_path: Path) -> None:
     """16 threads on the same 8 uncached pages: no page read twice, all verified."""
-    snap = _snapshot(tmp_path / "mem.snap", 8 * PS, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", 8 * PS, evict=True)
+    require_evicted(snap)
     async with Pager() as pager:
         region = pager.map(8 * PS)
         region.serve_from(snap, readahead=8)
@@ -128,7 +127,7 @@ def _cached_after_read(path: Path) -> bool:
     with open(path, "rb") as f:
         f.read()
     try:
-        _require_evicted(path)
+        require_evicted(path)
     except pytest.skip.Exception:
         return True
     return False
@@ -138,8 +137,8 @@ async def test_truncated_uncached_file_sigbus(tmp_path: Path) -> None:
     """Truncated and not cached: the engine's READ of a page past the new end comes
     back empty, the fault goes up to Python, whose poison policy poisons the page:
     a process touching it gets SIGBUS.  Pages before the end are read in C."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     async with Pager(on_error="poison") as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap, readahead=16)
@@ -160,8 +159,8 @@ async def test_truncated_uncached_file_sigbus(tmp_path: Path) -> None:
 
 async def test_short_read_passes_up(tmp_path: Path) -> None:
     """A READ that ends at the (new) end of file: the page past it goes to Python."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     seen: list[int] = []
     async with Pager(on_error="zero") as pager:
         region = pager.map(LENGTH)
@@ -188,8 +187,8 @@ async def test_short_read_passes_up(tmp_path: Path) -> None:
 async def test_unregister_while_read_in_flight(tmp_path: Path) -> None:
     """The region goes while its READ is out: the completion finds it gone, touches
     nothing of it, and the engine goes on serving (ASan: scripts/asan.sh)."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap, readahead=8)
@@ -205,7 +204,7 @@ async def test_unregister_while_read_in_flight(tmp_path: Path) -> None:
         # and the same with a REMOVE (madvise DONTNEED) between the READ and its COPY
         b = other.address + 3 * PS
         await asyncio.to_thread(ll.madvise, other.address, LENGTH, ll.MADV_DONTNEED)
-        snap2 = _snapshot(tmp_path / "again.snap", LENGTH, evict=True)
+        snap2 = write_snapshot(tmp_path / "again.snap", LENGTH, evict=True)
         third = pager.map(LENGTH)
         third.serve_from(snap2)
         assert _feed(pager, _fault_msgs(third.address + 5 * PS)) == 0
@@ -218,8 +217,8 @@ async def test_unregister_while_read_in_flight(tmp_path: Path) -> None:
 async def test_close_while_read_in_flight(tmp_path: Path) -> None:
     """The pager (engine, then ring) closes while READs are out: the engine outlives
     its ring's settle, nothing is used after it is freed."""
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     async with Pager() as pager:
         region = pager.map(LENGTH)
         region.serve_from(snap, readahead=32)
@@ -233,8 +232,8 @@ async def test_read_on_shared_ring(tmp_path: Path) -> None:
     """Two pagers on one ring: engine CQEs are told apart from the Ring's own."""
     from uffd_aio.ring import Ring
 
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     ring = Ring()
     try:
         async with Pager(ring=ring, name="a") as pa, Pager(ring=ring, name="b") as pb:

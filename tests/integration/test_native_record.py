@@ -15,22 +15,15 @@ from typing import Any
 
 import pytest
 
-from uffd_aio import testing
 from uffd_aio.binding import lowlevel as ll
 from uffd_aio.pager import Pager
 
-from .helpers import PS, child, scan
+from .helpers import PS, child, pattern_mmap, require_evicted, scan, write_snapshot
 
 pytestmark = pytest.mark.timeout(120)
 
 NPAGES = 96
 LENGTH = NPAGES * PS
-
-
-def _source() -> mmap.mmap:
-    buf = mmap.mmap(-1, LENGTH)
-    testing.pattern_into(memoryview(buf), 0)
-    return buf
 
 
 class Log:
@@ -63,7 +56,7 @@ async def test_every_fault_in_order_one_page_windows() -> None:
     log = Log()
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_source(), record=log)
+        region.serve_from(pattern_mmap(LENGTH), record=log)
         assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
         st = pager.stats
         assert st.python_faults == 0 and st.native_faults == NPAGES and st.errors == 0
@@ -75,7 +68,7 @@ async def test_random_order_and_writes() -> None:
     log = Log()
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_source(), record=log)
+        region.serve_from(pattern_mmap(LENGTH), record=log)
         res = await scan(region.address, LENGTH, op="write", order="random", rng_seed=7)
         assert res.mismatches == 0
         assert pager.stats.python_faults == 0
@@ -88,7 +81,7 @@ async def test_readahead_window_reported() -> None:
     log = Log()
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_source(), readahead=8, record=log)
+        region.serve_from(pattern_mmap(LENGTH), readahead=8, record=log)
         assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
         assert pager.stats.python_faults == 0
         assert log.calls == [(i, 8, False) for i in range(0, NPAGES, 8)]
@@ -101,7 +94,7 @@ async def test_duplicates_from_threads_are_reported_as_touches() -> None:
     log = Log()
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_source(), record=log)
+        region.serve_from(pattern_mmap(LENGTH), record=log)
         assert (await scan(region.address, LENGTH, threads=4, op="verify")).mismatches == 0
         assert pager.stats.python_faults == 0
         placed = [p for p, n, _ in log.calls if n]
@@ -112,16 +105,14 @@ async def test_duplicates_from_threads_are_reported_as_touches() -> None:
 async def test_not_recording_logs_nothing() -> None:
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_source())
+        region.serve_from(pattern_mmap(LENGTH))
         assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
         assert _engine_stats(pager).touches == 0
 
 
 async def test_page_cache_misses_read_by_the_engine(tmp_path: Path) -> None:
-    from .test_native_engine import _require_evicted, _snapshot
-
-    snap = _snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
-    _require_evicted(snap)
+    snap = write_snapshot(tmp_path / "mem.snap", LENGTH, evict=True)
+    require_evicted(snap)
     log = Log()
     async with Pager(handler_timeout=20) as pager:
         region = pager.map(LENGTH)
@@ -139,7 +130,7 @@ async def test_fork_child_touches_in_region_pages() -> None:
     log = Log()
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_source(), record=log)
+        region.serve_from(pattern_mmap(LENGTH), record=log)
         await asyncio.to_thread(ll.munmap, region.address, 8 * PS)  # UNMAP event
         await asyncio.sleep(0.05)
         status = await child(region.address + 8 * PS, LENGTH - 8 * PS, op="verify",
@@ -154,9 +145,9 @@ async def test_replacing_the_source_stops_recording() -> None:
     log = Log()
     async with Pager() as pager:
         region = pager.map(LENGTH)
-        region.serve_from(_source(), record=log)
+        region.serve_from(pattern_mmap(LENGTH), record=log)
         assert (await scan(region.address, LENGTH // 2, op="verify")).mismatches == 0
-        region.serve_from(_source())  # no record: the rest is not reported
+        region.serve_from(pattern_mmap(LENGTH))  # no record: the rest is not reported
         assert (await scan(region.address, LENGTH, op="verify")).mismatches == 0
         assert log.calls == [(i, 1, False) for i in range(NPAGES // 2)]
         assert pager.stats.python_faults == 0

@@ -17,7 +17,7 @@ from uffd_aio.binding import lowlevel as ll
 from uffd_aio.pager import Pager
 from uffd_aio.serving.setreplay import SetInstaller, Target
 
-from .helpers import PS, scan
+from .helpers import PS, resident_pages, scan, write_snapshot
 
 pytestmark = pytest.mark.timeout(60)
 NPAGES = 256
@@ -80,23 +80,8 @@ async def test_installer_set_then_fill(fill: bool) -> None:
 def _cold_snapshot(path: Path) -> Path:
     """The pattern in a file, written, fsynced and dropped from the page cache; skip where
     the file system keeps it (tmpfs, 9p: UFFD_AIO_EVICTABLE_DIR names one that does not)."""
-    if where := os.environ.get("UFFD_AIO_EVICTABLE_DIR"):
-        folder = Path(where) / f"{path.parent.name}-{os.getpid()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / path.name
-    path.write_bytes(testing.pattern_bytes(0, NPAGES * PS))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        addr = ll.mmap(NPAGES * PS, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
-        try:
-            vec = ll.mincore(addr, NPAGES * PS)
-        finally:
-            ll.munmap(addr, NPAGES * PS)
-    finally:
-        os.close(fd)
-    if sum(b & 1 for b in vec) > NPAGES // 8:
+    path = write_snapshot(path, NPAGES * PS, evict=True)
+    if resident_pages(path, NPAGES * PS) > NPAGES // 8:
         pytest.skip(f"posix_fadvise(DONTNEED) left {path} in the page cache on this file system")
     return path
 

@@ -10,13 +10,13 @@ page, after the test says so).  Nothing here asserts a time: the checks are coun
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from tests.integration.helpers import drop_page_cache, resident_pages
 from tests.integration.test_handoff_server import (
     ROOT,
     TEST_TIMEOUT,
@@ -29,7 +29,6 @@ from tests.integration.test_handoff_server import (
 )
 from tests.limits import limit
 from uffd_aio import testing, workingset
-from uffd_aio.binding import lowlevel as ll
 from uffd_aio.stores.file import FileBackend
 from uffd_aio.workingset import WorkingSetMismatch
 
@@ -168,18 +167,8 @@ async def test_replay_set_with_fill_leaves_no_faults(workload: Path, snapshot: P
 
 def _evict(path: Path) -> bool:
     """Drop ``path`` from the page cache; False where the file system keeps it (tmpfs)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        addr = ll.mmap(PAGES * 4096, prot=ll.PROT_READ, flags=ll.MAP_SHARED, fd=fd)
-        try:
-            vec = ll.mincore(addr, PAGES * 4096)
-        finally:
-            ll.munmap(addr, PAGES * 4096)
-    finally:
-        os.close(fd)
-    return sum(b & 1 for b in vec) < PAGES // 8
+    drop_page_cache(path)
+    return resident_pages(path, PAGES * 4096) < PAGES // 8
 
 
 async def test_replay_cold_snapshot_reads_with_io_uring(workload: Path, sock_path: str,

@@ -314,9 +314,7 @@ class SetInstaller:
         res = self._resident(runs)
         if res is None:  # all in the page cache (the warm case): as without a ring
             return self._install_pages(pages)
-        warm, cold = split_runs(runs, *res)
-        placed = self._install_mapped(warm) if warm else 0
-        return placed + await self._read_install(cold)
+        return await self._place_split(runs, *res)
 
     async def _place_runs(self, runs: list[tuple[int, int]]) -> int:
         """A fill batch: like :meth:`_place_pages`, for runs."""
@@ -325,7 +323,13 @@ class SetInstaller:
         res = self._resident(runs)
         if res is None:
             return self._install_mapped(runs)
-        warm, cold = split_runs(runs, *res)
+        return await self._place_split(runs, *res)
+
+    async def _place_split(self, runs: list[tuple[int, int]], lo: int, resident: bytes
+                           ) -> int:
+        """Runs partly out of the page cache: the resident pieces copied from the mapping,
+        the others read with io_uring first (:meth:`_read_install`)."""
+        warm, cold = split_runs(runs, lo, resident)
         placed = self._install_mapped(warm) if warm else 0
         return placed + await self._read_install(cold)
 
